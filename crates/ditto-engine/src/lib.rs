@@ -1,0 +1,1 @@
+//! Volume engine: mirrors a volume over replica backends.
