@@ -1,1 +1,19 @@
 //! Volume engine: mirrors a volume over replica backends.
+//!
+//! Data path inside the engine: [`volume::Volume`] (fan-out, read balancing,
+//! failure handling) → [`backend::ReplicaBackend`] (one copy, its metadata) →
+//! [`io::IoEngine`] (how bytes reach the disk).
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub mod backend;
+pub mod io;
+pub mod read_policy;
+pub mod volume;
+
+pub use backend::{BackendError, FileReplica, ReplicaBackend};
+pub use io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
+pub use volume::{EngineError, Member, MemberStatus, ReplicaState, Volume, VolumeOptions};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

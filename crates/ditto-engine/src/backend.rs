@@ -1,0 +1,289 @@
+//! Replica backends: one copy of a volume, addressed in volume offsets.
+//!
+//! A backend hides where the copy lives (a file in a directory pool, a block
+//! device, later a remote node) and owns its metadata area. The volume engine
+//! only sees [`ReplicaBackend`].
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ditto_format::{FormatError, Layout, Superblock, SLOT_SIZE};
+use uuid::Uuid;
+
+use crate::io::{Allocation, IoEngine, IoFile};
+use crate::BoxFuture;
+
+/// Why a replica backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{op} on replica {location} failed: {source}")]
+    Io {
+        op: &'static str,
+        location: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replica {location} refused: {source}")]
+    Format {
+        location: String,
+        #[source]
+        source: FormatError,
+    },
+    #[error("replica {location} is {actual} bytes, too small for its layout ({needed} bytes); it was truncated or is the wrong file")]
+    TooSmall {
+        location: String,
+        actual: u64,
+        needed: u64,
+    },
+    #[error("replica {location} did not answer within {seconds} s")]
+    Timeout { location: String, seconds: u64 },
+}
+
+/// One copy of a volume. Offsets are volume offsets (the data area starts at 0).
+pub trait ReplicaBackend: Send + Sync + 'static {
+    /// Path or URI, for messages and status.
+    fn location(&self) -> &str;
+    /// The superblock as last read or written.
+    fn superblock(&self) -> Superblock;
+    /// Write `sb` durably into the slot not holding the current copy.
+    fn write_superblock(&self, sb: Superblock) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>>;
+    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// Deallocate; the range reads back as zeroes.
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// Zero, keeping the range allocated.
+    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// Allocation runs covering `[offset, offset+len)`, in volume offsets.
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>>;
+}
+
+/// A replica stored in a regular file (directory pool) or a block device.
+pub struct FileReplica {
+    location: String,
+    file: Arc<dyn IoFile>,
+    data_offset: u64,
+    superblock: Mutex<Superblock>,
+    /// Serialises superblock writes so slots alternate strictly.
+    sb_write: tokio::sync::Mutex<()>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl FileReplica {
+    /// Create a new sparse replica file at `path` (which must not exist).
+    pub async fn create(
+        engine: &dyn IoEngine,
+        path: &Path,
+        volume_uuid: Uuid,
+        replica_uuid: Uuid,
+        layout: Layout,
+    ) -> Result<Arc<Self>, BackendError> {
+        let location = path.display().to_string();
+        let io_err = |op, source| BackendError::Io {
+            op,
+            location: location.clone(),
+            source,
+        };
+        let file = engine.open(path, true).map_err(|e| io_err("create", e))?;
+        let created = async {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(layout.replica_len()))
+                .map_err(|e| io_err("resize", e))?;
+            let sb = Superblock::new(volume_uuid, replica_uuid, layout, now_unix());
+            let slot = sb.encode().map_err(|source| BackendError::Format {
+                location: location.clone(),
+                source,
+            })?;
+            file.write_at(0, Bytes::from(slot))
+                .await
+                .map_err(|e| io_err("write superblock", e))?;
+            file.sync_data().await.map_err(|e| io_err("sync", e))?;
+            Ok(sb)
+        }
+        .await;
+        match created {
+            Ok(sb) => Ok(Arc::new(FileReplica {
+                location: location.clone(),
+                file,
+                data_offset: layout.data_offset,
+                superblock: Mutex::new(sb),
+                sb_write: tokio::sync::Mutex::new(()),
+            })),
+            Err(e) => {
+                // Leave nothing half-created behind.
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Open an existing replica, refusing it (without writing) unless its
+    /// superblock is valid and belongs to `volume_uuid`.
+    pub async fn open(
+        engine: &dyn IoEngine,
+        path: &Path,
+        volume_uuid: Uuid,
+    ) -> Result<Arc<Self>, BackendError> {
+        let location = path.display().to_string();
+        let io_err = |op, source| BackendError::Io {
+            op,
+            location: location.clone(),
+            source,
+        };
+        let file = engine.open(path, false).map_err(|e| io_err("open", e))?;
+        let head = file
+            .read_at(0, 2 * SLOT_SIZE as usize)
+            .await
+            .map_err(|e| io_err("read superblock", e))?;
+        let fmt_err = |source| BackendError::Format {
+            location: location.clone(),
+            source,
+        };
+        let sb = Superblock::decode_slots(&head).map_err(fmt_err)?;
+        sb.check_volume(volume_uuid).map_err(fmt_err)?;
+        let actual = file.len().map_err(|e| io_err("stat", e))?;
+        let needed = sb.layout.replica_len();
+        if actual < needed {
+            return Err(BackendError::TooSmall {
+                location,
+                actual,
+                needed,
+            });
+        }
+        Ok(Arc::new(FileReplica {
+            location: location.clone(),
+            file,
+            data_offset: sb.layout.data_offset,
+            superblock: Mutex::new(sb),
+            sb_write: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The replica file this backend uses.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.location)
+    }
+
+    fn io_err(&self, op: &'static str) -> impl Fn(io::Error) -> BackendError + '_ {
+        move |source| BackendError::Io {
+            op,
+            location: self.location.clone(),
+            source,
+        }
+    }
+}
+
+impl ReplicaBackend for FileReplica {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn superblock(&self) -> Superblock {
+        match self.superblock.lock() {
+            Ok(sb) => sb.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn write_superblock(&self, mut sb: Superblock) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let _serial = self.sb_write.lock().await;
+            let current = self.superblock();
+            sb.sequence = current.sequence + 1;
+            sb.updated_unix = now_unix();
+            let slot = sb.encode().map_err(|source| BackendError::Format {
+                location: self.location.clone(),
+                source,
+            })?;
+            let at = (sb.sequence % 2) * SLOT_SIZE;
+            self.file
+                .write_at(at, Bytes::from(slot))
+                .await
+                .map_err(self.io_err("write superblock"))?;
+            self.file
+                .sync_data()
+                .await
+                .map_err(self.io_err("sync superblock"))?;
+            match self.superblock.lock() {
+                Ok(mut g) => *g = sb,
+                Err(poisoned) => *poisoned.into_inner() = sb,
+            }
+            Ok(())
+        })
+    }
+
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        Box::pin(async move {
+            self.file
+                .read_at(self.data_offset + offset, len)
+                .await
+                .map_err(self.io_err("read"))
+        })
+    }
+
+    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.file
+                .write_at(self.data_offset + offset, data)
+                .await
+                .map_err(self.io_err("write"))
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move { self.file.sync_data().await.map_err(self.io_err("flush")) })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.file
+                .punch_hole(self.data_offset + offset, len)
+                .await
+                .map_err(self.io_err("discard"))
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.file
+                .zero_range(self.data_offset + offset, len)
+                .await
+                .map_err(self.io_err("write zeroes"))
+        })
+    }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>> {
+        Box::pin(async move {
+            let runs = self
+                .file
+                .allocation(self.data_offset + offset, len)
+                .await
+                .map_err(self.io_err("map allocation"))?;
+            Ok(runs
+                .into_iter()
+                .map(|a| Allocation {
+                    offset: a.offset - self.data_offset,
+                    ..a
+                })
+                .collect())
+        })
+    }
+}

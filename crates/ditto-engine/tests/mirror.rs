@@ -1,0 +1,333 @@
+//! Mirror behaviour over real replica files, with injected backend faults.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ditto_engine::{
+    Allocation, BackendError, BoxFuture, EngineError, FileReplica, Member, ReplicaBackend,
+    ReplicaState, ThreadPoolEngine, Volume, VolumeOptions,
+};
+use ditto_format::{Layout, Superblock, DEFAULT_REGION_SIZE};
+use uuid::Uuid;
+
+const SIZE: u64 = 16 << 20;
+
+/// Delegates to a real replica, failing every data operation while `broken` is set.
+struct Faulty {
+    inner: Arc<FileReplica>,
+    broken: AtomicBool,
+}
+
+impl Faulty {
+    fn check(&self) -> Result<(), BackendError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(BackendError::Io {
+                op: "injected",
+                location: self.inner.location().to_string(),
+                source: std::io::Error::other("injected fault"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ReplicaBackend for Faulty {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn superblock(&self) -> Superblock {
+        self.inner.superblock()
+    }
+    fn write_superblock(&self, sb: Superblock) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.write_superblock(sb).await
+        })
+    }
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.read(offset, len).await
+        })
+    }
+    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.write(offset, data).await
+        })
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.flush().await
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.discard(offset, len).await
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.write_zeroes(offset, len).await
+        })
+    }
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.allocation(offset, len).await
+        })
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    vol_id: Uuid,
+    ids: Vec<Uuid>,
+    paths: Vec<std::path::PathBuf>,
+}
+
+async fn create(n: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let vol_id = Uuid::new_v4();
+    let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
+    let mut ids = Vec::new();
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let id = Uuid::new_v4();
+        let path = dir.path().join(format!("r{i}"));
+        FileReplica::create(&ThreadPoolEngine, &path, vol_id, id, layout)
+            .await
+            .unwrap();
+        ids.push(id);
+        paths.push(path);
+    }
+    Fixture {
+        _dir: dir,
+        vol_id,
+        ids,
+        paths,
+    }
+}
+
+async fn open_faulty(f: &Fixture) -> (Volume, Vec<Arc<Faulty>>) {
+    let mut members = Vec::new();
+    let mut faults = Vec::new();
+    for (id, path) in f.ids.iter().zip(&f.paths) {
+        let inner = FileReplica::open(&ThreadPoolEngine, path, f.vol_id)
+            .await
+            .unwrap();
+        let faulty = Arc::new(Faulty {
+            inner,
+            broken: AtomicBool::new(false),
+        });
+        faults.push(faulty.clone());
+        members.push(Member::new(*id, "pool", faulty as Arc<dyn ReplicaBackend>));
+    }
+    let v = Volume::open("v", f.vol_id, SIZE, members, VolumeOptions::default())
+        .await
+        .unwrap();
+    (v, faults)
+}
+
+async fn open_plain(f: &Fixture) -> Result<Volume, EngineError> {
+    let mut members = Vec::new();
+    for (id, path) in f.ids.iter().zip(&f.paths) {
+        let inner = FileReplica::open(&ThreadPoolEngine, path, f.vol_id)
+            .await
+            .unwrap();
+        members.push(Member::new(*id, "pool", inner as Arc<dyn ReplicaBackend>));
+    }
+    Volume::open("v", f.vol_id, SIZE, members, VolumeOptions::default()).await
+}
+
+fn data_area(path: &Path) -> Vec<u8> {
+    let all = std::fs::read(path).unwrap();
+    let sb = Superblock::decode_slots(&all).unwrap();
+    all[sb.layout.data_offset as usize..].to_vec()
+}
+
+#[tokio::test]
+async fn writes_reach_every_replica_and_read_back() {
+    let f = create(2).await;
+    let v = open_plain(&f).await.unwrap();
+    let pattern: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    v.write(4096, Bytes::from(pattern.clone()), false)
+        .await
+        .unwrap();
+    v.write(SIZE - 512, Bytes::from(vec![9u8; 512]), true)
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    assert_eq!(&v.read(4096, 1 << 20).await.unwrap()[..], &pattern[..]);
+    v.close().await.unwrap();
+    let (a, b) = (data_area(&f.paths[0]), data_area(&f.paths[1]));
+    assert_eq!(a, b, "mirrors differ");
+    assert_eq!(&a[4096..4096 + (1 << 20)], &pattern[..]);
+    assert_eq!(&a[(SIZE - 512) as usize..], &[9u8; 512][..]);
+}
+
+#[tokio::test]
+async fn out_of_range_is_refused() {
+    let f = create(1).await;
+    let v = open_plain(&f).await.unwrap();
+    assert!(matches!(
+        v.write(SIZE - 1, Bytes::from_static(b"ab"), false).await,
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.read(u64::MAX, 2).await,
+        Err(EngineError::OutOfRange { .. })
+    ));
+}
+
+#[tokio::test]
+async fn failed_replica_is_removed_and_generation_recorded_before_ack() {
+    let f = create(2).await;
+    let (v, faults) = open_faulty(&f).await;
+    let gen0 = v.generation();
+    faults[1].broken.store(true, Ordering::SeqCst);
+    v.write(0, Bytes::from(vec![5u8; 8192]), false)
+        .await
+        .expect("one replica left: the write succeeds");
+    let st = v.members();
+    assert_eq!(st[1].state, ReplicaState::Failed);
+    assert_eq!(st[0].state, ReplicaState::InSync);
+    assert!(v.generation() > gen0);
+    // Durable on the survivor before the ack: read the superblock from disk.
+    let head = std::fs::read(&f.paths[0]).unwrap();
+    let sb = Superblock::decode_slots(&head).unwrap();
+    assert_eq!(sb.generation, v.generation());
+    assert_eq!(&v.read(0, 8192).await.unwrap()[..], &[5u8; 8192][..]);
+    // Last replica fails: I/O errors, nothing pretends to succeed.
+    faults[0].broken.store(true, Ordering::SeqCst);
+    assert!(v
+        .write(0, Bytes::from(vec![6u8; 4096]), false)
+        .await
+        .is_err());
+    drop(v);
+    // On reopen the failed replica is stale and never served.
+    faults[0].broken.store(false, Ordering::SeqCst);
+    let v = open_plain(&f).await.unwrap();
+    let st = v.members();
+    assert_eq!(st[0].state, ReplicaState::InSync);
+    assert_ne!(st[1].state, ReplicaState::InSync, "{st:?}");
+    for _ in 0..20 {
+        assert_eq!(&v.read(0, 8192).await.unwrap()[..], &[5u8; 8192][..]);
+    }
+}
+
+#[tokio::test]
+async fn read_error_falls_back_to_other_replica() {
+    let f = create(2).await;
+    let (v, faults) = open_faulty(&f).await;
+    v.write(0, Bytes::from(vec![3u8; 4096]), false)
+        .await
+        .unwrap();
+    faults[0].broken.store(true, Ordering::SeqCst);
+    for _ in 0..4 {
+        assert_eq!(&v.read(0, 4096).await.unwrap()[..], &[3u8; 4096][..]);
+    }
+}
+
+#[tokio::test]
+async fn split_brain_is_refused() {
+    let f = create(2).await;
+    // Each side goes on alone: open with one broken, write, then the other.
+    {
+        let (v, faults) = open_faulty(&f).await;
+        faults[1].broken.store(true, Ordering::SeqCst);
+        v.write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .unwrap();
+    }
+    {
+        // Replica 1 alone, as if replica 0's disk had vanished.
+        let inner = FileReplica::open(&ThreadPoolEngine, &f.paths[1], f.vol_id)
+            .await
+            .unwrap();
+        let mut sb = inner.superblock();
+        sb.generation += 5;
+        for e in &mut sb.replica_set {
+            if e.replica == f.ids[0] {
+                e.state = ditto_format::MemberState::Failed;
+            }
+        }
+        inner.write_superblock(sb).await.unwrap();
+    }
+    match open_plain(&f).await {
+        Err(EngineError::SplitBrain { .. }) => {}
+        Err(e) => panic!("expected split brain, got {e}"),
+        Ok(_) => panic!("expected split brain, volume opened"),
+    }
+}
+
+#[tokio::test]
+async fn discard_keeps_replicas_sparse() {
+    let f = create(2).await;
+    let v = open_plain(&f).await.unwrap();
+    v.write(0, Bytes::from(vec![1u8; 2 << 20]), false)
+        .await
+        .unwrap();
+    let before = v.allocation(0, SIZE).await.unwrap();
+    assert!(before.iter().any(|a| a.allocated));
+    v.discard(0, 2 << 20, false).await.unwrap();
+    let after = v.allocation(0, SIZE).await.unwrap();
+    assert!(after.iter().all(|a| !a.allocated), "{after:?}");
+    assert!(v.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
+    v.write(0, Bytes::from(vec![1u8; 8192]), false)
+        .await
+        .unwrap();
+    v.write_zeroes(0, 8192, false, true).await.unwrap();
+    assert!(v.read(0, 8192).await.unwrap().iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn read_policy_spreads_concurrent_reads() {
+    let f = create(2).await;
+    let v = Arc::new(open_plain(&f).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            v.read((i * 7919 % 4000) * 4096, 4096).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let st = v.members();
+    assert!(
+        st[0].reads > 0 && st[1].reads > 0,
+        "reads not spread: {} / {}",
+        st[0].reads,
+        st[1].reads
+    );
+}
+
+#[tokio::test]
+async fn foreign_replica_is_refused_without_writing() {
+    let f = create(1).await;
+    let before = std::fs::read(&f.paths[0]).unwrap();
+    let err = FileReplica::open(&ThreadPoolEngine, &f.paths[0], Uuid::new_v4())
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("belongs to volume"), "{err}");
+    let junk = f.paths[0].with_extension("junk");
+    std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    let err = FileReplica::open(&ThreadPoolEngine, &junk, f.vol_id)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("not a ditto replica"), "{err}");
+    assert_eq!(std::fs::read(&f.paths[0]).unwrap(), before);
+}
