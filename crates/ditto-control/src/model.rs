@@ -1,0 +1,55 @@
+//! The records the control plane stores: pools, volumes and their replicas.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Version of the record encoding in the store; bumped on incompatible change.
+pub const RECORD_VERSION: u32 = 1;
+
+/// What a pool is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolKind {
+    /// A directory on a mounted filesystem; replicas are sparse files in it.
+    Directory,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRecord {
+    pub version: u32,
+    pub name: String,
+    pub uuid: Uuid,
+    pub kind: PoolKind,
+    pub path: PathBuf,
+    pub created_unix: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaRecord {
+    pub id: Uuid,
+    pub pool: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecord {
+    pub version: u32,
+    pub name: String,
+    pub uuid: Uuid,
+    pub size: u64,
+    pub region_size: u32,
+    pub replicas: Vec<ReplicaRecord>,
+    pub created_unix: u64,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

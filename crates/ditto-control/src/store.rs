@@ -1,0 +1,200 @@
+//! The node's embedded transactional state store (redb), in the data directory.
+//!
+//! redb gives atomic, checksummed, crash-safe commits without a server; each
+//! record is a versioned JSON document keyed by name (layout in docs/store.md).
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::ControlError;
+use crate::model::{PoolRecord, VolumeRecord, RECORD_VERSION};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const SCHEMA_KEY: &str = "schema_version";
+/// Version of the store's table layout.
+pub const SCHEMA_VERSION: u64 = 1;
+
+pub struct Store {
+    db: Database,
+}
+
+fn store_err(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Store(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, ControlError> {
+    serde_json::to_vec(v).map_err(store_err)
+}
+
+fn decode<T: DeserializeOwned>(table: &str, key: &str, bytes: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ControlError::Store(format!("record {table}/{key} is unreadable: {e}")))
+}
+
+impl Store {
+    /// Open (or create) the store at `path`, refusing a schema it does not know.
+    pub fn open(path: &Path) -> Result<Self, ControlError> {
+        let db = Database::create(path)
+            .map_err(|e| ControlError::Store(format!("cannot open {}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(store_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(store_err)?;
+            let found = meta.get(SCHEMA_KEY).map_err(store_err)?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert(SCHEMA_KEY, SCHEMA_VERSION).map_err(store_err)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(v) => return Err(ControlError::Store(format!(
+                    "{} has schema version {v}, this ditto knows {SCHEMA_VERSION}; upgrade ditto",
+                    path.display()
+                ))),
+            }
+            tx.open_table(POOLS).map_err(store_err)?;
+            tx.open_table(VOLUMES).map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)?;
+        Ok(Store { db })
+    }
+
+    fn list<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, ControlError> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(def).map_err(store_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(store_err)? {
+            let (k, v) = row.map_err(store_err)?;
+            out.push(decode(&def.to_string(), k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn pools(&self) -> Result<Vec<PoolRecord>, ControlError> {
+        let pools: Vec<PoolRecord> = self.list(POOLS)?;
+        check_versions(pools.iter().map(|p| (p.name.as_str(), p.version)))?;
+        Ok(pools)
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, ControlError> {
+        let volumes: Vec<VolumeRecord> = self.list(VOLUMES)?;
+        check_versions(volumes.iter().map(|v| (v.name.as_str(), v.version)))?;
+        Ok(volumes)
+    }
+
+    /// Insert a pool; fails if the name exists (checked inside the transaction).
+    pub fn insert_pool(&self, pool: &PoolRecord) -> Result<(), ControlError> {
+        self.insert_new(POOLS, &pool.name, encode(pool)?, || {
+            ControlError::PoolExists(pool.name.clone())
+        })
+    }
+
+    pub fn insert_volume(&self, volume: &VolumeRecord) -> Result<(), ControlError> {
+        self.insert_new(VOLUMES, &volume.name, encode(volume)?, || {
+            ControlError::VolumeExists(volume.name.clone())
+        })
+    }
+
+    fn insert_new(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: Vec<u8>,
+        exists: impl Fn() -> ControlError,
+    ) -> Result<(), ControlError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = tx.open_table(def).map_err(store_err)?;
+            if table.get(key).map_err(store_err)?.is_some() {
+                return Err(exists());
+            }
+            table.insert(key, value.as_slice()).map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    pub fn delete_pool(&self, name: &str) -> Result<bool, ControlError> {
+        self.delete(POOLS, name)
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<bool, ControlError> {
+        self.delete(VOLUMES, name)
+    }
+
+    fn delete(&self, def: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, ControlError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        let existed = {
+            let mut table = tx.open_table(def).map_err(store_err)?;
+            let removed = table.remove(key).map_err(store_err)?;
+            removed.is_some()
+        };
+        tx.commit().map_err(store_err)?;
+        Ok(existed)
+    }
+}
+
+fn check_versions<'a>(records: impl Iterator<Item = (&'a str, u32)>) -> Result<(), ControlError> {
+    for (name, version) in records {
+        if version != RECORD_VERSION {
+            return Err(ControlError::Store(format!(
+                "record {name:?} has version {version}, this ditto knows {RECORD_VERSION}; upgrade ditto"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{now_unix, PoolKind, ReplicaRecord};
+    use uuid::Uuid;
+
+    #[test]
+    fn survives_reopen_and_refuses_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let pool = PoolRecord {
+            version: RECORD_VERSION,
+            name: "p1".into(),
+            uuid: Uuid::new_v4(),
+            kind: PoolKind::Directory,
+            path: dir.path().to_path_buf(),
+            created_unix: now_unix(),
+        };
+        let vol = VolumeRecord {
+            version: RECORD_VERSION,
+            name: "v".into(),
+            uuid: Uuid::new_v4(),
+            size: 1 << 30,
+            region_size: 1 << 20,
+            replicas: vec![ReplicaRecord {
+                id: Uuid::new_v4(),
+                pool: "p1".into(),
+                path: dir.path().join("r"),
+            }],
+            created_unix: now_unix(),
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            s.insert_pool(&pool).unwrap();
+            s.insert_volume(&vol).unwrap();
+            assert!(matches!(
+                s.insert_pool(&pool),
+                Err(ControlError::PoolExists(_))
+            ));
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.pools().unwrap(), vec![pool]);
+        assert_eq!(s.volumes().unwrap(), vec![vol]);
+        assert!(s.delete_volume("v").unwrap());
+        assert!(!s.delete_volume("v").unwrap());
+        assert!(s.volumes().unwrap().is_empty());
+    }
+}
