@@ -5,6 +5,14 @@
 //! The server knows nothing about volumes: it asks an [`ExportRegistry`] for an
 //! [`Export`] by name and turns NBD commands into calls on it.
 
+mod handshake;
+pub mod proto;
+mod server;
+mod transmission;
+
+pub use server::{ClientInfo, Server, ServerConfig};
+pub use transmission::CLOSE_GRACE;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,6 +42,22 @@ pub enum ExportError {
     /// Sent to the client as NBD_ESHUTDOWN.
     #[error("export is shutting down")]
     Shutdown,
+}
+
+impl ExportError {
+    /// The NBD error value this error is sent as (see the variant docs).
+    /// The server sends ENOTSUP only for a refused FAST_ZERO, as the protocol
+    /// asks, and EINVAL for [`ExportError::NotSupported`] on any other command.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            ExportError::Io(_) => proto::NBD_EIO,
+            ExportError::NoSpace => proto::NBD_ENOSPC,
+            ExportError::Invalid(_) => proto::NBD_EINVAL,
+            ExportError::NotSupported(_) => proto::NBD_ENOTSUP,
+            ExportError::ReadOnly => proto::NBD_EPERM,
+            ExportError::Shutdown => proto::NBD_ESHUTDOWN,
+        }
+    }
 }
 
 /// One run of a BLOCK_STATUS answer for `base:allocation`.
@@ -78,7 +102,11 @@ pub trait Export: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), ExportError>>;
     /// Allocation of `[offset, offset+len)`; the extents must cover at least
     /// the first byte and at most the whole range.
-    fn block_status(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<Extent>, ExportError>>;
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> BoxFuture<'_, Result<Vec<Extent>, ExportError>>;
 }
 
 /// One entry of NBD_OPT_LIST.
@@ -93,4 +121,13 @@ pub trait ExportRegistry: Send + Sync + 'static {
     /// None makes the server answer NBD_REP_ERR_UNKNOWN.
     fn open(&self, name: &str) -> Option<Arc<dyn Export>>;
     fn list(&self) -> Vec<ExportListing>;
+    /// Description sent as NBD_INFO_DESCRIPTION when a client asks for it;
+    /// by default the one [`ExportRegistry::list`] gives for `name`.
+    fn description(&self, name: &str) -> Option<String> {
+        self.list()
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.description)
+            .filter(|d| !d.is_empty())
+    }
 }

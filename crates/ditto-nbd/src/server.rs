@@ -1,0 +1,394 @@
+//! The NBD server: accept loops, per-connection lifecycle, client listing and forced disconnects.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::handshake;
+use crate::transmission::{self, End, Session};
+use crate::ExportRegistry;
+
+/// Tunables of the server; [`Default`] gives the documented values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest READ/WRITE length accepted, advertised as the maximum block size.
+    pub max_payload: u32,
+    /// Advertised preferred block size (power of two, at least 512).
+    pub preferred_block: u32,
+    /// Advertised minimum block size (power of two, at most 64 KiB); requests
+    /// not aligned to it get EINVAL.
+    pub min_block: u32,
+    /// Requests one connection may have in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_payload: 32 * 1024 * 1024,
+            preferred_block: 4096,
+            min_block: 1,
+            max_in_flight: 64,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Bends the values into what the protocol allows to advertise (see
+    /// "Block size constraints" in the protocol document), so a bad config
+    /// cannot make us lie to clients.
+    fn sanitized(mut self) -> ServerConfig {
+        let d = ServerConfig::default();
+        if !self.min_block.is_power_of_two() || self.min_block > 65536 {
+            tracing::warn!(min_block = self.min_block, "invalid min_block, using 1");
+            self.min_block = 1;
+        }
+        if !self.preferred_block.is_power_of_two() || self.preferred_block < self.min_block.max(512)
+        {
+            let p = d.preferred_block.max(self.min_block);
+            tracing::warn!(
+                preferred_block = self.preferred_block,
+                "invalid preferred_block, using {p}"
+            );
+            self.preferred_block = p;
+        }
+        // A read reply chunk carries 8 bytes of offset in a u32 length; keep
+        // far below that, and a multiple of min_block at least preferred_block.
+        let max = self.max_payload.clamp(self.preferred_block, 1 << 30);
+        self.max_payload = max - max % self.min_block;
+        self.max_in_flight = self.max_in_flight.clamp(1, 65536);
+        self
+    }
+
+    /// Payload bytes one connection may hold in flight.
+    fn max_in_flight_bytes(&self) -> usize {
+        (self.max_payload as usize).max(128 * 1024 * 1024)
+    }
+}
+
+/// A connection in the transmission phase, as reported by [`Server::clients`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Unique per server, in accept order.
+    pub id: u64,
+    pub export: String,
+    /// Peer address (`ip:port`, `unix:...`, or what the caller of
+    /// [`Server::serve_connection`] passed).
+    pub peer: String,
+    /// When the connection was accepted, seconds since the Unix epoch.
+    pub connected_at_unix: u64,
+}
+
+struct Slot {
+    /// Set once the handshake chose an export.
+    info: Option<ClientInfo>,
+    close: watch::Sender<bool>,
+}
+
+struct Conns {
+    shutting_down: bool,
+    slots: HashMap<u64, Slot>,
+}
+
+/// Serves exports from an [`ExportRegistry`] over NBD.
+pub struct Server {
+    registry: Arc<dyn ExportRegistry>,
+    config: ServerConfig,
+    next_id: AtomicU64,
+    conns: Mutex<Conns>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Removes a connection from the table however its task ends.
+struct SlotGuard<'a> {
+    server: &'a Server,
+    id: u64,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.server.conns().slots.remove(&self.id);
+    }
+}
+
+/// Size of the buffered reader in front of each connection: large enough
+/// that a burst of small pipelined requests is parsed from one read call.
+const READ_BUFFER: usize = 128 * 1024;
+
+/// Something to accept connections from.
+trait Acceptor {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)>;
+}
+
+impl Acceptor for TcpListener {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, addr) = self.accept().await?;
+        // Replies are small and latency-bound; never wait for Nagle.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (r, w) = stream.into_split();
+        Ok((r, w, addr.to_string()))
+    }
+}
+
+impl Acceptor for UnixListener {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, addr) = self.accept().await?;
+        let peer = match addr.as_pathname() {
+            Some(p) => format!("unix:{}", p.display()),
+            None => "unix:unnamed".to_string(),
+        };
+        let (r, w) = stream.into_split();
+        Ok((r, w, peer))
+    }
+}
+
+/// Accept errors that say nothing about the listener itself (a peer that
+/// gave up, or running out of descriptors/memory for a moment).
+fn transient_accept_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut | OutOfMemory
+    ) || matches!(
+        e.raw_os_error(),
+        // ENFILE, EMFILE, ENOBUFS, ENOMEM on Linux.
+        Some(23) | Some(24) | Some(105) | Some(12)
+    )
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Server {
+    pub fn new(registry: Arc<dyn ExportRegistry>, config: ServerConfig) -> Arc<Server> {
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Server {
+            registry,
+            config: config.sanitized(),
+            next_id: AtomicU64::new(1),
+            conns: Mutex::new(Conns {
+                shutting_down: false,
+                slots: HashMap::new(),
+            }),
+            shutdown,
+        })
+    }
+
+    /// The configuration in force (after bending invalid values into range).
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    fn conns(&self) -> MutexGuard<'_, Conns> {
+        // The table stays consistent even if a holder panicked: every
+        // critical section is a single map operation.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts TCP connections until [`Server::shutdown`], one task each with
+    /// TCP_NODELAY set. Returns once every connection it accepted has closed.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        self.accept_loop(listener).await
+    }
+
+    /// Like [`Server::serve_tcp`], for a Unix socket.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        self.accept_loop(listener).await
+    }
+
+    async fn accept_loop<A: Acceptor>(self: Arc<Self>, listener: A) -> io::Result<()> {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tasks = JoinSet::new();
+        let mut result = Ok(());
+        loop {
+            if *shutdown.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => continue,
+                // Reap finished connections so the set does not grow.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                res = listener.accept_split() => match res {
+                    Ok((r, w, peer)) => {
+                        tasks.spawn(self.clone().run_connection(r, w, peer));
+                    }
+                    Err(e) if transient_accept_error(&e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "accept failed; closing listener");
+                        // Ask the connections we started to close too: the
+                        // caller is told this server is no longer serving.
+                        result = Err(e);
+                        break;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        if result.is_err() {
+            for (_, slot) in self.conns().slots.iter() {
+                slot.close.send_replace(true);
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        result
+    }
+
+    /// Runs the whole protocol on one already-connected stream (used by the
+    /// accept loops, and directly by tests over in-memory pipes).
+    pub async fn serve_connection<S>(self: Arc<Self>, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        self.run_connection(r, w, peer).await
+    }
+
+    async fn run_connection<R, W>(self: Arc<Self>, r: R, mut w: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let connected_at_unix = now_unix();
+        let (close_tx, mut close_rx) = watch::channel(false);
+        {
+            let mut conns = self.conns();
+            if conns.shutting_down {
+                return;
+            }
+            conns.slots.insert(
+                id,
+                Slot {
+                    info: None,
+                    close: close_tx,
+                },
+            );
+        }
+        let _guard = SlotGuard { server: &self, id };
+        let mut close = Box::pin(async move {
+            // Err means the sender is gone, which only happens as we exit.
+            let _ = close_rx.wait_for(|closed| *closed).await;
+        });
+        let span = tracing::debug_span!("nbd", conn = id, peer = %peer);
+        tracing::debug!(parent: &span, "connected");
+
+        let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+        let negotiated = tokio::select! {
+            _ = &mut close => {
+                tracing::debug!(parent: &span, "closed during handshake");
+                return;
+            }
+            res = handshake::negotiate(&mut reader, &mut w, self.registry.as_ref(), &self.config) => res,
+        };
+        let n = match negotiated {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                tracing::debug!(parent: &span, "handshake ended without an export");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(parent: &span, error = %e, "handshake failed");
+                return;
+            }
+        };
+        tracing::debug!(
+            parent: &span,
+            export = %n.name,
+            structured = n.structured,
+            block_status = n.meta_context.is_some(),
+            flags = n.flags,
+            "entered transmission"
+        );
+        if let Some(slot) = self.conns().slots.get_mut(&id) {
+            slot.info = Some(ClientInfo {
+                id,
+                export: n.name.clone(),
+                peer: peer.clone(),
+                connected_at_unix,
+            });
+        }
+        let session = Session {
+            size: n.export.size(),
+            read_only: n.export.read_only(),
+            fast_zero: n.export.can_fast_zero(),
+            export: n.export,
+            structured: n.structured,
+            meta_context: n.meta_context,
+            max_payload: self.config.max_payload,
+            min_block: self.config.min_block,
+            max_in_flight: self.config.max_in_flight,
+            max_in_flight_bytes: self.config.max_in_flight_bytes(),
+        };
+        let end = transmission::run(session, &mut reader, w, &mut close).await;
+        match end {
+            End::Disconnect => tracing::debug!(parent: &span, "client disconnected"),
+            End::Closed => tracing::debug!(parent: &span, "closed by server"),
+            End::Io(e) => tracing::debug!(parent: &span, error = %e, "connection lost"),
+            End::Protocol(why) => {
+                tracing::warn!(parent: &span, reason = why, "protocol violation; closed")
+            }
+        }
+    }
+
+    /// Connections that completed the handshake into an export.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let mut v: Vec<ClientInfo> = self
+            .conns()
+            .slots
+            .values()
+            .filter_map(|s| s.info.clone())
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Closes every connection using export `name`: each stops reading new
+    /// requests, answers those in flight (waiting at most
+    /// [`transmission::CLOSE_GRACE`]) and drops the socket. Returns how many
+    /// connections were told to close; it does not wait for them.
+    pub fn disconnect_export(&self, name: &str) -> usize {
+        let conns = self.conns();
+        let mut n = 0;
+        for slot in conns.slots.values() {
+            if slot.info.as_ref().is_some_and(|i| i.export == name) {
+                slot.close.send_replace(true);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Stops the accept loops and closes every connection (in-flight requests
+    /// are answered first, as for [`Server::disconnect_export`]).
+    pub fn shutdown(&self) {
+        let mut conns = self.conns();
+        conns.shutting_down = true;
+        for slot in conns.slots.values() {
+            slot.close.send_replace(true);
+        }
+        drop(conns);
+        self.shutdown.send_replace(true);
+    }
+}
