@@ -1,0 +1,231 @@
+//! The REST API the CLI (and any script) drives: axum routes over [`Node`], plus its OpenAPI description.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use ditto_control::ControlError;
+use serde::Deserialize;
+
+use crate::api_types::{ApiErrorBody, CreatePool, CreateVolume};
+use crate::node::Node;
+
+pub struct ApiError(ControlError);
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ApiErrorBody {
+            error: self.0.to_string(),
+            code: self.0.code().into(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn bad_body(e: impl std::fmt::Display) -> ApiError {
+    ApiError(ControlError::InvalidRequest(e.to_string()))
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    volume: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/pools", get(list_pools).post(create_pool))
+        .route("/v1/pools/{name}", delete(delete_pool))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(|| async {
+            ApiError(ControlError::InvalidRequest(
+                "no such API endpoint; see /v1/openapi.json".into(),
+            ))
+        })
+        .with_state(node)
+}
+
+async fn status(
+    State(node): State<Arc<Node>>,
+    q: Result<Query<StatusQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_body(e).into_response(),
+    };
+    match node.status(q.volume.as_deref()) {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+async fn list_pools(State(node): State<Arc<Node>>) -> ApiResult<Vec<crate::api_types::PoolInfo>> {
+    Ok(Json(node.pools()?))
+}
+
+async fn create_pool(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<CreatePool>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::api_types::PoolInfo>), ApiError> {
+    let Json(req) = body.map_err(bad_body)?;
+    Ok((StatusCode::CREATED, Json(node.create_pool(req).await?)))
+}
+
+async fn delete_pool(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.delete_pool(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_volumes(
+    State(node): State<Arc<Node>>,
+) -> ApiResult<Vec<crate::api_types::VolumeInfo>> {
+    Ok(Json(node.volumes()?))
+}
+
+async fn get_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::api_types::VolumeInfo> {
+    let status = node.status(Some(&name))?;
+    status
+        .volumes
+        .into_iter()
+        .next()
+        .map(Json)
+        .ok_or_else(|| ApiError(ControlError::VolumeNotFound(name)))
+}
+
+async fn create_volume(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<CreateVolume>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::api_types::VolumeInfo>), ApiError> {
+    let Json(req) = body.map_err(bad_body)?;
+    Ok((StatusCode::CREATED, Json(node.create_volume(req).await?)))
+}
+
+async fn delete_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    q: Result<Query<DeleteQuery>, QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Query(q) = q.map_err(bad_body)?;
+    node.delete_volume(&name, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(openapi_document())
+}
+
+/// The OpenAPI 3.1 description of this API. Written out by hand (a derive
+/// crate would double the build time of the daemon); `openapi_lists_every_route`
+/// keeps it in step with the router.
+pub fn openapi_document() -> serde_json::Value {
+    use serde_json::json;
+    let err = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let name_param =
+        json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "ditto node API", "version": env!("CARGO_PKG_VERSION")},
+        "paths": {
+            "/v1/status": {"get": {"summary": "Node, volume and pool status", "parameters": [
+                {"name": "volume", "in": "query", "required": false, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "status", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}, "404": err}}},
+            "/v1/pools": {
+                "get": {"summary": "List pools", "responses": {"200": {"description": "pools", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}}}}}}},
+                "post": {"summary": "Create a directory pool", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CreatePool"}}}},
+                    "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pool"}}}}, "400": err, "409": err}}},
+            "/v1/pools/{name}": {"delete": {"summary": "Delete an empty pool", "parameters": [name_param],
+                "responses": {"204": {"description": "deleted"}, "404": err, "409": err}}},
+            "/v1/volumes": {
+                "get": {"summary": "List volumes", "responses": {"200": {"description": "volumes", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Volume"}}}}}}},
+                "post": {"summary": "Create a mirrored volume", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CreateVolume"}}}},
+                    "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "404": err, "409": err, "507": err}}},
+            "/v1/volumes/{name}": {
+                "get": {"summary": "One volume", "parameters": [name_param], "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "404": err}},
+                "delete": {"summary": "Delete a volume and its replicas", "parameters": [name_param,
+                    {"name": "force", "in": "query", "required": false, "schema": {"type": "boolean"}, "description": "disconnect connected clients"}],
+                    "responses": {"204": {"description": "deleted"}, "404": err, "409": err}}},
+            "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI document"}}}}
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error", "code"], "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+            "CreatePool": {"type": "object", "additionalProperties": false, "required": ["name", "path"],
+                "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}, "path": {"type": "string"}}},
+            "CreateVolume": {"type": "object", "additionalProperties": false, "required": ["name", "size"],
+                "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                    "size": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "examples": ["1G", "512MiB"]}]},
+                    "replicas": {"type": "integer", "minimum": 1, "maximum": 8, "default": 2},
+                    "pools": {"type": "array", "items": {"type": "string"}}}},
+            "Pool": {"type": "object", "properties": {"name": {"type": "string"}, "uuid": {"type": "string"}, "kind": {"type": "string"}, "path": {"type": "string"},
+                "total_bytes": {"type": "integer"}, "free_bytes": {"type": "integer"}, "fs_free_bytes": {"type": "integer"}, "reserved_bytes": {"type": "integer"}, "replicas": {"type": "integer"}}},
+            "Replica": {"type": "object", "properties": {"id": {"type": "string"}, "pool": {"type": "string"}, "path": {"type": "string"},
+                "state": {"type": "string", "enum": ["in_sync", "failed", "stale", "missing"]}, "reason": {"type": ["string", "null"]},
+                "generation": {"type": ["integer", "null"]}, "data_offset": {"type": ["integer", "null"]},
+                "reads": {"type": "integer"}, "writes": {"type": "integer"}, "errors": {"type": "integer"}}},
+            "Client": {"type": "object", "properties": {"id": {"type": "integer"}, "peer": {"type": "string"}, "connected_at_unix": {"type": "integer"}}},
+            "Volume": {"type": "object", "properties": {"name": {"type": "string"}, "uuid": {"type": "string"}, "size": {"type": "integer"},
+                "state": {"type": "string", "enum": ["healthy", "degraded", "failed", "stopped"]}, "reason": {"type": ["string", "null"]},
+                "generation": {"type": "integer"}, "export": {"type": "string"},
+                "replicas": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}},
+                "clients": {"type": "array", "items": {"$ref": "#/components/schemas/Client"}}}},
+            "Status": {"type": "object", "properties": {"node": {"type": "object"},
+                "volumes": {"type": "array", "items": {"$ref": "#/components/schemas/Volume"}},
+                "pools": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}}}}
+        }}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc = super::openapi_document();
+        let src = include_str!("api.rs");
+        let paths = doc["paths"].as_object().unwrap();
+        for line in src
+            .lines()
+            .filter(|l| l.trim_start().starts_with(".route(\""))
+        {
+            let path = line.split('"').nth(1).unwrap();
+            assert!(
+                paths.contains_key(path),
+                "route {path} missing from the OpenAPI document"
+            );
+        }
+        assert_eq!(
+            paths.len(),
+            src.lines()
+                .filter(|l| l.trim_start().starts_with(".route(\""))
+                .count()
+        );
+    }
+}

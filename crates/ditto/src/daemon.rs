@@ -1,0 +1,205 @@
+//! `ditto daemon`: runs a node in the foreground until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ditto_control::DaemonConfig;
+use ditto_engine::ThreadPoolEngine;
+
+use crate::api_types::DaemonAddresses;
+use crate::node::{Node, Registry};
+
+/// Command-line overrides of the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DaemonArgs {
+    /// Directory for the node's state store (created if missing).
+    #[arg(long, env = "DITTO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Config file (TOML); unknown fields are errors.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// NBD listen address [default: 127.0.0.1:10809].
+    #[arg(long)]
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD Unix socket path.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
+    /// REST API listen address [default: 127.0.0.1:10810].
+    #[arg(long)]
+    pub api_listen: Option<SocketAddr>,
+}
+
+/// A node that is up: listeners bound, volumes started.
+pub struct Running {
+    pub node: Arc<Node>,
+    pub nbd: Arc<ditto_nbd::Server>,
+    pub addresses: DaemonAddresses,
+    data_dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+pub fn resolve_config(
+    args: &DaemonArgs,
+    default_data_dir: Option<&Path>,
+) -> Result<(DaemonConfig, PathBuf)> {
+    let mut cfg = match &args.config {
+        Some(p) => DaemonConfig::load(p)?,
+        None => DaemonConfig::default(),
+    };
+    if let Some(a) = args.nbd_listen {
+        cfg.nbd_listen = a;
+    }
+    if let Some(a) = args.api_listen {
+        cfg.api_listen = a;
+    }
+    if let Some(s) = &args.nbd_socket {
+        cfg.nbd_socket = Some(s.clone());
+    }
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| cfg.data_dir.clone())
+        .or_else(|| default_data_dir.map(Path::to_path_buf));
+    let Some(data_dir) = data_dir else {
+        bail!("no data directory: give --data-dir DIR (or data_dir in the config file)");
+    };
+    Ok((cfg, data_dir))
+}
+
+/// Take an exclusive lock on the data directory so two daemons never share it.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock only takes the fd, which `f` keeps open.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "another ditto daemon is using {} (its lock is held); stop it first or use another --data-dir",
+            dir.display()
+        );
+    }
+    Ok(f)
+}
+
+pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(data_dir)?;
+    let lock = lock_data_dir(&data_dir)?;
+    let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for NBD on {} (is another server using it? use --nbd-listen)",
+                cfg.nbd_listen
+            )
+        })?;
+    let api_listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for the API on {} (use --api-listen)",
+                cfg.api_listen
+            )
+        })?;
+    let node = Node::start(
+        &data_dir,
+        Arc::new(ThreadPoolEngine),
+        Duration::from_secs(cfg.io_timeout_secs),
+    )
+    .await?;
+    let nbd_addr = nbd_listener.local_addr()?.to_string();
+    let api_addr = api_listener.local_addr()?.to_string();
+    let _ = node.nbd_addr.set(nbd_addr.clone());
+    let _ = node.api_addr.set(api_addr.clone());
+
+    let server = ditto_nbd::Server::new(
+        Arc::new(Registry(Arc::downgrade(&node))),
+        ditto_nbd::ServerConfig::default(),
+    );
+    node.set_nbd_server(server.clone());
+    tokio::spawn({
+        let server = server.clone();
+        async move {
+            if let Err(e) = server.serve_tcp(nbd_listener).await {
+                tracing::error!(error = %e, "NBD server stopped");
+            }
+        }
+    });
+    if let Some(sock) = &cfg.nbd_socket {
+        let _ = std::fs::remove_file(sock);
+        let listener = tokio::net::UnixListener::bind(sock)
+            .with_context(|| format!("cannot bind {}", sock.display()))?;
+        let server = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_unix(listener).await {
+                tracing::error!(error = %e, "NBD unix server stopped");
+            }
+        });
+    }
+    let app = crate::api::router(node.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api_listener, app).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    let addresses = DaemonAddresses {
+        api: api_addr,
+        nbd: nbd_addr,
+        pid: std::process::id(),
+    };
+    let tmp = data_dir.join("daemon.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&addresses)?)?;
+    std::fs::rename(&tmp, data_dir.join("daemon.json"))?;
+    tracing::info!(nbd = %addresses.nbd, api = %addresses.api, data_dir = %data_dir.display(), "ditto node running");
+    Ok(Running {
+        node,
+        nbd: server,
+        addresses,
+        data_dir,
+        _lock: lock,
+    })
+}
+
+impl Running {
+    /// Stop serving, then close every volume cleanly.
+    pub async fn stop(self) {
+        self.nbd.shutdown();
+        self.node.shutdown().await;
+        let _ = std::fs::remove_file(self.data_dir.join("daemon.json"));
+        tracing::info!("ditto node stopped");
+    }
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let (cfg, data_dir) = resolve_config(&args, None)?;
+    crate::init_logging(&cfg.log);
+    let running = start(&cfg, &data_dir).await?;
+    wait_for_signal().await;
+    running.stop().await;
+    Ok(())
+}
