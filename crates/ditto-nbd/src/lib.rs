@@ -6,6 +6,7 @@
 //! [`Export`] by name and turns NBD commands into calls on it.
 
 mod handshake;
+pub mod memory;
 pub mod proto;
 mod server;
 mod transmission;
