@@ -26,6 +26,8 @@ pub struct DaemonConfig {
     pub io_timeout_secs: u64,
     /// Log filter, e.g. "info" or "ditto=debug".
     pub log: String,
+    /// Disk I/O engine: "threadpool" (portable) or "io_uring".
+    pub io_engine: String,
 }
 
 impl Default for DaemonConfig {
@@ -41,6 +43,7 @@ impl Default for DaemonConfig {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 10810))),
             io_timeout_secs: 30,
             log: "info".into(),
+            io_engine: "threadpool".into(),
         }
     }
 }
@@ -74,9 +77,21 @@ impl DaemonConfig {
                 ),
             });
         }
+        if !IO_ENGINES.contains(&self.io_engine.as_str()) {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "io_engine = {:?} is not one of {IO_ENGINES:?}",
+                    self.io_engine
+                ),
+            });
+        }
         Ok(())
     }
 }
+
+/// The disk I/O engines a config may name.
+pub const IO_ENGINES: &[&str] = &["threadpool", "io_uring"];
 
 #[cfg(test)]
 mod tests {

@@ -50,10 +50,12 @@ impl Store {
                     meta.insert(SCHEMA_KEY, SCHEMA_VERSION).map_err(store_err)?;
                 }
                 Some(SCHEMA_VERSION) => {}
-                Some(v) => return Err(ControlError::Store(format!(
+                Some(v) => {
+                    return Err(ControlError::Store(format!(
                     "{} has schema version {v}, this ditto knows {SCHEMA_VERSION}; upgrade ditto",
                     path.display()
-                ))),
+                )))
+                }
             }
             tx.open_table(POOLS).map_err(store_err)?;
             tx.open_table(VOLUMES).map_err(store_err)?;

@@ -44,6 +44,14 @@ pub trait IoEngine: Send + Sync + 'static {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn IoFile>>;
 }
 
+/// The engine called `name` ("threadpool" or "io_uring"), if this build has it.
+pub fn engine_by_name(name: &str) -> Option<std::sync::Arc<dyn IoEngine>> {
+    match name {
+        "threadpool" => Some(std::sync::Arc::new(ThreadPoolEngine)),
+        _ => None,
+    }
+}
+
 /// Blocking syscalls run on tokio's blocking thread pool. Portable and simple;
 /// the baseline the faster engines are measured against.
 #[derive(Debug, Default, Clone, Copy)]

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ditto_control::DaemonConfig;
-use ditto_engine::ThreadPoolEngine;
 
 use crate::api_types::DaemonAddresses;
 use crate::node::{Node, Registry};
@@ -30,6 +29,9 @@ pub struct DaemonArgs {
     /// REST API listen address [default: 127.0.0.1:10810].
     #[arg(long)]
     pub api_listen: Option<SocketAddr>,
+    /// Disk I/O engine: threadpool or io_uring [default: threadpool].
+    #[arg(long)]
+    pub io_engine: Option<String>,
 }
 
 /// A node that is up: listeners bound, volumes started.
@@ -54,6 +56,15 @@ pub fn resolve_config(
     }
     if let Some(a) = args.api_listen {
         cfg.api_listen = a;
+    }
+    if let Some(e) = &args.io_engine {
+        if !ditto_control::config::IO_ENGINES.contains(&e.as_str()) {
+            bail!(
+                "--io-engine {e:?} is not one of {:?}",
+                ditto_control::config::IO_ENGINES
+            );
+        }
+        cfg.io_engine = e.clone();
     }
     if let Some(s) = &args.nbd_socket {
         cfg.nbd_socket = Some(s.clone());
@@ -111,12 +122,13 @@ pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
                 cfg.api_listen
             )
         })?;
-    let node = Node::start(
-        &data_dir,
-        Arc::new(ThreadPoolEngine),
-        Duration::from_secs(cfg.io_timeout_secs),
-    )
-    .await?;
+    let engine = ditto_engine::io::engine_by_name(&cfg.io_engine).with_context(|| {
+        format!(
+            "I/O engine {:?} is not available in this build",
+            cfg.io_engine
+        )
+    })?;
+    let node = Node::start(&data_dir, engine, Duration::from_secs(cfg.io_timeout_secs)).await?;
     let nbd_addr = nbd_listener.local_addr()?.to_string();
     let api_addr = api_listener.local_addr()?.to_string();
     let _ = node.nbd_addr.set(nbd_addr.clone());
