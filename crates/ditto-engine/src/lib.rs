@@ -8,11 +8,13 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub mod backend;
+pub mod events;
 pub mod io;
 pub mod read_policy;
 pub mod volume;
 
 pub use backend::{BackendError, FileReplica, ReplicaBackend};
+pub use events::{Event, EventKind, EventSink, LogSink, SharedSink};
 pub use io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
 pub use volume::{EngineError, Member, MemberStatus, ReplicaState, Volume, VolumeOptions};
 
