@@ -7,22 +7,40 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
-/// Pool list and volume list, to check that a rejected command changed nothing.
-fn snapshot(node: &Node) -> (Value, Value) {
-    let mut pools = node.daemon.cli_json(&["pool", "list"]);
-    // free_bytes moves with anything else on the file system; compare the rest.
-    if let Some(arr) = pools.as_array_mut() {
-        for p in arr {
-            if let Some(o) = p.as_object_mut() {
-                o.remove("free_bytes");
-                o.remove("used_bytes");
-                o.remove("allocated_bytes");
-            }
-        }
-    }
-    let vols = node.daemon.cli_json(&["volume", "list"]);
+/// Pools as (name, path) and volumes as (name, size), sorted: what a rejected
+/// command must not change. (Free-space figures move with the file system.)
+type Snapshot = (Vec<(String, String)>, Vec<(String, u64)>);
+
+fn snapshot(node: &Node) -> Snapshot {
+    let mut pools: Vec<(String, String)> = node
+        .daemon
+        .cli_json(&["pool", "list"])
+        .as_array()
+        .expect("pool list --json is an array")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("pool name").to_string(),
+                p["path"].as_str().expect("pool path").to_string(),
+            )
+        })
+        .collect();
+    pools.sort();
+    let mut vols: Vec<(String, u64)> = node
+        .daemon
+        .cli_json(&["volume", "list"])
+        .as_array()
+        .expect("volume list --json is an array")
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().expect("volume name").to_string(),
+                v["size"].as_u64().expect("volume size"),
+            )
+        })
+        .collect();
+    vols.sort();
     (pools, vols)
 }
 
