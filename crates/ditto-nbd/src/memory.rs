@@ -293,10 +293,13 @@ impl Export for MemExport {
     }
 }
 
+/// Export and description, by name.
+type Entries = BTreeMap<String, (Arc<dyn Export>, String)>;
+
 /// A fixed set of named exports.
 #[derive(Default)]
 pub struct MemRegistry {
-    exports: Mutex<BTreeMap<String, (Arc<dyn Export>, String)>>,
+    exports: Mutex<Entries>,
 }
 
 impl MemRegistry {

@@ -307,6 +307,9 @@ where
         tokio::select! {
             biased;
             _ = &mut *close => break End::Closed,
+            // The writer died (the client stopped taking replies): executing
+            // more requests would only do work nobody hears about.
+            _ = tx.closed() => break End::Io(io::ErrorKind::BrokenPipe.into()),
             res = reader.read_exact(&mut hdr) => {
                 if let Err(e) = res {
                     break End::Io(e);
