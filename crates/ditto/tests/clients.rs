@@ -141,3 +141,28 @@ fn delete_is_refused_while_a_client_is_connected() {
     );
     c.disconnect();
 }
+
+#[test]
+fn sigterm_with_a_connected_client_stops_cleanly() {
+    let mut node = Node::with_pools(2);
+    node.create_volume("held", SIZE, 2);
+    let mut c = NbdClient::connect(&node.daemon.nbd, "held").expect("connect");
+    let data = random_bytes(64 * 1024, 5);
+    c.write(3 * MIB, &data).expect("write");
+    c.flush().expect("flush");
+    wait_clients(&node.daemon, "held", 1);
+
+    // The idle client must not keep the daemon from stopping.
+    node.daemon.stop();
+    assert!(
+        c.wait_closed_by_server(Duration::from_secs(10)),
+        "the client's connection should be closed when the daemon stops"
+    );
+
+    let data_dir = node.daemon.data_dir.clone();
+    node.daemon = Daemon::start(&data_dir);
+    node.daemon.wait_healthy("held");
+    let mut c = NbdClient::connect(&node.daemon.nbd, "held").expect("reconnect");
+    assert_eq!(c.read(3 * MIB, data.len() as u32).expect("read"), data);
+    c.disconnect();
+}

@@ -149,3 +149,33 @@ fn flushed_data_survives_sigkill() {
     qemu_io_ok(&node.uri("crashy"), &verify_cmds());
     assert_replicas_identical(&after);
 }
+
+#[test]
+fn second_daemon_on_the_same_data_dir_is_refused() {
+    let node = Node::with_pools(2);
+    node.create_volume("solo", 16 * MIB, 2);
+    let first =
+        std::fs::read_to_string(node.daemon.data_dir.join("daemon.json")).expect("daemon.json");
+    let out = run_with_timeout(
+        Command::new(DITTO)
+            .args(["daemon", "--data-dir", s(&node.daemon.data_dir)])
+            .args(["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]),
+        std::time::Duration::from_secs(30),
+    )
+    .assert_failure();
+    assert!(
+        mentions_any(&out.stderr, &["lock", "already", "running", "in use"]),
+        "the refusal should say the data dir is in use: {}",
+        out.describe()
+    );
+    // the first daemon is unharmed and still owns daemon.json
+    assert_eq!(
+        std::fs::read_to_string(node.daemon.data_dir.join("daemon.json")).expect("daemon.json"),
+        first
+    );
+    assert_eq!(node.daemon.volume_names(), ["solo"]);
+    qemu_io_ok(
+        &node.uri("solo"),
+        &["write -P 0x42 0 4096".into(), "read -P 0x42 0 4096".into()],
+    );
+}

@@ -125,3 +125,47 @@ fn qemu_io_patterns_zeroes_and_discard() {
     qemu_io_ok(&uri, &["flush".into()]);
     assert_replicas_identical(&node.daemon.wait_healthy("qio"));
 }
+
+/// The checks above can fail: a wrong pattern is reported (sync and async),
+/// and a replica changed behind the daemon's back is caught by the replica
+/// comparison.
+#[test]
+fn harness_detects_bad_data() {
+    let node = Node::with_pools(2);
+    node.create_volume("bad", 16 * MIB, 2);
+    let uri = node.uri("bad");
+    qemu_io_ok(&uri, &[w(0x11, 0, 64 * KIB), "flush".into()]);
+
+    let out = qemu_io(&uri, &[r(0x12, 0, 4096)]);
+    assert!(
+        qemu_io_failed(&out),
+        "wrong pattern not detected: {}",
+        out.describe()
+    );
+    let out = qemu_io(
+        &uri,
+        &["aio_read -P 0x12 0 4096".into(), "aio_flush".into()],
+    );
+    assert!(
+        qemu_io_failed(&out),
+        "wrong pattern (aio) not detected: {}",
+        out.describe()
+    );
+
+    let vol = node.daemon.wait_healthy("bad");
+    assert_replicas_identical(&vol);
+    let rep = &replicas(&vol)[1];
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&rep.path)
+            .expect("open replica");
+        f.seek(SeekFrom::Start(rep.data_offset + 4096 + 7))
+            .expect("seek");
+        f.write_all(&[0x99]).expect("corrupt one byte");
+        f.sync_all().expect("sync");
+    }
+    let caught = std::panic::catch_unwind(|| assert_replicas_identical(&vol));
+    assert!(caught.is_err(), "a corrupted replica byte was not detected");
+}

@@ -252,17 +252,22 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
     run_with_timeout(&mut c, TOOL_TIMEOUT)
 }
 
-/// Runs qemu-io and asserts it succeeded: exit 0, and none of its commands
-/// reported a failure (qemu-io exits 0 after a failed `aio_read -P`, so the
-/// output is checked too).
+/// Whether a qemu-io run failed: non-zero exit, or a command reported a
+/// failure (qemu-io exits 0 after a failed `aio_read -P`, so the output is
+/// checked too).
+pub fn qemu_io_failed(out: &Output) -> bool {
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    !out.success()
+        || all.contains("Pattern verification failed")
+        || all.to_lowercase().contains("failed")
+        || all.contains("error")
+}
+
+/// Runs qemu-io and asserts it succeeded (see [`qemu_io_failed`]).
 pub fn qemu_io_ok(uri: &str, cmds: &[String]) -> Output {
     let out = qemu_io(uri, cmds);
-    let all = format!("{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.success()
-            && !all.contains("Pattern verification failed")
-            && !all.to_lowercase().contains("failed")
-            && !all.contains("error"),
+        !qemu_io_failed(&out),
         "qemu-io reported a failure: {}",
         out.describe()
     );
