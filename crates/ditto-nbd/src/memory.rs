@@ -92,7 +92,8 @@ impl MemExport {
         self.lock().data.clone()
     }
 
-    /// Overwrites contents directly (not through NBD), marking blocks allocated.
+    /// Overwrites contents directly (not through NBD), marking blocks
+    /// allocated. Panics if the range is outside the export: test helper.
     pub fn fill(&self, offset: u64, bytes: &[u8]) {
         let mut g = self.lock();
         let start = offset as usize;

@@ -40,6 +40,9 @@ impl Default for ServerConfig {
     }
 }
 
+/// Upper bound for `max_payload` (and `preferred_block`).
+const MAX_PAYLOAD_CAP: u32 = 1 << 30;
+
 impl ServerConfig {
     /// Bends the values into what the protocol allows to advertise (see
     /// "Block size constraints" in the protocol document), so a bad config
@@ -50,7 +53,9 @@ impl ServerConfig {
             tracing::warn!(min_block = self.min_block, "invalid min_block, using 1");
             self.min_block = 1;
         }
-        if !self.preferred_block.is_power_of_two() || self.preferred_block < self.min_block.max(512)
+        if !self.preferred_block.is_power_of_two()
+            || self.preferred_block < self.min_block.max(512)
+            || self.preferred_block > MAX_PAYLOAD_CAP
         {
             let p = d.preferred_block.max(self.min_block);
             tracing::warn!(
@@ -61,7 +66,9 @@ impl ServerConfig {
         }
         // A read reply chunk carries 8 bytes of offset in a u32 length; keep
         // far below that, and a multiple of min_block at least preferred_block.
-        let max = self.max_payload.clamp(self.preferred_block, 1 << 30);
+        let max = self
+            .max_payload
+            .clamp(self.preferred_block, MAX_PAYLOAD_CAP);
         self.max_payload = max - max % self.min_block;
         self.max_in_flight = self.max_in_flight.clamp(1, 65536);
         self

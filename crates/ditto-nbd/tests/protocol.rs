@@ -51,6 +51,12 @@ async fn handshake_simple_replies_then_write_and_read_back() {
     // The stream is still in sync after it.
     let (err, back) = c.read(4096, 16).await;
     assert_eq!((err, &back[..]), (0, &data[..16]));
+    // Large payloads take the uncopied (vectored) path in both directions.
+    let big = pattern(512 * 1024, 42);
+    assert_eq!(c.write(65536, &big).await.error, 0);
+    let (err, back) = c.read(65536, big.len() as u32).await;
+    assert_eq!(err, 0);
+    assert!(back == big, "large read differs");
 }
 
 #[tokio::test]
@@ -86,9 +92,19 @@ async fn handshake_structured_replies_and_read_chunks() {
         (r.error, r.chunk_types.clone()),
         (0, vec![NBD_REPLY_TYPE_NONE])
     );
+    let big = pattern(300 * 1024, 5);
+    assert_eq!(c.write(8192, &big).await.error, 0);
+    let r = c
+        .request(0, NBD_CMD_READ, 8192, big.len() as u32, &[])
+        .await;
+    assert!(r.data == vec![(8192, big)], "large structured read differs");
     // Block status answers with the id we were given.
     let r = c.request(0, NBD_CMD_BLOCK_STATUS, 0, 8192, &[]).await;
     assert_eq!(r.block_status, vec![(id, vec![(4096, 0), (4096, 3)])]);
+    let r = c
+        .request(0, NBD_CMD_BLOCK_STATUS, 8192 + 300 * 1024, 8192, &[])
+        .await;
+    assert_eq!(r.block_status, vec![(id, vec![(8192, 3)])]);
 }
 
 #[tokio::test]
@@ -906,6 +922,28 @@ async fn config_is_sanitized() {
     assert_eq!(c.preferred_block, 4096);
     assert_eq!(c.max_payload, 4096);
     assert_eq!(c.max_in_flight, 1);
+    let s = Server::new(
+        Arc::new(ditto_nbd::memory::MemRegistry::new()),
+        ServerConfig {
+            max_payload: u32::MAX,
+            preferred_block: 1 << 31,
+            min_block: 3,
+            max_in_flight: usize::MAX,
+        },
+    );
+    let c = s.config();
+    assert_eq!(c.min_block, 1);
+    assert_eq!(c.preferred_block, 4096);
+    assert_eq!(c.max_payload, 1 << 30);
+    assert_eq!(c.max_in_flight, 65536);
+    assert_eq!(
+        Server::new(
+            Arc::new(ditto_nbd::memory::MemRegistry::new()),
+            ServerConfig::default()
+        )
+        .config(),
+        &ServerConfig::default()
+    );
 }
 
 #[tokio::test]
