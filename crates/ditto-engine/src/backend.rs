@@ -62,6 +62,105 @@ pub trait ReplicaBackend: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>>;
+    /// The whole on-disk dirty map area (`layout.dirty_map_len` bytes).
+    fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>>;
+    /// Write encoded map blocks starting at map block `first_block`, durably.
+    fn write_dirty_map(
+        &self,
+        first_block: u64,
+        blocks: Bytes,
+    ) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// Why the replica is unavailable, for a placeholder standing in for one
+    /// that could not be opened; None for a real replica.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+    fn is_present(&self) -> bool {
+        self.unavailable().is_none()
+    }
+}
+
+/// Stands in for a replica that could not be opened (disk gone, file
+/// missing), so the volume can record it as failed and show why.
+pub struct MissingReplica {
+    location: String,
+    why: String,
+    superblock: Superblock,
+}
+
+impl MissingReplica {
+    pub fn new(
+        location: impl Into<String>,
+        why: impl Into<String>,
+        volume_uuid: Uuid,
+        replica_uuid: Uuid,
+        layout: Layout,
+    ) -> Self {
+        let mut superblock = Superblock::new(volume_uuid, replica_uuid, layout, 0);
+        superblock.generation = 0;
+        MissingReplica {
+            location: location.into(),
+            why: why.into(),
+            superblock,
+        }
+    }
+
+    fn gone<T: Send + 'static>(&self) -> BoxFuture<'_, Result<T, BackendError>> {
+        Box::pin(async move {
+            Err(BackendError::Io {
+                op: "access",
+                location: self.location.clone(),
+                source: io::Error::new(io::ErrorKind::NotFound, self.why.clone()),
+            })
+        })
+    }
+}
+
+impl ReplicaBackend for MissingReplica {
+    fn location(&self) -> &str {
+        &self.location
+    }
+    fn superblock(&self) -> Superblock {
+        self.superblock.clone()
+    }
+    fn write_superblock(&self, _sb: Superblock) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.gone()
+    }
+    fn read(&self, _offset: u64, _len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        self.gone()
+    }
+    fn write(&self, _offset: u64, _data: Bytes) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.gone()
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.gone()
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.gone()
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.gone()
+    }
+    fn allocation(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>> {
+        self.gone()
+    }
+    fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        self.gone()
+    }
+    fn write_dirty_map(
+        &self,
+        _first_block: u64,
+        _blocks: Bytes,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.gone()
+    }
+    fn unavailable(&self) -> Option<String> {
+        Some(self.why.clone())
+    }
 }
 
 /// A replica stored in a regular file (directory pool) or a block device.
@@ -263,6 +362,45 @@ impl ReplicaBackend for FileReplica {
                 .zero_range(self.data_offset + offset, len)
                 .await
                 .map_err(self.io_err("write zeroes"))
+        })
+    }
+
+    fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        Box::pin(async move {
+            let layout = self.superblock().layout;
+            self.file
+                .read_at(layout.dirty_map_offset, layout.dirty_map_len as usize)
+                .await
+                .map_err(self.io_err("read dirty map"))
+        })
+    }
+
+    fn write_dirty_map(
+        &self,
+        first_block: u64,
+        blocks: Bytes,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let layout = self.superblock().layout;
+            let at = first_block * SLOT_SIZE;
+            if at + blocks.len() as u64 > layout.dirty_map_len {
+                return Err(BackendError::Io {
+                    op: "write dirty map",
+                    location: self.location.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "map write past the map area",
+                    ),
+                });
+            }
+            self.file
+                .write_at(layout.dirty_map_offset + at, blocks)
+                .await
+                .map_err(self.io_err("write dirty map"))?;
+            self.file
+                .sync_data()
+                .await
+                .map_err(self.io_err("sync dirty map"))
         })
     }
 

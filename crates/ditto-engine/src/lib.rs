@@ -8,14 +8,17 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub mod backend;
+pub mod dirty;
 pub mod events;
 pub mod io;
+pub mod jobs;
 pub mod read_policy;
 pub mod volume;
 
-pub use backend::{BackendError, FileReplica, ReplicaBackend};
+pub use backend::{BackendError, FileReplica, MissingReplica, ReplicaBackend};
 pub use events::{Event, EventKind, EventSink, LogSink, SharedSink};
 pub use io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
+pub use jobs::{JobKind, JobProgress, ReaddPlan, ScrubReport};
 pub use volume::{EngineError, Member, MemberStatus, ReplicaState, Volume, VolumeOptions};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ditto_engine::{
-    Allocation, BackendError, BoxFuture, EngineError, FileReplica, Member, ReplicaBackend,
+    Allocation, BackendError, BoxFuture, EngineError, FileReplica, LogSink, Member, ReplicaBackend,
     ReplicaState, ThreadPoolEngine, Volume, VolumeOptions,
 };
 use ditto_format::{Layout, Superblock, DEFAULT_REGION_SIZE};
@@ -86,6 +86,22 @@ impl ReplicaBackend for Faulty {
             self.inner.allocation(offset, len).await
         })
     }
+    fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.read_dirty_map().await
+        })
+    }
+    fn write_dirty_map(
+        &self,
+        first: u64,
+        blocks: Bytes,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.write_dirty_map(first, blocks).await
+        })
+    }
 }
 
 struct Fixture {
@@ -118,7 +134,7 @@ async fn create(n: usize) -> Fixture {
     }
 }
 
-async fn open_faulty(f: &Fixture) -> (Volume, Vec<Arc<Faulty>>) {
+async fn open_faulty(f: &Fixture) -> (Arc<Volume>, Vec<Arc<Faulty>>) {
     let mut members = Vec::new();
     let mut faults = Vec::new();
     for (id, path) in f.ids.iter().zip(&f.paths) {
@@ -132,13 +148,20 @@ async fn open_faulty(f: &Fixture) -> (Volume, Vec<Arc<Faulty>>) {
         faults.push(faulty.clone());
         members.push(Member::new(*id, "pool", faulty as Arc<dyn ReplicaBackend>));
     }
-    let v = Volume::open("v", f.vol_id, SIZE, members, VolumeOptions::default())
-        .await
-        .unwrap();
+    let v = Volume::open(
+        "v",
+        f.vol_id,
+        SIZE,
+        members,
+        VolumeOptions::default(),
+        Arc::new(LogSink),
+    )
+    .await
+    .unwrap();
     (v, faults)
 }
 
-async fn open_plain(f: &Fixture) -> Result<Volume, EngineError> {
+async fn open_plain(f: &Fixture) -> Result<Arc<Volume>, EngineError> {
     let mut members = Vec::new();
     for (id, path) in f.ids.iter().zip(&f.paths) {
         let inner = FileReplica::open(&ThreadPoolEngine, path, f.vol_id)
@@ -146,7 +169,15 @@ async fn open_plain(f: &Fixture) -> Result<Volume, EngineError> {
             .unwrap();
         members.push(Member::new(*id, "pool", inner as Arc<dyn ReplicaBackend>));
     }
-    Volume::open("v", f.vol_id, SIZE, members, VolumeOptions::default()).await
+    Volume::open(
+        "v",
+        f.vol_id,
+        SIZE,
+        members,
+        VolumeOptions::default(),
+        Arc::new(LogSink),
+    )
+    .await
 }
 
 fn data_area(path: &Path) -> Vec<u8> {
@@ -293,7 +324,7 @@ async fn discard_keeps_replicas_sparse() {
 #[tokio::test]
 async fn read_policy_spreads_concurrent_reads() {
     let f = create(2).await;
-    let v = Arc::new(open_plain(&f).await.unwrap());
+    let v = open_plain(&f).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..64u64 {
         let v = v.clone();

@@ -39,8 +39,7 @@ impl Layout {
             )));
         }
         let regions = volume_size.div_ceil(u64::from(region_size));
-        let map_bytes = regions.div_ceil(8);
-        let dirty_map_len = map_bytes.div_ceil(SLOT_SIZE) * SLOT_SIZE;
+        let dirty_map_len = regions.div_ceil(crate::dirty_map::MAP_BITS_PER_BLOCK) * SLOT_SIZE;
         let data_offset =
             (DIRTY_MAP_OFFSET + dirty_map_len).div_ceil(METADATA_ALIGN) * METADATA_ALIGN;
         Ok(Layout {
@@ -55,6 +54,17 @@ impl Layout {
     /// Number of dirty-map regions covering the volume.
     pub fn regions(&self) -> u64 {
         self.volume_size.div_ceil(u64::from(self.region_size))
+    }
+
+    /// Map block holding region `region`'s bit, and the bit's index inside it.
+    pub fn map_position(&self, region: u64) -> (u64, u64) {
+        let per = crate::dirty_map::MAP_BITS_PER_BLOCK;
+        (region / per, region % per)
+    }
+
+    /// Number of 4 KiB blocks in the dirty map.
+    pub fn map_blocks(&self) -> u64 {
+        self.dirty_map_len / SLOT_SIZE
     }
 
     /// Total bytes a replica occupies (metadata plus data).
@@ -82,7 +92,7 @@ mod tests {
         let l = Layout::new(size, 64 * 1024).unwrap();
         assert!(l.dirty_map_offset + l.dirty_map_len <= l.data_offset);
         assert_eq!(l.data_offset % METADATA_ALIGN, 0);
-        assert!(l.dirty_map_len * 8 >= l.regions());
+        assert!(l.map_blocks() * crate::dirty_map::MAP_BITS_PER_BLOCK >= l.regions());
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Superblock {
     pub created_unix: u64,
     pub updated_unix: u64,
     pub replica_set: Vec<ReplicaSetEntry>,
+    /// While this replica is being rebuilt: bytes of the volume copied so far
+    /// (a rebuild resumes here after a restart). `None` when not rebuilding.
+    pub rebuild_cursor: Option<u64>,
 }
 
 /// Why a superblock could not be read or written.
@@ -124,6 +127,7 @@ impl Superblock {
             created_unix: now_unix,
             updated_unix: now_unix,
             replica_set: Vec::new(),
+            rebuild_cursor: None,
         }
     }
 
@@ -162,6 +166,7 @@ impl Superblock {
         b[128..136].copy_from_slice(&self.created_unix.to_le_bytes());
         b[136..144].copy_from_slice(&self.updated_unix.to_le_bytes());
         b[144..148].copy_from_slice(&(self.replica_set.len() as u32).to_le_bytes());
+        b[148..156].copy_from_slice(&self.rebuild_cursor.unwrap_or(u64::MAX).to_le_bytes());
         for (i, e) in self.replica_set.iter().enumerate() {
             let at = HEADER_LEN + i * ENTRY_LEN;
             b[at..at + 16].copy_from_slice(e.replica.as_bytes());
@@ -245,6 +250,7 @@ impl Superblock {
             created_unix: get_u64(b, 128),
             updated_unix: get_u64(b, 136),
             replica_set,
+            rebuild_cursor: Some(get_u64(b, 148)).filter(|&c| c != u64::MAX),
         })
     }
 
@@ -319,6 +325,7 @@ mod tests {
         sb.generation = 7;
         sb.sequence = 3;
         sb.clean = false;
+        sb.rebuild_cursor = Some(12 << 20);
         sb
     }
 

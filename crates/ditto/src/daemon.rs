@@ -128,7 +128,12 @@ pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
             cfg.io_engine
         )
     })?;
-    let node = Node::start(&data_dir, engine, Duration::from_secs(cfg.io_timeout_secs)).await?;
+    let volume_options = ditto_engine::VolumeOptions {
+        io_timeout: Duration::from_secs(cfg.io_timeout_secs),
+        ..ditto_engine::VolumeOptions::default()
+    };
+    let events: ditto_engine::SharedSink = Arc::new(ditto_engine::LogSink);
+    let node = Node::start(&data_dir, engine, volume_options, events).await?;
     let nbd_addr = nbd_listener.local_addr()?.to_string();
     let api_addr = api_listener.local_addr()?.to_string();
     let _ = node.nbd_addr.set(nbd_addr.clone());

@@ -6,13 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
 
 use ditto_control::model::{now_unix, PoolKind, RECORD_VERSION};
 use ditto_control::placement::{self, PoolUsage};
 use ditto_control::{validate, ControlError, PoolRecord, ReplicaRecord, Store, VolumeRecord};
 use ditto_engine::{
-    FileReplica, IoEngine, Member, ReplicaBackend, ReplicaState, Volume, VolumeOptions,
+    FileReplica, IoEngine, Member, ReplicaBackend, ReplicaState, SharedSink, Volume, VolumeOptions,
 };
 use ditto_format::{Layout, DEFAULT_REGION_SIZE};
 use uuid::Uuid;
@@ -39,6 +38,7 @@ pub struct Node {
     pub nbd_addr: OnceLock<String>,
     pub api_addr: OnceLock<String>,
     volume_options: VolumeOptions,
+    events: SharedSink,
 }
 
 fn layout_of(v: &VolumeRecord) -> Result<Layout, ControlError> {
@@ -50,7 +50,8 @@ impl Node {
     pub async fn start(
         data_dir: &Path,
         engine: Arc<dyn IoEngine>,
-        io_timeout: Duration,
+        volume_options: VolumeOptions,
+        events: SharedSink,
     ) -> Result<Arc<Self>, ControlError> {
         let store = Store::open(&data_dir.join("state.redb"))?;
         let node = Arc::new(Node {
@@ -62,13 +63,14 @@ impl Node {
             data_dir: data_dir.to_path_buf(),
             nbd_addr: OnceLock::new(),
             api_addr: OnceLock::new(),
-            volume_options: VolumeOptions { io_timeout },
+            volume_options,
+            events,
         });
         for record in node.store.volumes()? {
             let runtime = match node.open_volume(&record).await {
                 Ok(v) => {
                     tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
-                    VolumeRuntime::Running(Arc::new(v))
+                    VolumeRuntime::Running(v)
                 }
                 Err(e) => {
                     tracing::error!(volume = %record.name, error = %e, "volume not started");
@@ -114,7 +116,7 @@ impl Node {
     /// Open every replica of a stored volume and assemble it. Any replica that
     /// cannot be opened keeps the volume stopped: it never starts degraded
     /// behind the operator's back.
-    async fn open_volume(&self, record: &VolumeRecord) -> Result<Volume, ControlError> {
+    async fn open_volume(&self, record: &VolumeRecord) -> Result<Arc<Volume>, ControlError> {
         let mut members = Vec::new();
         for r in &record.replicas {
             let backend = FileReplica::open(self.engine.as_ref(), &r.path, record.uuid)
@@ -136,6 +138,7 @@ impl Node {
             record.size,
             members,
             self.volume_options.clone(),
+            self.events.clone(),
         )
         .await
         .map_err(|e| ControlError::Engine(e.to_string()))
@@ -301,6 +304,7 @@ impl Node {
             size,
             members,
             self.volume_options.clone(),
+            self.events.clone(),
         )
         .await
         {
@@ -315,7 +319,7 @@ impl Node {
             return Err(e);
         }
         tracing::info!(volume = %record.name, size, pools = ?chosen, "volume created");
-        self.set_runtime(&record.name, Some(VolumeRuntime::Running(Arc::new(volume))));
+        self.set_runtime(&record.name, Some(VolumeRuntime::Running(volume)));
         self.volume_info(&record)
     }
 

@@ -1,0 +1,943 @@
+//! Long volume jobs: resync after a crash, catch-up of a re-added replica,
+//! full rebuild of a new one, and scrub — all throttled and reporting progress.
+//!
+//! Every copy holds the region's stripe lock exclusively while it reads the
+//! source and writes the target, so a client write can never land between the
+//! two and be overwritten by older data.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::backend::{BackendError, ReplicaBackend};
+use crate::events::EventKind;
+use crate::volume::{short, EngineError, Member, ReplicaState, Volume};
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Copy dirty regions between in-sync replicas after an unclean shutdown.
+    Resync,
+    /// Copy the regions a re-added replica missed (from the dirty map).
+    CatchUp,
+    /// Copy every allocated region to a new replica.
+    Rebuild,
+    /// Compare replicas region by region.
+    Scrub,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Resync => "resync",
+            JobKind::CatchUp => "catch_up",
+            JobKind::Rebuild => "rebuild",
+            JobKind::Scrub => "scrub",
+        }
+    }
+}
+
+/// Progress of the running (or last) job, for status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobProgress {
+    pub kind: JobKind,
+    /// Target replica (resync/catch-up/rebuild).
+    pub replica: Option<String>,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub started_unix: u64,
+    pub elapsed_secs: f64,
+    /// Average rate since the start, bytes/s.
+    pub rate_bytes_per_sec: u64,
+    /// Estimated seconds left at the current rate; never negative, None when unknown.
+    pub eta_secs: Option<u64>,
+    pub finished: bool,
+    pub error: Option<String>,
+}
+
+/// Result of the last scrub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScrubReport {
+    pub started_unix: u64,
+    pub duration_secs: f64,
+    pub bytes: u64,
+    /// Byte offsets of the regions whose replicas differ.
+    pub mismatched_regions: Vec<u64>,
+    pub repaired: u64,
+    pub repair: bool,
+    pub source: Option<String>,
+    pub finished: bool,
+    pub error: Option<String>,
+}
+
+/// Regions still to be resynced after a crash, and the replica to read them from.
+pub struct ResyncRedirect {
+    pub source: Uuid,
+    pending: Vec<AtomicU8>,
+}
+
+impl ResyncRedirect {
+    fn new(source: Uuid, regions: &[u64], total: u64) -> Self {
+        let pending: Vec<AtomicU8> = (0..total.div_ceil(8)).map(|_| AtomicU8::new(0)).collect();
+        for r in regions {
+            if let Some(b) = pending.get((r / 8) as usize) {
+                b.fetch_or(1 << (r % 8), Ordering::SeqCst);
+            }
+        }
+        ResyncRedirect { source, pending }
+    }
+
+    pub fn pending(&self, r: u64) -> bool {
+        self.pending
+            .get((r / 8) as usize)
+            .is_some_and(|b| b.load(Ordering::SeqCst) & (1 << (r % 8)) != 0)
+    }
+
+    fn done(&self, r: u64) {
+        if let Some(b) = self.pending.get((r / 8) as usize) {
+            b.fetch_and(!(1 << (r % 8)), Ordering::SeqCst);
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Paces a job between the min rate (clients busy) and the max rate (clients idle).
+struct Pacer {
+    start: Instant,
+    budget_secs: f64,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Pacer {
+            start: Instant::now(),
+            budget_secs: 0.0,
+        }
+    }
+
+    async fn account(&mut self, v: &Volume, bytes: u64) {
+        let busy = v.idle_ms() < 200;
+        let rate = if busy {
+            v.options.resync_min_rate
+        } else {
+            v.options.resync_max_rate
+        }
+        .max(1);
+        self.budget_secs += bytes as f64 / rate as f64;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        if self.budget_secs > elapsed {
+            tokio::time::sleep(Duration::from_secs_f64(
+                (self.budget_secs - elapsed).min(5.0),
+            ))
+            .await;
+        } else if elapsed - self.budget_secs > 1.0 {
+            // Do not bank more than a second of unused budget (no burst after a slow phase).
+            self.budget_secs = elapsed - 1.0;
+        }
+    }
+}
+
+struct Tracker {
+    kind: JobKind,
+    replica: Option<String>,
+    total: u64,
+    done: u64,
+    started: Instant,
+    started_unix: u64,
+    last_event: Instant,
+    last_decile: u64,
+}
+
+impl Tracker {
+    fn new(v: &Volume, kind: JobKind, replica: Option<String>, total: u64) -> Self {
+        let t = Tracker {
+            kind,
+            replica,
+            total,
+            done: 0,
+            started: Instant::now(),
+            started_unix: now_unix(),
+            last_event: Instant::now(),
+            last_decile: 0,
+        };
+        t.publish(v, false, None);
+        t
+    }
+
+    fn progress(&self, finished: bool, error: Option<String>) -> JobProgress {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            (self.done as f64 / elapsed) as u64
+        } else {
+            0
+        };
+        let left = self.total.saturating_sub(self.done);
+        JobProgress {
+            kind: self.kind,
+            replica: self.replica.clone(),
+            done_bytes: self.done,
+            total_bytes: self.total,
+            started_unix: self.started_unix,
+            elapsed_secs: elapsed,
+            rate_bytes_per_sec: rate,
+            eta_secs: if finished {
+                Some(0)
+            } else if rate > 0 {
+                Some(left / rate)
+            } else {
+                None
+            },
+            finished,
+            error,
+        }
+    }
+
+    fn publish(&self, v: &Volume, finished: bool, error: Option<String>) {
+        if let Ok(mut j) = v.job.lock() {
+            *j = Some(self.progress(finished, error));
+        }
+    }
+
+    fn add(&mut self, v: &Volume, bytes: u64, progress_kind: EventKind) {
+        self.done += bytes;
+        self.publish(v, false, None);
+        let decile = if self.total > 0 {
+            self.done * 10 / self.total
+        } else {
+            10
+        };
+        if decile > self.last_decile || self.last_event.elapsed() > Duration::from_secs(10) {
+            self.last_decile = decile;
+            self.last_event = Instant::now();
+            let p = self.progress(false, None);
+            v.emit_progress(
+                progress_kind,
+                self.replica.clone(),
+                format!(
+                    "{} {}% ({} of {} bytes, {} MiB/s, {} left)",
+                    self.kind.as_str(),
+                    if self.total > 0 {
+                        self.done * 100 / self.total
+                    } else {
+                        100
+                    },
+                    self.done,
+                    self.total,
+                    p.rate_bytes_per_sec >> 20,
+                    p.eta_secs.map_or("unknown".into(), |s| format!("{s}s"))
+                ),
+                Some((self.done, self.total)),
+            );
+        }
+    }
+}
+
+impl Volume {
+    /// Copy one region from `source` to `targets` under its stripe lock.
+    /// Holes on the source become holes on the targets (unless `skip_holes`,
+    /// for a fresh target that is all holes already). Returns bytes copied.
+    async fn copy_region(
+        &self,
+        region: u64,
+        source: &Member,
+        targets: &[Arc<Member>],
+        skip_holes: bool,
+    ) -> Result<u64, CopyError> {
+        let range = self.dirty.region_range(region);
+        let _lock = self.lock_region(region).await;
+        let runs = self
+            .timed(
+                source,
+                source
+                    .backend
+                    .allocation(range.start, range.end - range.start),
+            )
+            .await
+            .map_err(CopyError::Source)?;
+        let mut copied = 0;
+        for run in runs {
+            let data = if run.allocated {
+                Some(
+                    self.timed(source, source.backend.read(run.offset, run.length as usize))
+                        .await
+                        .map_err(CopyError::Source)?,
+                )
+            } else {
+                None
+            };
+            for t in targets {
+                if t.state() != ReplicaState::InSync && t.state() != ReplicaState::Rebuilding {
+                    continue;
+                }
+                let r = match &data {
+                    Some(d) => self.timed(t, t.backend.write(run.offset, d.clone())).await,
+                    None if skip_holes => Ok(()),
+                    None => {
+                        self.timed(t, t.backend.discard(run.offset, run.length))
+                            .await
+                    }
+                };
+                if let Err(e) = r {
+                    return Err(CopyError::Target(t.id, e));
+                }
+            }
+            if data.is_some() {
+                copied += run.length;
+            }
+        }
+        self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        Ok(copied)
+    }
+
+    fn pick_source(&self, exclude: &[Uuid]) -> Option<Arc<Member>> {
+        self.in_sync()
+            .into_iter()
+            .find(|m| !exclude.contains(&m.id))
+    }
+
+    /// After an unclean shutdown: make the in-sync replicas equal again in
+    /// the dirty regions, reading those from one source meanwhile.
+    pub(crate) async fn resync_after_crash(self: Arc<Self>) {
+        let _job = self.job_lock.lock().await;
+        let regions = self.dirty.dirty_regions();
+        let Some(source) = self.in_sync().first().cloned() else {
+            return;
+        };
+        let targets: Vec<Arc<Member>> = self
+            .in_sync()
+            .into_iter()
+            .filter(|m| m.id != source.id)
+            .collect();
+        let redirect = Arc::new(ResyncRedirect::new(
+            source.id,
+            &regions,
+            self.dirty.regions(),
+        ));
+        if let Ok(mut r) = self.redirect.write() {
+            *r = Some(redirect.clone());
+        }
+        let total = regions.len() as u64 * self.dirty.region_size();
+        self.emit(
+            EventKind::ResyncStarted,
+            None,
+            format!(
+                "unclean shutdown: resyncing {} dirty regions ({total} bytes) from {}",
+                regions.len(),
+                source.label
+            ),
+        );
+        let mut tracker = Tracker::new(&self, JobKind::Resync, None, total);
+        let mut pacer = Pacer::new();
+        let mut error = None;
+        for r in regions {
+            if self.is_closed() {
+                error = Some("stopped".to_string());
+                break;
+            }
+            match self.copy_region(r, &source, &targets, false).await {
+                Ok(_) => redirect.done(r),
+                Err(CopyError::Target(id, e)) => {
+                    if let Some(m) = self.member(id) {
+                        let _ = self
+                            .fail_member(&m, format!("resync write failed: {e}"))
+                            .await;
+                    }
+                    redirect.done(r);
+                }
+                Err(CopyError::Source(e)) => {
+                    error = Some(format!("reading the resync source failed: {e}"));
+                    let _ = self
+                        .fail_member(&source, format!("resync read failed: {e}"))
+                        .await;
+                    break;
+                }
+            }
+            let len = self.dirty.region_size();
+            tracker.add(&self, len, EventKind::ResyncProgress);
+            pacer.account(&self, len).await;
+        }
+        if error.is_none() {
+            if let Ok(mut r) = self.redirect.write() {
+                *r = None;
+            }
+        }
+        tracker.publish(&self, true, error.clone());
+        self.emit(
+            EventKind::ResyncFinished,
+            None,
+            match &error {
+                None => format!(
+                    "resync finished: {} bytes in {:.1}s",
+                    tracker.done,
+                    tracker.started.elapsed().as_secs_f64()
+                ),
+                Some(e) => format!("resync did not finish: {e}"),
+            },
+        );
+    }
+
+    /// Bring a replica that left back: copy only the regions written since
+    /// it left when its generation proves the dirty map covers the gap,
+    /// otherwise rebuild it fully. Runs in the background; returns once started.
+    pub async fn readd(
+        self: &Arc<Self>,
+        id: Uuid,
+        backend: Arc<dyn ReplicaBackend>,
+    ) -> Result<ReaddPlan, EngineError> {
+        let member = self.member(id).ok_or_else(|| EngineError::Refused {
+            volume: self.name().to_string(),
+            why: format!(
+                "replica {} is not a member; add a new one with `ditto replica add`",
+                short(id)
+            ),
+        })?;
+        match member.state() {
+            ReplicaState::InSync | ReplicaState::Rebuilding => {
+                return Err(EngineError::Refused {
+                    volume: self.name().to_string(),
+                    why: format!(
+                        "replica {} is already {}",
+                        short(id),
+                        member.state().as_str()
+                    ),
+                })
+            }
+            _ => {}
+        }
+        let sb = backend.superblock();
+        if sb.volume_uuid != self.uuid() || sb.replica_uuid != id {
+            return Err(EngineError::ReplicaMismatch {
+                volume: self.name().to_string(),
+                replica: backend.location().to_string(),
+                why: "its superblock names another volume or replica".into(),
+            });
+        }
+        // It went on without the current replicas: a split brain, never merged silently.
+        if self.in_sync().iter().any(|m| {
+            sb.replica_set
+                .iter()
+                .any(|e| e.replica == m.id && e.state != ditto_format::MemberState::InSync)
+        }) && sb.generation >= member_since(&member)
+        {
+            return Err(EngineError::SplitBrain {
+                volume: self.name().to_string(),
+                a: backend.location().to_string(),
+                b: self
+                    .in_sync()
+                    .first()
+                    .map(|m| m.backend.location().to_string())
+                    .unwrap_or_default(),
+            });
+        }
+        let since = member_since(&member);
+        let covered = sb.generation + 1 >= since && sb.generation <= self.generation() && since > 0;
+        let plan = if covered {
+            ReaddPlan::CatchUp {
+                regions: self.dirty.dirty_count(),
+            }
+        } else {
+            ReaddPlan::FullRebuild
+        };
+        let fresh = Arc::new(Member::new(id, member.label.clone(), backend));
+        self.replace_member(fresh.clone(), ReplicaState::Rebuilding)
+            .await?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = if covered {
+                me.clone().catch_up(fresh).await
+            } else {
+                me.clone().rebuild(fresh, 0).await
+            };
+            if let Err(e) = r {
+                tracing::warn!(volume = %me.name(), error = %e, "re-add did not finish");
+            }
+        });
+        Ok(plan)
+    }
+
+    /// Add a new replica (already created and formatted for this volume) and
+    /// rebuild it in the background; it joins the in-sync set when complete.
+    pub async fn add_replica(self: &Arc<Self>, member: Member) -> Result<(), EngineError> {
+        if self.member(member.id).is_some() {
+            return Err(EngineError::Refused {
+                volume: self.name().to_string(),
+                why: format!("replica {} is already a member", short(member.id)),
+            });
+        }
+        let member = Arc::new(member);
+        let location = member.backend.location().to_string();
+        {
+            let m = member.clone();
+            let list = self.member_list();
+            let mut new_list = (*list).clone();
+            new_list.push(m.clone());
+            self.change_membership(|g| {
+                m.set_state(ReplicaState::Rebuilding, g, Some("rebuilding".into()));
+                self.set_member_list(new_list);
+            })
+            .await?;
+        }
+        self.emit(
+            EventKind::ReplicaAdded,
+            Some(location),
+            format!("replica on {} added; rebuilding", member.label),
+        );
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.clone().rebuild(member, 0).await {
+                tracing::warn!(volume = %me.name(), error = %e, "rebuild did not finish");
+            }
+        });
+        Ok(())
+    }
+
+    async fn replace_member(
+        &self,
+        fresh: Arc<Member>,
+        state: ReplicaState,
+    ) -> Result<(), EngineError> {
+        let list = self.member_list();
+        let new_list: Vec<Arc<Member>> = list
+            .iter()
+            .map(|m| {
+                if m.id == fresh.id {
+                    fresh.clone()
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+        self.change_membership(|g| {
+            fresh.set_state(state, g, Some("catching up".into()));
+            self.set_member_list(new_list);
+        })
+        .await
+    }
+
+    /// Take a replica out on purpose (`ditto replica fail`).
+    pub async fn fail_replica(&self, id: Uuid, reason: &str) -> Result<(), EngineError> {
+        let m = self.member(id).ok_or_else(|| EngineError::Refused {
+            volume: self.name().to_string(),
+            why: format!("no replica {}", short(id)),
+        })?;
+        if m.state() == ReplicaState::InSync && self.in_sync().len() == 1 {
+            return Err(EngineError::Refused {
+                volume: self.name().to_string(),
+                why: "it is the last in-sync replica; failing it would stop all I/O".into(),
+            });
+        }
+        self.fail_member(&m, reason.to_string()).await
+    }
+
+    /// Remove a replica from the volume for good (`ditto replica remove`).
+    pub async fn remove_replica(&self, id: Uuid) -> Result<Arc<Member>, EngineError> {
+        let m = self.member(id).ok_or_else(|| EngineError::Refused {
+            volume: self.name().to_string(),
+            why: format!("no replica {}", short(id)),
+        })?;
+        if m.state() == ReplicaState::InSync && self.in_sync().len() == 1 {
+            return Err(EngineError::Refused {
+                volume: self.name().to_string(),
+                why: "it is the last in-sync replica; add another first".into(),
+            });
+        }
+        if m.state() == ReplicaState::InSync || m.state() == ReplicaState::Rebuilding {
+            self.fail_member(&m, "removed by the operator".into())
+                .await?;
+        }
+        let list = self.member_list();
+        let new_list: Vec<Arc<Member>> = list.iter().filter(|x| x.id != id).cloned().collect();
+        self.change_membership(|_| self.set_member_list(new_list))
+            .await?;
+        self.emit(
+            EventKind::ReplicaRemoved,
+            Some(m.backend.location().to_string()),
+            format!("replica on {} removed", m.label),
+        );
+        Ok(m)
+    }
+
+    async fn catch_up(self: Arc<Self>, target: Arc<Member>) -> Result<(), EngineError> {
+        let _job = self.job_lock.lock().await;
+        let regions = self.dirty.dirty_regions();
+        let total: u64 = regions
+            .iter()
+            .map(|r| {
+                let x = self.dirty.region_range(*r);
+                x.end - x.start
+            })
+            .sum();
+        let location = target.backend.location().to_string();
+        self.emit(
+            EventKind::ResyncStarted,
+            Some(location.clone()),
+            format!(
+                "catching up replica on {}: {} dirty regions ({total} bytes)",
+                target.label,
+                regions.len()
+            ),
+        );
+        let mut tracker = Tracker::new(&self, JobKind::CatchUp, Some(location.clone()), total);
+        let result = self
+            .copy_all(
+                &target,
+                regions.into_iter(),
+                false,
+                &mut tracker,
+                EventKind::ResyncProgress,
+                None,
+            )
+            .await;
+        self.finish_copy(target, tracker, result, EventKind::ResyncFinished)
+            .await
+    }
+
+    /// Full rebuild from `cursor` (bytes), copying only allocated data.
+    pub(crate) async fn rebuild(
+        self: Arc<Self>,
+        target: Arc<Member>,
+        cursor: u64,
+    ) -> Result<(), EngineError> {
+        let _job = self.job_lock.lock().await;
+        let location = target.backend.location().to_string();
+        let rs = self.dirty.region_size();
+        let first = cursor / rs;
+        let Some(source) = self.pick_source(&[target.id]) else {
+            return Err(EngineError::NoReplicas {
+                volume: self.name().to_string(),
+            });
+        };
+        let total = match self
+            .timed(
+                &source,
+                source
+                    .backend
+                    .allocation(first * rs, self.size() - first * rs),
+            )
+            .await
+        {
+            Ok(runs) => runs.iter().filter(|r| r.allocated).map(|r| r.length).sum(),
+            Err(_) => self.size() - first * rs,
+        };
+        self.emit(
+            EventKind::RebuildStarted,
+            Some(location.clone()),
+            format!(
+                "rebuilding replica on {} from {}: {total} allocated bytes",
+                target.label, source.label
+            ),
+        );
+        // Seed the target's superblock so a restart resumes instead of starting over.
+        let mut sb = source.backend.superblock();
+        sb.replica_uuid = target.id;
+        sb.clean = false;
+        sb.rebuild_cursor = Some(first * rs);
+        let _ = self
+            .timed(&target, target.backend.write_superblock(sb))
+            .await;
+        let mut tracker = Tracker::new(&self, JobKind::Rebuild, Some(location), total);
+        let result = self
+            .copy_all(
+                &target,
+                first..self.dirty.regions(),
+                first == 0,
+                &mut tracker,
+                EventKind::RebuildProgress,
+                Some(rs),
+            )
+            .await;
+        self.finish_copy(target, tracker, result, EventKind::RebuildFinished)
+            .await
+    }
+
+    async fn copy_all(
+        &self,
+        target: &Arc<Member>,
+        regions: impl Iterator<Item = u64>,
+        skip_holes: bool,
+        tracker: &mut Tracker,
+        progress: EventKind,
+        checkpoint_region_size: Option<u64>,
+    ) -> Result<(), String> {
+        let mut pacer = Pacer::new();
+        let mut last_checkpoint = Instant::now();
+        for r in regions {
+            if self.is_closed() {
+                return Err("stopped; it resumes when the volume starts again".into());
+            }
+            if target.state() != ReplicaState::Rebuilding {
+                return Err(format!("target is now {}", target.state().as_str()));
+            }
+            let Some(source) = self.pick_source(&[target.id]) else {
+                return Err("no in-sync source left".into());
+            };
+            match self
+                .copy_region(r, &source, std::slice::from_ref(target), skip_holes)
+                .await
+            {
+                Ok(copied) => {
+                    tracker.add(self, copied, progress);
+                    pacer.account(self, copied.max(4096)).await;
+                }
+                Err(CopyError::Target(_, e)) => {
+                    let _ = self
+                        .fail_member(target, format!("write failed during copy: {e}"))
+                        .await;
+                    return Err(format!("target failed: {e}"));
+                }
+                Err(CopyError::Source(e)) => {
+                    let _ = self
+                        .fail_member(&source, format!("read failed during copy: {e}"))
+                        .await;
+                    continue;
+                }
+            }
+            if let Some(rs) = checkpoint_region_size {
+                if last_checkpoint.elapsed() > Duration::from_secs(2) {
+                    last_checkpoint = Instant::now();
+                    let mut sb = target.backend.superblock();
+                    sb.rebuild_cursor = Some((r + 1) * rs);
+                    let _ = self
+                        .timed(target, target.backend.write_superblock(sb))
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish_copy(
+        &self,
+        target: Arc<Member>,
+        tracker: Tracker,
+        result: Result<(), String>,
+        done: EventKind,
+    ) -> Result<(), EngineError> {
+        let location = target.backend.location().to_string();
+        if let Err(e) = result {
+            tracker.publish(self, true, Some(e.clone()));
+            self.emit(
+                done,
+                Some(location),
+                format!(
+                    "{} of replica on {} did not finish: {e}",
+                    tracker.kind.as_str(),
+                    target.label
+                ),
+            );
+            return Ok(());
+        }
+        // Durable on the target, and its dirty map seeded, before it counts as in sync.
+        self.timed(&target, target.backend.flush()).await?;
+        self.timed(
+            &target,
+            target.backend.write_dirty_map(0, self.dirty.encoded()),
+        )
+        .await?;
+        self.change_membership(|g| target.set_state(ReplicaState::InSync, g, None))
+            .await?;
+        tracker.publish(self, true, None);
+        self.emit(
+            done,
+            Some(location),
+            format!(
+                "{} of replica on {} finished: {} bytes in {:.1}s; {} of {} replicas in sync",
+                tracker.kind.as_str(),
+                target.label,
+                tracker.done,
+                tracker.started.elapsed().as_secs_f64(),
+                self.in_sync().len(),
+                self.member_list().len()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Compare every in-sync replica region by region; with `repair`, rewrite
+    /// differing regions from `source` (or the first in-sync replica).
+    pub async fn scrub(
+        self: &Arc<Self>,
+        repair: bool,
+        source: Option<Uuid>,
+    ) -> Result<(), EngineError> {
+        let members = self.in_sync();
+        if members.len() < 2 {
+            return Err(EngineError::Refused {
+                volume: self.name().to_string(),
+                why: "scrub needs at least two in-sync replicas".into(),
+            });
+        }
+        if let Some(s) = source {
+            if !members.iter().any(|m| m.id == s) {
+                return Err(EngineError::Refused {
+                    volume: self.name().to_string(),
+                    why: format!("repair source {} is not an in-sync replica", short(s)),
+                });
+            }
+        }
+        if self.job_lock.try_lock().is_err() {
+            return Err(EngineError::Refused { volume: self.name().to_string(), why: "another job (resync, rebuild or scrub) is running; wait for it with `ditto volume wait`".into() });
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.run_scrub(repair, source).await });
+        Ok(())
+    }
+
+    async fn run_scrub(self: Arc<Self>, repair: bool, source: Option<Uuid>) {
+        let _job = self.job_lock.lock().await;
+        let started_unix = now_unix();
+        let started = Instant::now();
+        let mut report = ScrubReport {
+            started_unix,
+            duration_secs: 0.0,
+            bytes: 0,
+            mismatched_regions: Vec::new(),
+            repaired: 0,
+            repair,
+            source: None,
+            finished: false,
+            error: None,
+        };
+        self.emit(
+            EventKind::ScrubStarted,
+            None,
+            format!("scrub started{}", if repair { " (repair)" } else { "" }),
+        );
+        let mut tracker = Tracker::new(
+            &self,
+            JobKind::Scrub,
+            None,
+            self.size() * self.in_sync().len() as u64,
+        );
+        let mut pacer = Pacer::new();
+        for r in 0..self.dirty.regions() {
+            if self.is_closed() {
+                report.error = Some("stopped".into());
+                break;
+            }
+            let members = self.in_sync();
+            if members.len() < 2 {
+                report.error = Some("fewer than two in-sync replicas left".into());
+                break;
+            }
+            let range = self.dirty.region_range(r);
+            let len = (range.end - range.start) as usize;
+            let _lock = self.lock_region(r).await;
+            let mut sums = Vec::new();
+            let mut datas: Vec<Option<Bytes>> = Vec::new();
+            for m in &members {
+                match self.timed(m, m.backend.read(range.start, len)).await {
+                    Ok(d) => {
+                        sums.push(Some(crc32c::crc32c(&d)));
+                        datas.push(Some(d));
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %self.name(), error = %e, "scrub read failed");
+                        sums.push(None);
+                        datas.push(None);
+                    }
+                }
+            }
+            report.bytes += (len * members.len()) as u64;
+            let differs = sums.windows(2).any(|w| w[0] != w[1]);
+            if differs {
+                report.mismatched_regions.push(range.start);
+                self.emit(
+                    EventKind::ScrubMismatch,
+                    None,
+                    format!(
+                        "replicas differ in region at offset {} (+{len})",
+                        range.start
+                    ),
+                );
+                if repair {
+                    let src_idx = source
+                        .and_then(|s| members.iter().position(|m| m.id == s))
+                        .unwrap_or(0);
+                    if let Some(Some(good)) = datas.get(src_idx) {
+                        report.source = Some(members[src_idx].backend.location().to_string());
+                        for (i, m) in members.iter().enumerate() {
+                            if i != src_idx && sums[i] != sums[src_idx] {
+                                match self
+                                    .timed(m, m.backend.write(range.start, good.clone()))
+                                    .await
+                                {
+                                    Ok(()) => report.repaired += 1,
+                                    Err(e) => {
+                                        drop(_lock);
+                                        let _ = self
+                                            .fail_member(
+                                                m,
+                                                format!("scrub repair write failed: {e}"),
+                                            )
+                                            .await;
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            tracker.add(
+                &self,
+                (len * members.len()) as u64,
+                EventKind::ScrubProgress,
+            );
+            pacer.account(&self, (len * members.len()) as u64).await;
+            report.duration_secs = started.elapsed().as_secs_f64();
+            if let Ok(mut s) = self.last_scrub.lock() {
+                *s = Some(report.clone());
+            }
+        }
+        report.finished = report.error.is_none();
+        report.duration_secs = started.elapsed().as_secs_f64();
+        tracker.publish(&self, true, report.error.clone());
+        self.emit(
+            EventKind::ScrubFinished,
+            None,
+            format!(
+                "scrub {}: {} bytes in {:.1}s, {} mismatched regions, {} repaired",
+                if report.finished {
+                    "finished"
+                } else {
+                    "stopped"
+                },
+                report.bytes,
+                report.duration_secs,
+                report.mismatched_regions.len(),
+                report.repaired
+            ),
+        );
+        if let Ok(mut s) = self.last_scrub.lock() {
+            *s = Some(report);
+        }
+    }
+}
+
+/// Plan chosen for a re-added replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaddPlan {
+    /// Copy only the dirty regions.
+    CatchUp { regions: u64 },
+    /// The dirty map does not cover its absence: copy everything allocated.
+    FullRebuild,
+}
+
+fn member_since(m: &Member) -> u64 {
+    m.since_generation()
+}
+
+enum CopyError {
+    Source(BackendError),
+    Target(Uuid, BackendError),
+}
