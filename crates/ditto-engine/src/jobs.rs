@@ -242,6 +242,25 @@ impl Tracker {
 }
 
 impl Volume {
+    /// Show a job as queued right away, so `status` and `volume wait` never
+    /// see the previous job's result while the new one waits for its turn.
+    pub(crate) fn queue_job(&self, kind: JobKind, replica: Option<String>) {
+        if let Ok(mut j) = self.job.lock() {
+            *j = Some(JobProgress {
+                kind,
+                replica,
+                done_bytes: 0,
+                total_bytes: 0,
+                started_unix: now_unix(),
+                elapsed_secs: 0.0,
+                rate_bytes_per_sec: 0,
+                eta_secs: None,
+                finished: false,
+                error: None,
+            });
+        }
+    }
+
     /// Copy one region from `source` to `targets` under its stripe lock.
     /// Holes on the source become holes on the targets (unless `skip_holes`,
     /// for a fresh target that is all holes already). Returns bytes copied.
@@ -306,10 +325,42 @@ impl Volume {
 
     /// After an unclean shutdown: make the in-sync replicas equal again in
     /// the dirty regions, reading those from one source meanwhile.
+    /// Before the volume serves anything after an unclean shutdown: route
+    /// reads of dirty regions to one source until they are copied. Returns
+    /// false when there is nothing to resync.
+    pub(crate) fn prepare_resync(&self) -> bool {
+        let regions = self.dirty.dirty_regions();
+        let in_sync = self.in_sync();
+        let Some(source) = in_sync.first() else {
+            return false;
+        };
+        if in_sync.len() < 2 || regions.is_empty() {
+            return false;
+        }
+        let redirect = Arc::new(ResyncRedirect::new(
+            source.id,
+            &regions,
+            self.dirty.regions(),
+        ));
+        if let Ok(mut r) = self.redirect.write() {
+            *r = Some(redirect);
+        }
+        self.queue_job(JobKind::Resync, None);
+        true
+    }
+
     pub(crate) async fn resync_after_crash(self: Arc<Self>) {
         let _job = self.job_lock.lock().await;
-        let regions = self.dirty.dirty_regions();
-        let Some(source) = self.in_sync().first().cloned() else {
+        let Some(redirect) = self.redirect.read().ok().and_then(|r| r.clone()) else {
+            return;
+        };
+        let regions: Vec<u64> = (0..self.dirty.regions())
+            .filter(|r| redirect.pending(*r))
+            .collect();
+        let Some(source) = self
+            .member(redirect.source)
+            .filter(|m| m.state() == ReplicaState::InSync)
+        else {
             return;
         };
         let targets: Vec<Arc<Member>> = self
@@ -317,14 +368,6 @@ impl Volume {
             .into_iter()
             .filter(|m| m.id != source.id)
             .collect();
-        let redirect = Arc::new(ResyncRedirect::new(
-            source.id,
-            &regions,
-            self.dirty.regions(),
-        ));
-        if let Ok(mut r) = self.redirect.write() {
-            *r = Some(redirect.clone());
-        }
         let total = regions.len() as u64 * self.dirty.region_size();
         self.emit(
             EventKind::ResyncStarted,
@@ -448,6 +491,14 @@ impl Volume {
             ReaddPlan::FullRebuild
         };
         let fresh = Arc::new(Member::new(id, member.label.clone(), backend));
+        self.queue_job(
+            if covered {
+                JobKind::CatchUp
+            } else {
+                JobKind::Rebuild
+            },
+            Some(fresh.backend.location().to_string()),
+        );
         self.replace_member(fresh.clone(), ReplicaState::Rebuilding)
             .await?;
         let me = self.clone();
@@ -787,6 +838,7 @@ impl Volume {
         if self.job_lock.try_lock().is_err() {
             return Err(EngineError::Refused { volume: self.name().to_string(), why: "another job (resync, rebuild or scrub) is running; wait for it with `ditto volume wait`".into() });
         }
+        self.queue_job(JobKind::Scrub, None);
         let me = self.clone();
         tokio::spawn(async move { me.run_scrub(repair, source).await });
         Ok(())

@@ -470,10 +470,11 @@ impl Volume {
 
     fn start_background(self: Arc<Self>, unclean: bool) {
         let rebuilding = self.with_state(&[ReplicaState::Rebuilding]);
+        let resync = unclean && self.prepare_resync();
         let weak = Arc::downgrade(&self);
         tokio::spawn(async move {
             if let Some(v) = weak.upgrade() {
-                if unclean && v.in_sync().len() > 1 && v.dirty.dirty_count() > 0 {
+                if resync {
                     v.clone().resync_after_crash().await;
                 }
                 for m in rebuilding {

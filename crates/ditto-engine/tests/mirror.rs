@@ -162,6 +162,19 @@ async fn open_faulty(f: &Fixture) -> (Arc<Volume>, Vec<Arc<Faulty>>) {
 }
 
 async fn open_plain(f: &Fixture) -> Result<Arc<Volume>, EngineError> {
+    open_with(f, fast_options()).await
+}
+
+/// Options for tests: clear dirty bits quickly, copy at full speed.
+fn fast_options() -> VolumeOptions {
+    VolumeOptions {
+        dirty_clear_delay: std::time::Duration::from_millis(200),
+        resync_min_rate: 1 << 30,
+        ..VolumeOptions::default()
+    }
+}
+
+async fn open_with(f: &Fixture, options: VolumeOptions) -> Result<Arc<Volume>, EngineError> {
     let mut members = Vec::new();
     for (id, path) in f.ids.iter().zip(&f.paths) {
         let inner = FileReplica::open(&ThreadPoolEngine, path, f.vol_id)
@@ -169,15 +182,7 @@ async fn open_plain(f: &Fixture) -> Result<Arc<Volume>, EngineError> {
             .unwrap();
         members.push(Member::new(*id, "pool", inner as Arc<dyn ReplicaBackend>));
     }
-    Volume::open(
-        "v",
-        f.vol_id,
-        SIZE,
-        members,
-        VolumeOptions::default(),
-        Arc::new(LogSink),
-    )
-    .await
+    Volume::open("v", f.vol_id, SIZE, members, options, Arc::new(LogSink)).await
 }
 
 fn data_area(path: &Path) -> Vec<u8> {
@@ -361,4 +366,264 @@ async fn foreign_replica_is_refused_without_writing() {
         .unwrap();
     assert!(err.to_string().contains("not a ditto replica"), "{err}");
     assert_eq!(std::fs::read(&f.paths[0]).unwrap(), before);
+}
+
+/// Wait (bounded) until the volume's job has finished.
+async fn wait_job(v: &Volume) -> ditto_engine::JobProgress {
+    for _ in 0..200 {
+        if let Some(j) = v.job() {
+            if j.finished {
+                return j;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("job did not finish in 10 s: {:?}", v.job());
+}
+
+fn map_bits_on_disk(path: &Path) -> Vec<u8> {
+    let all = std::fs::read(path).unwrap();
+    let sb = Superblock::decode_slots(&all).unwrap();
+    let off = sb.layout.dirty_map_offset as usize;
+    ditto_format::decode_map_block(&all[off..off + 4096])
+}
+
+#[tokio::test]
+async fn dirty_bit_is_on_disk_before_write_and_cleared_when_idle() {
+    let f = create(2).await;
+    let v = open_plain(&f).await.unwrap();
+    v.write(3 << 20, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    for p in &f.paths {
+        assert_eq!(
+            map_bits_on_disk(p)[0],
+            1 << 3,
+            "region 3 dirty on {}",
+            p.display()
+        );
+    }
+    assert_eq!(v.dirty_regions(), 1);
+    for _ in 0..100 {
+        if v.dirty_regions() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(v.dirty_regions(), 0, "map not cleared after idle");
+    for p in &f.paths {
+        assert_eq!(map_bits_on_disk(p)[0], 0);
+    }
+}
+
+#[tokio::test]
+async fn unclean_shutdown_resyncs_only_dirty_regions() {
+    let f = create(2).await;
+    {
+        let v = open_with(
+            &f,
+            VolumeOptions {
+                dirty_clear_delay: std::time::Duration::from_secs(3600),
+                ..fast_options()
+            },
+        )
+        .await
+        .unwrap();
+        v.write(0, Bytes::from(vec![7u8; 1 << 20]), false)
+            .await
+            .unwrap();
+        v.write(5 << 20, Bytes::from(vec![8u8; 1 << 20]), false)
+            .await
+            .unwrap();
+        v.flush().await.unwrap();
+        // Crash: no close. Simulate a write that reached only replica 0 in dirty region 5.
+    }
+    let sb = Superblock::decode_slots(&std::fs::read(&f.paths[0]).unwrap()).unwrap();
+    assert!(!sb.clean);
+    let off = sb.layout.data_offset;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.paths[0])
+            .unwrap();
+        file.write_all_at(&[9u8; 4096], off + (5 << 20)).unwrap();
+    }
+    assert_ne!(data_area(&f.paths[0]), data_area(&f.paths[1]));
+    let v = open_plain(&f).await.unwrap();
+    let job = wait_job(&v).await;
+    assert_eq!(job.kind, ditto_engine::JobKind::Resync);
+    assert_eq!(job.error, None);
+    assert_eq!(
+        v.copied_bytes(),
+        2 << 20,
+        "only the two dirty regions are copied"
+    );
+    v.close().await.unwrap();
+    assert_eq!(data_area(&f.paths[0]), data_area(&f.paths[1]));
+}
+
+#[tokio::test]
+async fn readd_copies_only_regions_written_while_away() {
+    let f = create(2).await;
+    let v = open_with(
+        &f,
+        VolumeOptions {
+            dirty_clear_delay: std::time::Duration::from_millis(100),
+            ..fast_options()
+        },
+    )
+    .await
+    .unwrap();
+    v.write(0, Bytes::from(vec![1u8; 8 << 20]), false)
+        .await
+        .unwrap();
+    // Let the map clear: everything is in sync.
+    for _ in 0..100 {
+        if v.dirty_regions() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(v.dirty_regions(), 0);
+    v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+    v.write(2 << 20, Bytes::from(vec![2u8; 4096]), false)
+        .await
+        .unwrap();
+    v.write(9 << 20, Bytes::from(vec![3u8; 2 << 20]), false)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(v.dirty_regions(), 3, "bits are kept while a replica is out");
+    let backend = FileReplica::open(&ThreadPoolEngine, &f.paths[1], f.vol_id)
+        .await
+        .unwrap();
+    let plan = v.readd(f.ids[1], backend).await.unwrap();
+    assert_eq!(plan, ditto_engine::ReaddPlan::CatchUp { regions: 3 });
+    let job = wait_job(&v).await;
+    assert_eq!(job.error, None);
+    assert_eq!(
+        v.copied_bytes(),
+        3 << 20,
+        "three 1 MiB regions copied, not the 8 MiB written before"
+    );
+    assert!(v.fully_redundant());
+    v.close().await.unwrap();
+    assert_eq!(data_area(&f.paths[0]), data_area(&f.paths[1]));
+}
+
+#[tokio::test]
+async fn added_replica_is_rebuilt_sparse_and_joins() {
+    let f = create(1).await;
+    let v = open_plain(&f).await.unwrap();
+    v.write(4 << 20, Bytes::from(vec![5u8; 2 << 20]), false)
+        .await
+        .unwrap();
+    let new_id = Uuid::new_v4();
+    let new_path = f.paths[0].with_file_name("added");
+    let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
+    let backend = FileReplica::create(&ThreadPoolEngine, &new_path, f.vol_id, new_id, layout)
+        .await
+        .unwrap();
+    v.add_replica(Member::new(
+        new_id,
+        "pool2",
+        backend as Arc<dyn ReplicaBackend>,
+    ))
+    .await
+    .unwrap();
+    let job = wait_job(&v).await;
+    assert_eq!(job.kind, ditto_engine::JobKind::Rebuild);
+    assert_eq!(job.total_bytes, 2 << 20, "only allocated data counts");
+    assert_eq!(v.copied_bytes(), 2 << 20);
+    assert!(v.fully_redundant());
+    v.close().await.unwrap();
+    assert_eq!(data_area(&f.paths[0]), data_area(&new_path));
+    let gen = v.generation();
+    drop(v);
+    let mut fixture = f;
+    fixture.ids.push(new_id);
+    fixture.paths.push(new_path);
+    let v = open_plain(&fixture).await.unwrap();
+    assert!(v.fully_redundant());
+    assert!(v.generation() >= gen);
+}
+
+#[tokio::test]
+async fn scrub_finds_and_repairs_mismatches() {
+    let f = create(2).await;
+    let v = open_plain(&f).await.unwrap();
+    v.write(0, Bytes::from(vec![4u8; 4 << 20]), false)
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    let off = Superblock::decode_slots(&std::fs::read(&f.paths[1]).unwrap())
+        .unwrap()
+        .layout
+        .data_offset;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.paths[1])
+            .unwrap();
+        file.write_all_at(&[0xeeu8; 512], off + (2 << 20) + 100)
+            .unwrap();
+    }
+    v.scrub(false, None).await.unwrap();
+    wait_job(&v).await;
+    let report = v.last_scrub().unwrap();
+    assert!(report.finished);
+    assert_eq!(report.mismatched_regions, vec![2 << 20]);
+    assert_eq!(report.repaired, 0);
+    v.scrub(true, Some(f.ids[0])).await.unwrap();
+    wait_job(&v).await;
+    assert_eq!(v.last_scrub().unwrap().repaired, 1);
+    v.scrub(false, None).await.unwrap();
+    wait_job(&v).await;
+    assert!(v.last_scrub().unwrap().mismatched_regions.is_empty());
+    v.close().await.unwrap();
+    assert_eq!(data_area(&f.paths[0]), data_area(&f.paths[1]));
+}
+
+#[tokio::test]
+async fn missing_replica_starts_degraded_and_is_recorded() {
+    let f = create(2).await;
+    drop(open_plain(&f).await.unwrap());
+    let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
+    let present = FileReplica::open(&ThreadPoolEngine, &f.paths[0], f.vol_id)
+        .await
+        .unwrap();
+    let missing =
+        ditto_engine::MissingReplica::new("gone", "no such file", f.vol_id, f.ids[1], layout);
+    let members = vec![
+        Member::new(f.ids[0], "a", present as Arc<dyn ReplicaBackend>),
+        Member::new(f.ids[1], "b", Arc::new(missing) as Arc<dyn ReplicaBackend>),
+    ];
+    let v = Volume::open(
+        "v",
+        f.vol_id,
+        SIZE,
+        members,
+        fast_options(),
+        Arc::new(LogSink),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v.members()[1].state, ReplicaState::Missing);
+    v.write(0, Bytes::from(vec![1u8; 4096]), false)
+        .await
+        .unwrap();
+    drop(v);
+    // The missing one comes back: it is stale, never served from.
+    let v = open_plain(&f).await.unwrap();
+    assert_eq!(
+        v.members()[1].state,
+        ReplicaState::Stale,
+        "{:?}",
+        v.members()[1]
+    );
+    for _ in 0..10 {
+        assert_eq!(&v.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
+    }
 }

@@ -1,0 +1,771 @@
+//! io_uring disk I/O engine: reads, writes and fdatasync go through one shared io_uring.
+//!
+//! How it works, and why:
+//! - The task that wants I/O pushes a submission entry under a short lock and
+//!   calls `io_uring_enter` itself. Reads served from the page cache complete
+//!   inside that call, so the same task reaps them at once: no hop to another
+//!   thread and no wake-up, which is where the thread-pool engine spends its
+//!   time (see BENCHMARKS.md).
+//! - Completions that come later (disk reads, writes the kernel hands to its
+//!   own workers) are reaped by a task that waits on the ring's file
+//!   descriptor through tokio's reactor, so no extra thread sleeps on the ring.
+//! - An operation owns its buffer and a clone of the file handle from
+//!   submission until its completion entry is reaped, whatever happens to the
+//!   future that asked for it (a timed-out or dropped future leaves the
+//!   operation running to completion in the ring's table).
+//! - Punch hole, zero range, SEEK_DATA/SEEK_HOLE and the length are rare and
+//!   stay on the thread-pool engine.
+//!
+//! Where io_uring cannot be set up (old kernel, seccomp, `kernel.io_uring_disabled`),
+//! the engine still exists but every `open` fails with the reason and the way
+//! out (`--io-engine threadpool`).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
+use crate::BoxFuture;
+
+/// Submission queue size. Operations in flight are bounded by it, so the
+/// completion queue (twice as large) can never overflow.
+const RING_ENTRIES: u32 = 256;
+
+/// Largest length one read or write entry asks for; longer requests continue
+/// in further entries (Linux caps one transfer just below 2 GiB anyway).
+const MAX_CHUNK: usize = 1 << 30;
+
+/// The io_uring engine. Cheap to share: files opened by it share its ring.
+pub struct UringEngine {
+    ring: Result<Arc<Ring>, String>,
+}
+
+impl UringEngine {
+    /// Sets up the ring. Never fails: if io_uring is unusable here the engine
+    /// remembers why and refuses to open files (see [`UringEngine::unavailable`]).
+    pub fn new() -> Self {
+        UringEngine {
+            ring: Ring::new(RING_ENTRIES).map(Arc::new).map_err(|e| {
+                format!(
+                    "the io_uring I/O engine is not available on this system ({e}); \
+                     use --io-engine threadpool (or io_engine = \"threadpool\" in the config)"
+                )
+            }),
+        }
+    }
+
+    /// Why this engine cannot be used, if it cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.ring.as_ref().err().map(String::as_str)
+    }
+}
+
+impl Default for UringEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn IoFile>> {
+        let ring = match &self.ring {
+            Ok(r) => r.clone(),
+            Err(why) => return Err(io::Error::new(io::ErrorKind::Unsupported, why.clone())),
+        };
+        // The thread-pool engine creates the file (create_new) and serves the
+        // rare metadata-like calls; the ring gets its own descriptor of the
+        // same file, opened right after.
+        let slow = ThreadPoolEngine.open(path, create)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Arc::new(UringFile {
+            ring,
+            file: Arc::new(file),
+            slow,
+        }))
+    }
+}
+
+/// A file whose reads, writes and syncs go through the ring.
+struct UringFile {
+    ring: Arc<Ring>,
+    file: Arc<File>,
+    slow: Arc<dyn IoFile>,
+}
+
+impl IoFile for UringFile {
+    fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(Bytes::new());
+            }
+            let kind = Kind::Read {
+                buf: Vec::with_capacity(len),
+                len,
+            };
+            match self.ring.run(self.file.clone(), kind, offset).await? {
+                Done::Read(buf) => Ok(Bytes::from(buf)),
+                Done::Unit => Err(io::Error::other("io_uring engine: read completed as a non-read")),
+            }
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            if data.is_empty() {
+                return Ok(());
+            }
+            self.ring
+                .run(self.file.clone(), Kind::Write { data }, offset)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn sync_data(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            self.ring
+                .run(self.file.clone(), Kind::Fsync, 0)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<()>> {
+        self.slow.punch_hole(offset, len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<()>> {
+        self.slow.zero_range(offset, len)
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Vec<Allocation>>> {
+        self.slow.allocation(offset, len)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
+/// What an operation does, with the memory the kernel reads or writes.
+enum Kind {
+    /// `buf` has capacity `len`; its length stays 0 until the read completes.
+    Read { buf: Vec<u8>, len: usize },
+    Write { data: Bytes },
+    Fsync,
+}
+
+enum Done {
+    Read(Vec<u8>),
+    Unit,
+}
+
+/// An operation between submission and reaping. Owns everything the kernel
+/// may touch: the buffer and (through `file`) the descriptor.
+struct Op {
+    file: Arc<File>,
+    kind: Kind,
+    offset: u64,
+    /// Bytes transferred so far (short reads and writes continue).
+    done: usize,
+    reply: oneshot::Sender<io::Result<Done>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Op {
+    /// The submission entry for what is left of this operation.
+    fn entry(&mut self, user_data: u64) -> squeue::Entry {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let at = self.offset + self.done as u64;
+        let entry = match &mut self.kind {
+            Kind::Read { buf, len } => {
+                let n = (*len - self.done).min(MAX_CHUNK) as u32;
+                // Points into the spare capacity: the bytes the kernel fills.
+                let ptr = buf.spare_capacity_mut()[self.done..].as_mut_ptr().cast::<u8>();
+                opcode::Read::new(fd, ptr, n).offset(at).build()
+            }
+            Kind::Write { data } => {
+                let rest = &data[self.done..];
+                let n = rest.len().min(MAX_CHUNK) as u32;
+                opcode::Write::new(fd, rest.as_ptr(), n).offset(at).build()
+            }
+            Kind::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        };
+        entry.user_data(user_data)
+    }
+
+    /// Applies a completion result: `None` if the operation continues,
+    /// otherwise its outcome.
+    fn advance(&mut self, res: i32) -> Option<io::Result<Done>> {
+        if res < 0 {
+            return match -res {
+                // Transient: the same entry is simply submitted again.
+                libc::EINTR | libc::EAGAIN => None,
+                errno => Some(Err(io::Error::from_raw_os_error(errno))),
+            };
+        }
+        let n = res as usize;
+        match &mut self.kind {
+            Kind::Read { buf, len } => {
+                self.done += n;
+                // Zero bytes means end of file: the rest reads as zeroes, as
+                // a sparse tail does (same as the thread-pool engine).
+                if n == 0 || self.done >= *len {
+                    let mut buf = std::mem::take(buf);
+                    // SAFETY: the kernel wrote `self.done` bytes from the
+                    // start of the spare capacity (each completed entry
+                    // continued where the previous one ended), so they are
+                    // initialised; `self.done <= len == capacity`.
+                    unsafe { buf.set_len(self.done.min(*len)) };
+                    buf.resize(*len, 0);
+                    return Some(Ok(Done::Read(buf)));
+                }
+                None
+            }
+            Kind::Write { data } => {
+                if n == 0 {
+                    return Some(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.done += n;
+                (self.done >= data.len()).then_some(Ok(Done::Unit))
+            }
+            Kind::Fsync => Some(Ok(Done::Unit)),
+        }
+    }
+}
+
+/// Operations in flight, indexed by their `user_data`.
+#[derive(Default)]
+struct Table {
+    ops: Vec<Option<Op>>,
+    free: Vec<usize>,
+}
+
+impl Table {
+    fn insert(&mut self, op: Op) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<Op> {
+        let op = self.ops.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(op)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ops.len() - self.free.len()
+    }
+}
+
+struct Ring {
+    uring: IoUring,
+    /// The table, and the right to touch the submission and completion queues.
+    table: Mutex<Table>,
+    /// One permit per operation in flight (see [`RING_ENTRIES`]).
+    slots: Arc<Semaphore>,
+    /// Whether a reaper task is running (it clears this when its runtime drops it).
+    reaper: Mutex<bool>,
+}
+
+/// The ring's descriptor, registered with tokio's reactor by the reaper.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Marks the reaper stopped when its task ends or is dropped with its runtime.
+struct ReaperAlive(Arc<Ring>);
+
+impl Drop for ReaperAlive {
+    fn drop(&mut self) {
+        *self.0.reaper.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+}
+
+impl Ring {
+    fn new(entries: u32) -> io::Result<Ring> {
+        let uring = IoUring::builder().build(entries)?;
+        let mut probe = io_uring::Probe::new();
+        uring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
+            (opcode::Fsync::CODE, "FSYNC"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("the kernel's io_uring has no IORING_OP_{name}"),
+                ));
+            }
+        }
+        Ok(Ring {
+            uring,
+            table: Mutex::new(Table::default()),
+            slots: Arc::new(Semaphore::new(entries as usize)),
+            reaper: Mutex::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Every critical section leaves the table consistent before anything
+        // that could panic, so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Submits one operation and waits for its outcome.
+    async fn run(self: &Arc<Self>, file: Arc<File>, kind: Kind, offset: u64) -> io::Result<Done> {
+        self.ensure_reaper()?;
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("io_uring engine is shut down"))?;
+        let (reply, outcome) = oneshot::channel();
+        let mut op = Op {
+            file,
+            kind,
+            offset,
+            done: 0,
+            reply,
+            _slot: slot,
+        };
+        {
+            let mut table = self.lock();
+            let id = table.insert_placeholder();
+            let entry = op.entry(id as u64);
+            table.ops[id] = Some(op);
+            if let Err(e) = self.push(&entry) {
+                if let Some(op) = table.remove(id) {
+                    drop(table);
+                    drop(op);
+                }
+                return Err(e);
+            }
+        }
+        self.submit();
+        self.reap();
+        match outcome.await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::other("io_uring engine dropped an operation")),
+        }
+    }
+
+    /// Queues an entry. The caller holds the table lock, which is what makes
+    /// this the only submission queue view in existence.
+    fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..2 {
+            // SAFETY: (1) the table lock is held by the caller, so no other
+            // SubmissionQueue exists. (2) The entry points at memory owned by
+            // an `Op` that is in the table under this entry's user_data: the
+            // buffer (Vec spare capacity or Bytes, whose heap memory does not
+            // move when the Op moves) and the descriptor (the Op's Arc<File>)
+            // stay alive until `reap` has taken the completion for it.
+            let pushed = unsafe { self.uring.submission_shared().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Full: hand the queued entries to the kernel to make room.
+            self.uring.submitter().submit()?;
+        }
+        Err(io::Error::other("io_uring submission queue stays full"))
+    }
+
+    /// Hands queued entries to the kernel. Errors are transient here (EBUSY,
+    /// EAGAIN, EINTR): the entries stay queued and the next submit or the
+    /// reaper passes them on.
+    fn submit(&self) {
+        if let Err(e) = self.uring.submitter().submit() {
+            tracing::debug!(error = %e, "io_uring submit deferred");
+        }
+    }
+
+    /// Takes every completion off the ring and answers the finished operations.
+    fn reap(&self) {
+        let mut finished: Vec<(Op, io::Result<Done>)> = Vec::new();
+        let mut again = false;
+        {
+            let mut table = self.lock();
+            loop {
+                let mut cqes = [(0u64, 0i32); 32];
+                let mut n = 0;
+                {
+                    // SAFETY: the table lock is held, so no other
+                    // CompletionQueue exists.
+                    let cq = unsafe { self.uring.completion_shared() };
+                    for cqe in cq.take(cqes.len()) {
+                        cqes[n] = (cqe.user_data(), cqe.result());
+                        n += 1;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+                for &(id, res) in &cqes[..n] {
+                    let id = id as usize;
+                    let Some(Some(op)) = table.ops.get_mut(id) else {
+                        tracing::warn!(user_data = id, "io_uring completion for no operation");
+                        continue;
+                    };
+                    match op.advance(res) {
+                        None => {
+                            let entry = op.entry(id as u64);
+                            match self.push(&entry) {
+                                Ok(()) => again = true,
+                                Err(e) => {
+                                    if let Some(op) = table.remove(id) {
+                                        finished.push((op, Err(e)));
+                                    }
+                                }
+                            }
+                        }
+                        Some(outcome) => {
+                            if let Some(op) = table.remove(id) {
+                                finished.push((op, outcome));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if again {
+            self.submit();
+        }
+        // Outside the lock: waking a task may run it right here.
+        for (op, outcome) in finished {
+            let Op { reply, .. } = op;
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// Starts the task that reaps completions arriving after submission, in
+    /// the current tokio runtime, unless one is running.
+    fn ensure_reaper(self: &Arc<Self>) -> io::Result<()> {
+        let mut running = self.reaper.lock().unwrap_or_else(|e| e.into_inner());
+        if *running {
+            return Ok(());
+        }
+        let no_runtime = |e: &dyn std::fmt::Display| {
+            io::Error::other(format!(
+                "the io_uring engine must be used inside a tokio runtime with I/O enabled: {e}"
+            ))
+        };
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| no_runtime(&e))?;
+        let _enter = handle.enter();
+        let fd = AsyncFd::with_interest(RingFd(self.uring.as_raw_fd()), Interest::READABLE)
+            .map_err(|e| no_runtime(&e))?;
+        *running = true;
+        let alive = ReaperAlive(self.clone());
+        handle.spawn(async move {
+            // Dropped in reverse order: `fd` is deregistered before `alive`
+            // can let the ring (and its descriptor) go.
+            let alive = alive;
+            let fd = fd;
+            loop {
+                let mut ready = match fd.readable().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "io_uring reaper cannot wait on the ring");
+                        return;
+                    }
+                };
+                // Clear first, then drain: a completion posted after the
+                // drain raises readiness again instead of being missed.
+                ready.clear_ready();
+                alive.0.reap();
+                alive.0.submit_pending();
+            }
+        });
+        Ok(())
+    }
+
+    /// Submits entries left queued by a submit that failed transiently.
+    fn submit_pending(&self) {
+        // SAFETY: the table lock is held, so no other SubmissionQueue exists;
+        // the view is only used to read its length.
+        let pending = {
+            let _table = self.lock();
+            !unsafe { self.uring.submission_shared() }.is_empty()
+        };
+        if pending {
+            self.submit();
+        }
+    }
+}
+
+impl Table {
+    /// Reserves an index so the entry can be built with its user_data before
+    /// the operation moves into the table.
+    fn insert_placeholder(&mut self) -> usize {
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.ops.push(None);
+                self.ops.len() - 1
+            }
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Only reachable once every file, the engine and the reaper are gone.
+        // Operations can still be in flight if their futures were dropped:
+        // their buffers and descriptors must outlive the kernel's use, which
+        // closing the ring does not wait for, so they are leaked, not freed.
+        let table = std::mem::take(&mut *self.lock());
+        if table.in_flight() > 0 {
+            tracing::warn!(
+                in_flight = table.in_flight(),
+                "io_uring ring dropped with operations in flight; leaking their buffers"
+            );
+            std::mem::forget(table);
+        }
+    }
+}
+
+/// Whether this process can use io_uring at all (for callers that want to
+/// decide before opening files).
+pub fn available() -> bool {
+    static CHECKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHECKED.get_or_init(|| Ring::new(4).is_ok())
+}
+
+/// Keeps the borrow checker honest about the flag's memory ordering in tests.
+#[allow(dead_code)]
+static _UNUSED: AtomicBool = AtomicBool::new(false);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn engine() -> UringEngine {
+        let e = UringEngine::new();
+        if let Some(why) = e.unavailable() {
+            panic!("io_uring is required for these tests: {why}");
+        }
+        e
+    }
+
+    fn sized_file(dir: &tempfile::TempDir, len: u64) -> (std::path::PathBuf, Arc<dyn IoFile>) {
+        let path = dir.path().join("f");
+        let f = engine().open(&path, true).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        (path, f)
+    }
+
+    #[tokio::test]
+    async fn write_read_sync_punch_and_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, f) = sized_file(&dir, 8 << 20);
+        f.write_at(1 << 20, Bytes::from(vec![7u8; 1 << 20]))
+            .await
+            .unwrap();
+        f.sync_data().await.unwrap();
+        let back = f.read_at(1 << 20, 1 << 20).await.unwrap();
+        assert_eq!(back.len(), 1 << 20);
+        assert!(back.iter().all(|&b| b == 7));
+        // Another descriptor sees the bytes: they went to the file.
+        let other = std::fs::read(&path).unwrap();
+        assert!(other[1 << 20..2 << 20].iter().all(|&b| b == 7));
+        assert!(other[..1 << 20].iter().all(|&b| b == 0));
+        f.punch_hole(1 << 20, 1 << 20).await.unwrap();
+        assert!(f
+            .read_at(1 << 20, 4096)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+        let map = f.allocation(0, 8 << 20).await.unwrap();
+        assert!(map.iter().all(|a| !a.allocated), "{map:?}");
+        f.write_at(0, Bytes::from(vec![1u8; 8192])).await.unwrap();
+        f.zero_range(0, 8192).await.unwrap();
+        assert!(f.read_at(0, 8192).await.unwrap().iter().all(|&b| b == 0));
+        assert_eq!(f.len().unwrap(), 8 << 20);
+    }
+
+    #[tokio::test]
+    async fn read_past_the_end_is_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, f) = sized_file(&dir, 4096);
+        f.write_at(0, Bytes::from(vec![9u8; 4096])).await.unwrap();
+        let back = f.read_at(2048, 8192).await.unwrap();
+        assert_eq!(back.len(), 8192);
+        assert!(back[..2048].iter().all(|&b| b == 9));
+        assert!(back[2048..].iter().all(|&b| b == 0));
+        assert!(f.read_at(0, 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_ops_land_where_they_should() {
+        let dir = tempfile::tempdir().unwrap();
+        // More operations than the ring has entries, to exercise the bound.
+        const N: usize = 1000;
+        let (_path, f) = sized_file(&dir, (N * 4096) as u64);
+        let f: Arc<dyn IoFile> = f;
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let f = f.clone();
+            tasks.push(tokio::spawn(async move {
+                let block = Bytes::from(vec![(i % 251) as u8; 4096]);
+                f.write_at((i * 4096) as u64, block).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        f.sync_data().await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let f = f.clone();
+            tasks.push(tokio::spawn(async move {
+                let back = f.read_at((i * 4096) as u64, 4096).await.unwrap();
+                assert!(back.iter().all(|&b| b == (i % 251) as u8), "block {i}");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn dropped_futures_do_not_break_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, f) = sized_file(&dir, 64 << 20);
+        for i in 0..64u64 {
+            // Start big writes and give up on them at once; the ring keeps
+            // their buffers until the kernel is done.
+            let _ = tokio::time::timeout(
+                Duration::from_nanos(1),
+                f.write_at(i << 20, Bytes::from(vec![3u8; 1 << 20])),
+            )
+            .await;
+        }
+        f.write_at(0, Bytes::from(vec![5u8; 4096])).await.unwrap();
+        f.sync_data().await.unwrap();
+        assert!(f.read_at(0, 4096).await.unwrap().iter().all(|&b| b == 5));
+    }
+
+    /// Errors from the kernel reach the caller as the errno they are.
+    #[tokio::test]
+    async fn errors_propagate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let ring = match &engine().ring {
+            Ok(r) => r.clone(),
+            Err(e) => panic!("{e}"),
+        };
+        // Write through a read-only descriptor.
+        let ro = Arc::new(File::open(&path).unwrap());
+        let err = ring
+            .run(
+                ro.clone(),
+                Kind::Write {
+                    data: Bytes::from_static(b"x"),
+                },
+                0,
+            )
+            .await
+            .err()
+            .expect("write to a read-only descriptor fails");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+        // Read through a write-only descriptor.
+        let wo = Arc::new(OpenOptions::new().write(true).open(&path).unwrap());
+        let kind = Kind::Read {
+            buf: Vec::with_capacity(4096),
+            len: 4096,
+        };
+        let err = ring.run(wo, kind, 0).await.err().expect("read fails");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+        // Reading a directory.
+        let d = Arc::new(File::open(dir.path()).unwrap());
+        let kind = Kind::Read {
+            buf: Vec::with_capacity(16),
+            len: 16,
+        };
+        let err = ring.run(d, kind, 0).await.err().expect("read of a dir fails");
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR), "{err}");
+        // The ring still works afterwards.
+        let ok = ring
+            .run(
+                ro,
+                Kind::Read {
+                    buf: Vec::with_capacity(8192),
+                    len: 8192,
+                },
+                0,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(ok, Done::Read(b) if b.iter().all(|&x| x == 1)));
+    }
+
+    #[tokio::test]
+    async fn open_errors_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = engine().open(&dir.path().join("nope"), false);
+        assert_eq!(
+            missing.err().map(|e| e.kind()),
+            Some(io::ErrorKind::NotFound)
+        );
+        let off = UringEngine {
+            ring: Err("io_uring is switched off here".into()),
+        };
+        let err = off.open(&dir.path().join("x"), true).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        assert!(err.to_string().contains("switched off"), "{err}");
+        assert!(!dir.path().join("x").exists(), "nothing created");
+    }
+
+    #[test]
+    fn needs_a_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, f) = {
+            let path = dir.path().join("f");
+            let f = engine().open(&path, true).unwrap();
+            (path, f)
+        };
+        let err = futures::executor::block_on(f.sync_data()).unwrap_err();
+        assert!(err.to_string().contains("tokio runtime"), "{err}");
+    }
+}
