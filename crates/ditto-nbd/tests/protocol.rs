@@ -838,8 +838,10 @@ async fn disconnect_waits_for_in_flight_request() {
     let (mut c, _t) = f.connect();
     c.open_simple("disk").await;
     c.send_request(0, NBD_CMD_WRITE, 5, 0, 4, b"slow").await;
-    // Let the server pick the request up before closing.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Close only once the export is working on the request.
+    while f.disk.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert_eq!(f.server.disconnect_export("disk"), 1);
     let r = c.read_reply().await;
     assert_eq!((r.handle, r.error), (5, 0));
