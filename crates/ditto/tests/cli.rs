@@ -198,8 +198,13 @@ fn pools_volumes_and_status_fields() {
     let human = node.daemon.cli_ok(&["status"]);
     assert!(human.stdout.contains("vol1"), "{}", human.describe());
 
-    // delete
+    // delete: gone from the lists, and its replica files are removed
     node.daemon.cli_ok(&["volume", "delete", "vol2"]);
+    assert!(
+        !r2[0].path.exists(),
+        "replica file {} of a deleted volume is left behind",
+        r2[0].path.display()
+    );
     let mut names = node.daemon.volume_names();
     names.sort();
     assert_eq!(names, ["vol1", "vol3", "vol4"]);
@@ -386,4 +391,41 @@ fn unknown_config_field_is_reported_with_its_line() {
         !data.join("daemon.json").exists(),
         "a daemon that refused its config must not write daemon.json"
     );
+}
+
+#[test]
+fn config_file_is_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("ditto.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nnbd_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nio_timeout_secs = 10\n",
+            s(&data)
+        ),
+    )
+    .expect("write config");
+    // everything comes from the file: no --data-dir, no listen flags
+    let mut d = Daemon::spawn(&data, &["daemon", "--config", s(&cfg)]);
+    assert!(d.pool_names().is_empty());
+    d.stop();
+}
+
+#[test]
+fn bad_config_value_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("ditto.toml");
+    std::fs::write(&cfg, "io_timeout_secs = 0\n").expect("write config");
+    let mut cmd = Command::new(DITTO);
+    cmd.args(["daemon", "--data-dir", s(&data), "--config", s(&cfg)])
+        .args(["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).assert_failure();
+    assert!(
+        out.stderr.contains("io_timeout_secs"),
+        "error should name the bad field: {}",
+        out.describe()
+    );
+    assert!(!data.join("daemon.json").exists());
 }

@@ -92,6 +92,17 @@ fn nbdinfo_size_list_and_map() {
     assert_all_holes(&map, 32 * MIB, MIB, "after discard");
     qemu_io_ok(&uri, &[format!("read -P 0 {} {}", 32 * MIB, MIB)]);
 
+    // write-zeroes that may unmap: reads as zero, and the map says so
+    qemu_io_ok(&uri, &[format!("write -P 0x5d {} {}", 40 * MIB, 2 * MIB)]);
+    qemu_io_ok(&uri, &[format!("write -z -u {} {}", 40 * MIB, 2 * MIB)]);
+    let map = nbdinfo_map(&uri);
+    let zeroed = extents_in(&map, 40 * MIB, 2 * MIB);
+    assert!(
+        zeroed.iter().all(|e| e.zero()),
+        "after write -z -u, [40 MiB, 42 MiB) should be zero; map: {map:?}"
+    );
+    qemu_io_ok(&uri, &[format!("read -P 0 {} {}", 40 * MIB, 2 * MIB)]);
+
     // a nonexistent export is refused
     let out = run_with_timeout(
         Command::new(nbdinfo()).arg(node.uri("nosuch")),

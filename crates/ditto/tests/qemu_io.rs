@@ -116,6 +116,23 @@ fn qemu_io_patterns_zeroes_and_discard() {
         ],
     );
 
+    // FUA writes
+    qemu_io_ok(
+        &uri,
+        &[
+            format!("write -f -P 0xcc {} {}", 42 * MIB, 64 * KIB),
+            format!("write -f -P 0xcd {} {}", 42 * MIB + 64 * KIB + 512, 512),
+        ],
+    );
+    qemu_io_ok(
+        &uri,
+        &[
+            r(0xcc, 42 * MIB, 64 * KIB),
+            r(0, 42 * MIB + 64 * KIB, 512),
+            r(0xcd, 42 * MIB + 64 * KIB + 512, 512),
+        ],
+    );
+
     // Discard (trim) a written area; it reads back as zeroes.
     qemu_io_ok(&uri, &[w(0xbb, 44 * MIB, 4 * MIB)]);
     qemu_io_ok(&uri, &[r(0xbb, 44 * MIB, 4 * MIB)]);

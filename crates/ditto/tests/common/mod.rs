@@ -530,6 +530,11 @@ impl Daemon {
                 .map(OsString::from),
         );
         args.extend(extra.iter().map(OsString::from));
+        // Run the whole suite on another disk I/O engine: DITTO_TEST_IO_ENGINE=io_uring.
+        if let Some(engine) = std::env::var_os("DITTO_TEST_IO_ENGINE") {
+            args.push("--io-engine".into());
+            args.push(engine);
+        }
         Self::spawn(data_dir, &args)
     }
 
