@@ -262,14 +262,13 @@ struct Table {
 }
 
 impl Table {
-    fn insert(&mut self, op: Op) -> usize {
+    /// Reserves an index, so an entry can be built with its user_data
+    /// before the operation moves into the table.
+    fn reserve(&mut self) -> usize {
         match self.free.pop() {
-            Some(i) => {
-                self.ops[i] = Some(op);
-                i
-            }
+            Some(i) => i,
             None => {
-                self.ops.push(Some(op));
+                self.ops.push(None);
                 self.ops.len() - 1
             }
         }
@@ -293,7 +292,9 @@ struct Ring {
     /// One permit per operation in flight (see [`RING_ENTRIES`]).
     slots: Arc<Semaphore>,
     /// Whether a reaper task is running (it clears this when its runtime drops it).
-    reaper: Mutex<bool>,
+    reaper: AtomicBool,
+    /// Serialises starting a reaper.
+    reaper_start: Mutex<()>,
 }
 
 /// The ring's descriptor, registered with tokio's reactor by the reaper.
@@ -305,12 +306,18 @@ impl AsRawFd for RingFd {
     }
 }
 
-/// Marks the reaper stopped when its task ends or is dropped with its runtime.
-struct ReaperAlive(Arc<Ring>);
+/// What the reaper task owns. Fields drop in order: the descriptor is
+/// deregistered from the reactor before the ring (which closes it) can go.
+struct Reaper {
+    fd: AsyncFd<RingFd>,
+    ring: Arc<Ring>,
+}
 
-impl Drop for ReaperAlive {
+impl Drop for Reaper {
     fn drop(&mut self) {
-        *self.0.reaper.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        // The task ended or was dropped with its runtime: the next operation
+        // starts a new one.
+        self.ring.reaper.store(false, Ordering::Release);
     }
 }
 
@@ -335,7 +342,8 @@ impl Ring {
             uring,
             table: Mutex::new(Table::default()),
             slots: Arc::new(Semaphore::new(entries as usize)),
-            reaper: Mutex::new(false),
+            reaper: AtomicBool::new(false),
+            reaper_start: Mutex::new(()),
         })
     }
 
@@ -365,7 +373,7 @@ impl Ring {
         };
         {
             let mut table = self.lock();
-            let id = table.insert_placeholder();
+            let id = table.reserve();
             let entry = op.entry(id as u64);
             table.ops[id] = Some(op);
             if let Err(e) = self.push(&entry) {
@@ -474,8 +482,11 @@ impl Ring {
     /// Starts the task that reaps completions arriving after submission, in
     /// the current tokio runtime, unless one is running.
     fn ensure_reaper(self: &Arc<Self>) -> io::Result<()> {
-        let mut running = self.reaper.lock().unwrap_or_else(|e| e.into_inner());
-        if *running {
+        if self.reaper.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _starting = self.reaper_start.lock().unwrap_or_else(|e| e.into_inner());
+        if self.reaper.load(Ordering::Acquire) {
             return Ok(());
         }
         let no_runtime = |e: &dyn std::fmt::Display| {
@@ -487,15 +498,14 @@ impl Ring {
         let _enter = handle.enter();
         let fd = AsyncFd::with_interest(RingFd(self.uring.as_raw_fd()), Interest::READABLE)
             .map_err(|e| no_runtime(&e))?;
-        *running = true;
-        let alive = ReaperAlive(self.clone());
+        self.reaper.store(true, Ordering::Release);
+        let reaper = Reaper {
+            fd,
+            ring: self.clone(),
+        };
         handle.spawn(async move {
-            // Dropped in reverse order: `fd` is deregistered before `alive`
-            // can let the ring (and its descriptor) go.
-            let alive = alive;
-            let fd = fd;
             loop {
-                let mut ready = match fd.readable().await {
+                let mut ready = match reaper.fd.readable().await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "io_uring reaper cannot wait on the ring");
@@ -505,8 +515,8 @@ impl Ring {
                 // Clear first, then drain: a completion posted after the
                 // drain raises readiness again instead of being missed.
                 ready.clear_ready();
-                alive.0.reap();
-                alive.0.submit_pending();
+                reaper.ring.reap();
+                reaper.ring.submit_pending();
             }
         });
         Ok(())
@@ -522,20 +532,6 @@ impl Ring {
         };
         if pending {
             self.submit();
-        }
-    }
-}
-
-impl Table {
-    /// Reserves an index so the entry can be built with its user_data before
-    /// the operation moves into the table.
-    fn insert_placeholder(&mut self) -> usize {
-        match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.ops.push(None);
-                self.ops.len() - 1
-            }
         }
     }
 }
@@ -556,17 +552,6 @@ impl Drop for Ring {
         }
     }
 }
-
-/// Whether this process can use io_uring at all (for callers that want to
-/// decide before opening files).
-pub fn available() -> bool {
-    static CHECKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHECKED.get_or_init(|| Ring::new(4).is_ok())
-}
-
-/// Keeps the borrow checker honest about the flag's memory ordering in tests.
-#[allow(dead_code)]
-static _UNUSED: AtomicBool = AtomicBool::new(false);
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,11 @@ fn have(tool: &str) -> bool {
 
 #[test]
 fn bench_smoke_runs_every_target() {
-    for (tool, package) in [("fio", "fio"), ("qemu-nbd", "qemu-utils"), ("python3", "python3")] {
+    for (tool, package) in [
+        ("fio", "fio"),
+        ("qemu-nbd", "qemu-utils"),
+        ("python3", "python3"),
+    ] {
         assert!(
             have(tool),
             "`{tool}` is missing: install the Debian package `{package}` (apt-get install {package})"
