@@ -28,6 +28,29 @@ pub struct DaemonConfig {
     pub log: String,
     /// Disk I/O engine: "threadpool" (portable) or "io_uring".
     pub io_engine: String,
+    /// Start a volume whose replicas are not all present (after waiting
+    /// `degraded_wait_secs`)? Off by default: a degraded start is the
+    /// operator's decision (`ditto volume start NAME --degraded`).
+    pub start_degraded: bool,
+    /// How long a volume waits at start for missing replicas to appear.
+    pub degraded_wait_secs: u64,
+    /// Resync/rebuild/scrub rate while clients do I/O, e.g. "10M" (per second).
+    pub resync_min_rate: String,
+    /// Resync/rebuild/scrub rate while clients are idle, e.g. "1G" (per second).
+    pub resync_max_rate: String,
+    /// Scrub every volume this often (hours); 0 disables the schedule.
+    pub scrub_interval_hours: u64,
+    /// Per-volume overrides, `[volumes.NAME]`.
+    pub volumes: std::collections::BTreeMap<String, VolumeConfig>,
+}
+
+/// `[volumes.NAME]`: settings of one volume that override the global ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub start_degraded: Option<bool>,
+    pub degraded_wait_secs: Option<u64>,
+    pub scrub_interval_hours: Option<u64>,
 }
 
 impl Default for DaemonConfig {
@@ -44,6 +67,12 @@ impl Default for DaemonConfig {
             io_timeout_secs: 30,
             log: "info".into(),
             io_engine: "threadpool".into(),
+            start_degraded: false,
+            degraded_wait_secs: 30,
+            resync_min_rate: "10M".into(),
+            resync_max_rate: "1G".into(),
+            scrub_interval_hours: 0,
+            volumes: Default::default(),
         }
     }
 }
@@ -77,6 +106,24 @@ impl DaemonConfig {
                 ),
             });
         }
+        for (field, value) in [
+            ("resync_min_rate", &self.resync_min_rate),
+            ("resync_max_rate", &self.resync_max_rate),
+        ] {
+            crate::validate::parse_size(value).map_err(|e| ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!("{field}: {e}"),
+            })?;
+        }
+        if self.degraded_wait_secs > 86400 {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "degraded_wait_secs = {} is more than a day",
+                    self.degraded_wait_secs
+                ),
+            });
+        }
         if !IO_ENGINES.contains(&self.io_engine.as_str()) {
             return Err(ControlError::Config {
                 path: path.to_path_buf(),
@@ -87,6 +134,37 @@ impl DaemonConfig {
             });
         }
         Ok(())
+    }
+}
+
+impl DaemonConfig {
+    /// Whether volume `name` may start degraded, by its own setting or the global one.
+    pub fn start_degraded_for(&self, name: &str) -> bool {
+        self.volumes
+            .get(name)
+            .and_then(|v| v.start_degraded)
+            .unwrap_or(self.start_degraded)
+    }
+
+    pub fn degraded_wait_for(&self, name: &str) -> u64 {
+        self.volumes
+            .get(name)
+            .and_then(|v| v.degraded_wait_secs)
+            .unwrap_or(self.degraded_wait_secs)
+    }
+
+    pub fn scrub_interval_for(&self, name: &str) -> u64 {
+        self.volumes
+            .get(name)
+            .and_then(|v| v.scrub_interval_hours)
+            .unwrap_or(self.scrub_interval_hours)
+    }
+
+    /// (min, max) resync rates in bytes per second (validated at load).
+    pub fn resync_rates(&self) -> (u64, u64) {
+        let min = crate::validate::parse_size(&self.resync_min_rate).unwrap_or(10 << 20);
+        let max = crate::validate::parse_size(&self.resync_max_rate).unwrap_or(1 << 30);
+        (min, max.max(min))
     }
 }
 
@@ -121,6 +199,26 @@ mod tests {
         assert!(msg.contains("line 2"), "{msg}");
         assert!(msg.contains("column"), "{msg}");
         assert!(msg.contains("/etc/ditto.toml"), "{msg}");
+    }
+
+    #[test]
+    fn per_volume_overrides_win() {
+        let c = DaemonConfig::parse(
+            "start_degraded = false\n[volumes.boot]\nstart_degraded = true\ndegraded_wait_secs = 5\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(c.start_degraded_for("boot"));
+        assert!(!c.start_degraded_for("data"));
+        assert_eq!(c.degraded_wait_for("boot"), 5);
+        assert_eq!(c.degraded_wait_for("data"), 30);
+        let err = DaemonConfig::parse("[volumes.boot]\nstart_degradd = true\n", Path::new("x"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("start_degradd") && err.to_string().contains("line 2"),
+            "{err}"
+        );
+        assert!(DaemonConfig::parse("resync_max_rate = \"fast\"", Path::new("x")).is_err());
     }
 
     #[test]

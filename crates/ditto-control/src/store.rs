@@ -121,6 +121,26 @@ impl Store {
         tx.commit().map_err(store_err)
     }
 
+    /// Replace an existing volume record (replica added or removed).
+    pub fn update_volume(&self, volume: &VolumeRecord) -> Result<(), ControlError> {
+        let value = encode(volume)?;
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = tx.open_table(VOLUMES).map_err(store_err)?;
+            if table
+                .get(volume.name.as_str())
+                .map_err(store_err)?
+                .is_none()
+            {
+                return Err(ControlError::VolumeNotFound(volume.name.clone()));
+            }
+            table
+                .insert(volume.name.as_str(), value.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
     pub fn delete_pool(&self, name: &str) -> Result<bool, ControlError> {
         self.delete(POOLS, name)
     }
