@@ -202,32 +202,82 @@ impl FileReplica {
                 .open(path)
                 .and_then(|f| f.set_len(layout.replica_len()))
                 .map_err(|e| io_err("resize", e))?;
-            let sb = Superblock::new(volume_uuid, replica_uuid, layout, now_unix());
-            let slot = sb.encode().map_err(|source| BackendError::Format {
-                location: location.clone(),
-                source,
-            })?;
-            file.write_at(0, Bytes::from(slot))
-                .await
-                .map_err(|e| io_err("write superblock", e))?;
-            file.sync_data().await.map_err(|e| io_err("sync", e))?;
-            Ok(sb)
+            Self::format_on(file, location.clone(), volume_uuid, replica_uuid, layout).await
         }
         .await;
-        match created {
-            Ok(sb) => Ok(Arc::new(FileReplica {
-                location: location.clone(),
-                file,
-                data_offset: layout.data_offset,
-                superblock: Mutex::new(sb),
-                sb_write: tokio::sync::Mutex::new(()),
-            })),
-            Err(e) => {
-                // Leave nothing half-created behind.
-                let _ = std::fs::remove_file(path);
-                Err(e)
+        if created.is_err() {
+            // Leave nothing half-created behind.
+            let _ = std::fs::remove_file(path);
+        }
+        created
+    }
+
+    /// Write a fresh superblock onto an already open file, device or remote
+    /// export that is large enough. Refuses one that already holds a ditto
+    /// replica: formatting over another volume's copy must never happen by accident.
+    pub async fn format_on(
+        file: Arc<dyn IoFile>,
+        location: String,
+        volume_uuid: Uuid,
+        replica_uuid: Uuid,
+        layout: Layout,
+    ) -> Result<Arc<Self>, BackendError> {
+        let io_err = |op, source| BackendError::Io {
+            op,
+            location: location.clone(),
+            source,
+        };
+        let actual = file.len().map_err(|e| io_err("stat", e))?;
+        if actual < layout.replica_len() {
+            return Err(BackendError::TooSmall {
+                location,
+                actual,
+                needed: layout.replica_len(),
+            });
+        }
+        let head = file
+            .read_at(0, 2 * SLOT_SIZE as usize)
+            .await
+            .map_err(|e| io_err("read", e))?;
+        if let Ok(existing) = Superblock::decode_slots(&head) {
+            if existing.replica_uuid != replica_uuid {
+                return Err(BackendError::Format {
+                    location,
+                    source: FormatError::Invalid(format!(
+                        "it already holds replica {} of volume {}; remove that volume first (or wipe the first 8 KiB by hand if it is truly unused)",
+                        existing.replica_uuid, existing.volume_uuid
+                    )),
+                });
             }
         }
+        let sb = Superblock::new(volume_uuid, replica_uuid, layout, now_unix());
+        let slot = sb.encode().map_err(|source| BackendError::Format {
+            location: location.clone(),
+            source,
+        })?;
+        // Slot 1 is zeroed so an older superblock there can never win.
+        let mut both = slot;
+        both.extend_from_slice(&vec![0u8; SLOT_SIZE as usize]);
+        file.write_at(0, Bytes::from(both))
+            .await
+            .map_err(|e| io_err("write superblock", e))?;
+        // A fresh dirty map: stale bits from an earlier life would only cost resync time, but clear them anyway.
+        if layout.dirty_map_len > 0 {
+            file.write_at(
+                layout.dirty_map_offset,
+                Bytes::from(vec![0u8; layout.dirty_map_len as usize]),
+            )
+            .await
+            .map_err(|e| io_err("clear dirty map", e))?;
+        }
+        file.sync_data().await.map_err(|e| io_err("sync", e))?;
+        Ok(Arc::new(FileReplica {
+            location,
+            file,
+            data_offset: layout.data_offset,
+            superblock: Mutex::new(sb),
+            sb_write: tokio::sync::Mutex::new(()),
+        }))
     }
 
     /// Open an existing replica, refusing it (without writing) unless its
@@ -238,12 +288,27 @@ impl FileReplica {
         volume_uuid: Uuid,
     ) -> Result<Arc<Self>, BackendError> {
         let location = path.display().to_string();
+        let file = engine
+            .open(path, false)
+            .map_err(|source| BackendError::Io {
+                op: "open",
+                location: location.clone(),
+                source,
+            })?;
+        Self::open_on(file, location, volume_uuid).await
+    }
+
+    /// Open a replica on an already open file, device or remote export.
+    pub async fn open_on(
+        file: Arc<dyn IoFile>,
+        location: String,
+        volume_uuid: Uuid,
+    ) -> Result<Arc<Self>, BackendError> {
         let io_err = |op, source| BackendError::Io {
             op,
             location: location.clone(),
             source,
         };
-        let file = engine.open(path, false).map_err(|e| io_err("open", e))?;
         let head = file
             .read_at(0, 2 * SLOT_SIZE as usize)
             .await
@@ -264,7 +329,7 @@ impl FileReplica {
             });
         }
         Ok(Arc::new(FileReplica {
-            location: location.clone(),
+            location,
             file,
             data_offset: sb.layout.data_offset,
             superblock: Mutex::new(sb),

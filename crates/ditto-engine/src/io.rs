@@ -232,7 +232,14 @@ impl IoFile for ThreadPoolFile {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // A block device's metadata length is 0; its size is where it ends.
+            return (&*self.file).seek(std::io::SeekFrom::End(0));
+        }
+        Ok(meta.len())
     }
 }
 
