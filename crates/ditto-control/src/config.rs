@@ -28,6 +28,10 @@ pub struct DaemonConfig {
     pub log: String,
     /// Disk I/O engine: "threadpool" (portable) or "io_uring".
     pub io_engine: String,
+    /// Absolute path of a program run for every event, as
+    /// `PROGRAM EVENT VOLUME [REPLICA]` (like `mdadm --monitor --program`),
+    /// so an administrator hears of a failure at once. See docs/events.md.
+    pub event_program: Option<PathBuf>,
     /// Start a volume whose replicas are not all present (after waiting
     /// `degraded_wait_secs`)? Off by default: a degraded start is the
     /// operator's decision (`ditto volume start NAME --degraded`).
@@ -67,6 +71,7 @@ impl Default for DaemonConfig {
             io_timeout_secs: 30,
             log: "info".into(),
             io_engine: "threadpool".into(),
+            event_program: None,
             start_degraded: false,
             degraded_wait_secs: 30,
             resync_min_rate: "10M".into(),
@@ -133,6 +138,14 @@ impl DaemonConfig {
                 ),
             });
         }
+        if let Some(p) = &self.event_program {
+            if !p.is_absolute() {
+                return Err(ControlError::Config {
+                    path: path.to_path_buf(),
+                    message: format!("event_program = {p:?} must be an absolute path"),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -181,6 +194,16 @@ mod tests {
             DaemonConfig::parse("nbd_listen = \"127.0.0.2:9000\"\n", Path::new("x.toml")).unwrap();
         assert_eq!(c.nbd_listen.port(), 9000);
         assert_eq!(c.api_listen.port(), 10810);
+        assert_eq!(c.event_program, None);
+        let c = DaemonConfig::parse(
+            "event_program = \"/usr/local/bin/page-me\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.event_program.as_deref(),
+            Some(Path::new("/usr/local/bin/page-me"))
+        );
         assert_eq!(
             DaemonConfig::parse("", Path::new("x")).unwrap(),
             DaemonConfig::default()
@@ -225,5 +248,6 @@ mod tests {
     fn bad_values_are_refused() {
         assert!(DaemonConfig::parse("nbd_listen = \"nope\"", Path::new("x")).is_err());
         assert!(DaemonConfig::parse("io_timeout_secs = 0", Path::new("x")).is_err());
+        assert!(DaemonConfig::parse("event_program = \"notify.sh\"", Path::new("x")).is_err());
     }
 }

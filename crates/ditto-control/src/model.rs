@@ -14,6 +14,25 @@ pub const RECORD_VERSION: u32 = 1;
 pub enum PoolKind {
     /// A directory on a mounted filesystem; replicas are sparse files in it.
     Directory,
+    /// A whole block device or partition; holds one replica.
+    Device,
+    /// A remote NBD export (`path` holds its URI); holds one replica.
+    Nbd,
+}
+
+impl PoolKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Directory => "directory",
+            PoolKind::Device => "device",
+            PoolKind::Nbd => "nbd",
+        }
+    }
+
+    /// Device and NBD pools are one disk each: one replica fills them.
+    pub fn single_replica(self) -> bool {
+        !matches!(self, PoolKind::Directory)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +42,7 @@ pub struct PoolRecord {
     pub name: String,
     pub uuid: Uuid,
     pub kind: PoolKind,
+    /// The directory, the device path, or the NBD URI.
     pub path: PathBuf,
     pub created_unix: u64,
 }

@@ -44,18 +44,35 @@ fn statvfs(path: &Path) -> std::io::Result<(u64, u64)> {
 }
 
 /// Compute a pool's usage from the filesystem and the replicas placed in it.
-/// `replica_len` gives the full length (metadata + data) of each replica of a volume.
+/// `replica_len` gives the full length (metadata + data) of each replica of a
+/// volume; `device_size` is the size of a device or NBD pool (None for a directory).
 pub fn usage(
     pool: &PoolRecord,
     volumes: &[VolumeRecord],
     replica_len: impl Fn(&VolumeRecord) -> u64,
+    device_size: Option<u64>,
 ) -> PoolUsage {
+    let replicas = volumes
+        .iter()
+        .flat_map(|v| v.replicas.iter())
+        .filter(|r| r.pool == pool.name)
+        .count();
+    if pool.kind.single_replica() {
+        let size = device_size.unwrap_or(0);
+        let free = if replicas == 0 { size } else { 0 };
+        return PoolUsage {
+            name: pool.name.clone(),
+            total_bytes: size,
+            fs_free_bytes: free,
+            reserved_bytes: 0,
+            free_bytes: free,
+            replicas,
+        };
+    }
     let (total, fs_free) = statvfs(&pool.path).unwrap_or((0, 0));
     let mut reserved = 0u64;
-    let mut replicas = 0;
     for v in volumes {
         for r in v.replicas.iter().filter(|r| r.pool == pool.name) {
-            replicas += 1;
             let allocated = std::fs::metadata(&r.path)
                 .map(|m| m.blocks() * 512)
                 .unwrap_or(0);

@@ -431,10 +431,13 @@ impl Volume {
     /// Bring a replica that left back: copy only the regions written since
     /// it left when its generation proves the dirty map covers the gap,
     /// otherwise rebuild it fully. Runs in the background; returns once started.
+    /// `force_full` (the operator chose another replica in a split brain)
+    /// skips the divergence check and always rebuilds fully.
     pub async fn readd(
         self: &Arc<Self>,
         id: Uuid,
         backend: Arc<dyn ReplicaBackend>,
+        force_full: bool,
     ) -> Result<ReaddPlan, EngineError> {
         let member = self.member(id).ok_or_else(|| EngineError::Refused {
             volume: self.name().to_string(),
@@ -465,11 +468,13 @@ impl Volume {
             });
         }
         // It went on without the current replicas: a split brain, never merged silently.
-        if self.in_sync().iter().any(|m| {
-            sb.replica_set
-                .iter()
-                .any(|e| e.replica == m.id && e.state != ditto_format::MemberState::InSync)
-        }) && sb.generation >= member_since(&member)
+        if !force_full
+            && self.in_sync().iter().any(|m| {
+                sb.replica_set
+                    .iter()
+                    .any(|e| e.replica == m.id && e.state != ditto_format::MemberState::InSync)
+            })
+            && sb.generation >= member_since(&member)
         {
             return Err(EngineError::SplitBrain {
                 volume: self.name().to_string(),
@@ -482,7 +487,10 @@ impl Volume {
             });
         }
         let since = member_since(&member);
-        let covered = sb.generation + 1 >= since && sb.generation <= self.generation() && since > 0;
+        let covered = !force_full
+            && sb.generation + 1 >= since
+            && sb.generation <= self.generation()
+            && since > 0;
         let plan = if covered {
             ReaddPlan::CatchUp {
                 regions: self.dirty.dirty_count(),

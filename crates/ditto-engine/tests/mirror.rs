@@ -498,7 +498,7 @@ async fn readd_copies_only_regions_written_while_away() {
     let backend = FileReplica::open(&ThreadPoolEngine, &f.paths[1], f.vol_id)
         .await
         .unwrap();
-    let plan = v.readd(f.ids[1], backend).await.unwrap();
+    let plan = v.readd(f.ids[1], backend, false).await.unwrap();
     assert_eq!(plan, ditto_engine::ReaddPlan::CatchUp { regions: 3 });
     let job = wait_job(&v).await;
     assert_eq!(job.error, None);
