@@ -48,6 +48,7 @@ pub trait IoEngine: Send + Sync + 'static {
 pub fn engine_by_name(name: &str) -> Option<std::sync::Arc<dyn IoEngine>> {
     match name {
         "threadpool" => Some(std::sync::Arc::new(ThreadPoolEngine)),
+        "io_uring" => Some(std::sync::Arc::new(crate::uring::UringEngine::new())),
         _ => None,
     }
 }

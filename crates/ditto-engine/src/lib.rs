@@ -13,6 +13,7 @@ pub mod events;
 pub mod io;
 pub mod jobs;
 pub mod read_policy;
+pub mod uring;
 pub mod volume;
 
 pub use backend::{BackendError, FileReplica, MissingReplica, ReplicaBackend};

@@ -122,7 +122,9 @@ impl IoFile for UringFile {
             };
             match self.ring.run(self.file.clone(), kind, offset).await? {
                 Done::Read(buf) => Ok(Bytes::from(buf)),
-                Done::Unit => Err(io::Error::other("io_uring engine: read completed as a non-read")),
+                Done::Unit => Err(io::Error::other(
+                    "io_uring engine: read completed as a non-read",
+                )),
             }
         })
     }
@@ -168,8 +170,13 @@ impl IoFile for UringFile {
 /// What an operation does, with the memory the kernel reads or writes.
 enum Kind {
     /// `buf` has capacity `len`; its length stays 0 until the read completes.
-    Read { buf: Vec<u8>, len: usize },
-    Write { data: Bytes },
+    Read {
+        buf: Vec<u8>,
+        len: usize,
+    },
+    Write {
+        data: Bytes,
+    },
     Fsync,
 }
 
@@ -199,7 +206,9 @@ impl Op {
             Kind::Read { buf, len } => {
                 let n = (*len - self.done).min(MAX_CHUNK) as u32;
                 // Points into the spare capacity: the bytes the kernel fills.
-                let ptr = buf.spare_capacity_mut()[self.done..].as_mut_ptr().cast::<u8>();
+                let ptr = buf.spare_capacity_mut()[self.done..]
+                    .as_mut_ptr()
+                    .cast::<u8>();
                 opcode::Read::new(fd, ptr, n).offset(at).build()
             }
             Kind::Write { data } => {
@@ -297,27 +306,24 @@ struct Ring {
     reaper_start: Mutex<()>,
 }
 
-/// The ring's descriptor, registered with tokio's reactor by the reaper.
-struct RingFd(RawFd);
+/// The ring's descriptor as the reaper registers it with tokio's reactor.
+/// Holding the ring keeps the descriptor open for as long as it is registered.
+struct RingFd(Arc<Ring>);
 
 impl AsRawFd for RingFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0
+        self.0.uring.as_raw_fd()
     }
 }
 
-/// What the reaper task owns. Fields drop in order: the descriptor is
-/// deregistered from the reactor before the ring (which closes it) can go.
-struct Reaper {
-    fd: AsyncFd<RingFd>,
-    ring: Arc<Ring>,
-}
+/// What the reaper task owns.
+struct Reaper(AsyncFd<RingFd>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
         // The task ended or was dropped with its runtime: the next operation
         // starts a new one.
-        self.ring.reaper.store(false, Ordering::Release);
+        self.0.get_ref().0.reaper.store(false, Ordering::Release);
     }
 }
 
@@ -496,16 +502,17 @@ impl Ring {
         };
         let handle = tokio::runtime::Handle::try_current().map_err(|e| no_runtime(&e))?;
         let _enter = handle.enter();
-        let fd = AsyncFd::with_interest(RingFd(self.uring.as_raw_fd()), Interest::READABLE)
-            .map_err(|e| no_runtime(&e))?;
+        // SAFETY: `RingFd` owns an Arc of the ring, so the descriptor it
+        // returns stays open, and is the same one, for as long as the AsyncFd
+        // holding it lives (the ring closes it only when dropped).
+        let fd =
+            unsafe { AsyncFd::register_with_interest(RingFd(self.clone()), Interest::READABLE) }
+                .map_err(|e| no_runtime(&e.into_parts().1))?;
         self.reaper.store(true, Ordering::Release);
-        let reaper = Reaper {
-            fd,
-            ring: self.clone(),
-        };
+        let reaper = Reaper(fd);
         handle.spawn(async move {
             loop {
-                let mut ready = match reaper.fd.readable().await {
+                let mut ready = match reaper.0.readable().await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(error = %e, "io_uring reaper cannot wait on the ring");
@@ -515,8 +522,9 @@ impl Ring {
                 // Clear first, then drain: a completion posted after the
                 // drain raises readiness again instead of being missed.
                 ready.clear_ready();
-                reaper.ring.reap();
-                reaper.ring.submit_pending();
+                let ring = &reaper.0.get_ref().0;
+                ring.reap();
+                ring.submit_pending();
             }
         });
         Ok(())
@@ -708,7 +716,11 @@ mod tests {
             buf: Vec::with_capacity(16),
             len: 16,
         };
-        let err = ring.run(d, kind, 0).await.err().expect("read of a dir fails");
+        let err = ring
+            .run(d, kind, 0)
+            .await
+            .err()
+            .expect("read of a dir fails");
         assert_eq!(err.raw_os_error(), Some(libc::EISDIR), "{err}");
         // The ring still works afterwards.
         let ok = ring
