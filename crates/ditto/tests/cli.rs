@@ -199,7 +199,8 @@ fn pools_volumes_and_status_fields() {
     assert!(human.stdout.contains("vol1"), "{}", human.describe());
 
     // delete: gone from the lists, and its replica files are removed
-    node.daemon.cli_ok(&["volume", "delete", "vol2"]);
+    let deleted = node.daemon.cli_ok(&["volume", "delete", "vol2", "--json"]);
+    deleted.json(); // --json prints JSON here too
     assert!(
         !r2[0].path.exists(),
         "replica file {} of a deleted volume is left behind",

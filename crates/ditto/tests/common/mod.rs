@@ -851,7 +851,13 @@ impl Node {
         let path = self.dir.path().join(name);
         std::fs::create_dir_all(&path).expect("mkdir pool");
         let p = path.to_str().expect("utf-8 path").to_string();
-        self.daemon.cli_ok(&["pool", "create", name, "--path", &p]);
+        let created = self
+            .daemon
+            .cli_json(&["pool", "create", name, "--path", &p]);
+        assert_eq!(
+            created["name"], name,
+            "pool create --json output: {created:#}"
+        );
         self.pools.push((name.to_string(), path.clone()));
         path
     }
@@ -861,7 +867,7 @@ impl Node {
     pub fn create_volume(&self, name: &str, size: u64, replicas: usize) -> Value {
         let size_s = size.to_string();
         let reps = replicas.to_string();
-        self.daemon.cli_ok(&[
+        let created = self.daemon.cli_json(&[
             "volume",
             "create",
             name,
@@ -870,6 +876,15 @@ impl Node {
             "--replicas",
             &reps,
         ]);
+        assert_eq!(
+            created["name"], name,
+            "volume create --json output: {created:#}"
+        );
+        assert_eq!(
+            created["size"].as_u64(),
+            Some(size),
+            "volume create --json output: {created:#}"
+        );
         let v = self.daemon.wait_healthy(name);
         assert_eq!(
             v["size"].as_u64(),
