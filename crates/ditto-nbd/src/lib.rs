@@ -5,6 +5,7 @@
 //! The server knows nothing about volumes: it asks an [`ExportRegistry`] for an
 //! [`Export`] by name and turns NBD commands into calls on it.
 
+pub mod client;
 mod handshake;
 pub mod memory;
 pub mod proto;
