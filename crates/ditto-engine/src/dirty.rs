@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use bytes::Bytes;
 use ditto_format::{decode_map_block, encode_map_block, Layout, MAP_BYTES_PER_BLOCK};
 
+/// An encoded map block and its index in the map area.
+pub type MapBlock = (u64, Bytes);
+
 pub struct DirtyMap {
     layout: Layout,
     /// Bit `r % 8` of byte `r / 8` is region `r`; byte `b` lives in map block `b / MAP_BYTES_PER_BLOCK`.
@@ -84,7 +87,7 @@ impl DirtyMap {
     /// Blocks to write so that every requested bit becomes durable: returns
     /// (first block, encoded blocks) runs, and the bytes they make durable.
     /// Call with `persist` held; then `commit` after the writes succeeded.
-    pub fn pending_blocks(&self) -> (Vec<(u64, Bytes)>, Vec<(usize, u8)>) {
+    pub fn pending_blocks(&self) -> (Vec<MapBlock>, Vec<(usize, u8)>) {
         let mut newly: Vec<(usize, u8)> = Vec::new();
         for (i, req) in self.requested.iter().enumerate() {
             let want = req.load(Ordering::SeqCst);
@@ -142,7 +145,7 @@ impl DirtyMap {
 
     fn mask_tail(&self) {
         let regions = self.regions();
-        if regions % 8 != 0 {
+        if !regions.is_multiple_of(8) {
             if let Some(last) = self.durable.last() {
                 let keep = (1u8 << (regions % 8)) - 1;
                 last.fetch_and(keep, Ordering::SeqCst);

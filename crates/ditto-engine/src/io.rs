@@ -24,6 +24,7 @@ pub struct Allocation {
 }
 
 /// An open file or block device that an engine performs I/O on.
+#[allow(clippy::len_without_is_empty)] // a replica is never empty; len() is its size
 pub trait IoFile: Send + Sync + 'static {
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>>;
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>>;

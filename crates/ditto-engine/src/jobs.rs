@@ -191,10 +191,8 @@ impl Tracker {
             rate_bytes_per_sec: rate,
             eta_secs: if finished {
                 Some(0)
-            } else if rate > 0 {
-                Some(left / rate)
             } else {
-                None
+                left.checked_div(rate)
             },
             finished,
             error,
@@ -210,11 +208,7 @@ impl Tracker {
     fn add(&mut self, v: &Volume, bytes: u64, progress_kind: EventKind) {
         self.done += bytes;
         self.publish(v, false, None);
-        let decile = if self.total > 0 {
-            self.done * 10 / self.total
-        } else {
-            10
-        };
+        let decile = (self.done * 10).checked_div(self.total).unwrap_or(10);
         if decile > self.last_decile || self.last_event.elapsed() > Duration::from_secs(10) {
             self.last_decile = decile;
             self.last_event = Instant::now();
@@ -225,11 +219,7 @@ impl Tracker {
                 format!(
                     "{} {}% ({} of {} bytes, {} MiB/s, {} left)",
                     self.kind.as_str(),
-                    if self.total > 0 {
-                        self.done * 100 / self.total
-                    } else {
-                        100
-                    },
+                    (self.done * 100).checked_div(self.total).unwrap_or(100),
                     self.done,
                     self.total,
                     p.rate_bytes_per_sec >> 20,

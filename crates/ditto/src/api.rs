@@ -1,17 +1,22 @@
 //! The REST API the CLI (and any script) drives: axum routes over [`Node`], plus its OpenAPI description.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use ditto_control::ControlError;
+use ditto_control::{validate, ControlError};
 use serde::Deserialize;
 
-use crate::api_types::{ApiErrorBody, CreatePool, CreateVolume};
+use crate::api_types::{
+    AddReplica, ApiErrorBody, CreatePool, CreateVolume, ReaddResult, ReplicaRef, ResolveRequest,
+    ScrubRequest, StartVolume, StopVolume, VolumeInfo,
+};
+use crate::events::{EventLog, EventsPage};
 use crate::node::Node;
 
 pub struct ApiError(ControlError);
@@ -53,6 +58,53 @@ struct DeleteQuery {
     force: bool,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    wait_ms: Option<u64>,
+    limit: Option<usize>,
+    volume: Option<String>,
+}
+
+/// Longest long poll of `GET /v1/events`; a larger `wait_ms` is cut to this.
+const EVENTS_MAX_WAIT_MS: u64 = 30_000;
+/// Most events in one answer; a larger `limit` is cut to this.
+const EVENTS_MAX_LIMIT: usize = 1000;
+
+/// `GET /v1/events`, with the event log as its own state so the node need not
+/// carry it; merge it into [`router`].
+pub fn events_router(log: Arc<EventLog>) -> Router {
+    Router::new()
+        .route("/v1/events", get(events))
+        .with_state(log)
+}
+
+async fn events(
+    State(log): State<Arc<EventLog>>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<EventsPage> {
+    let Query(q) = q.map_err(bad_body)?;
+    let limit = q.limit.unwrap_or(EVENTS_MAX_LIMIT);
+    if limit == 0 {
+        return Err(bad_body("limit must be at least 1"));
+    }
+    if let Some(v) = &q.volume {
+        validate::name("volume", v)?;
+    }
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(EVENTS_MAX_WAIT_MS));
+    Ok(Json(
+        log.poll(
+            q.since,
+            limit.min(EVENTS_MAX_LIMIT),
+            q.volume.as_deref(),
+            wait,
+        )
+        .await,
+    ))
+}
+
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
@@ -60,6 +112,14 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/pools/{name}", delete(delete_pool))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/start", post(start_volume))
+        .route("/v1/volumes/{name}/stop", post(stop_volume))
+        .route("/v1/volumes/{name}/scrub", post(scrub_volume))
+        .route("/v1/volumes/{name}/resolve", post(resolve_volume))
+        .route("/v1/volumes/{name}/replicas", post(add_replica))
+        .route("/v1/volumes/{name}/replicas/readd", post(readd_replica))
+        .route("/v1/volumes/{name}/replicas/fail", post(fail_replica))
+        .route("/v1/volumes/{name}/replicas/remove", post(remove_replica))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async {
             ApiError(ControlError::InvalidRequest(
@@ -140,6 +200,96 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v).map_err(bad_body)
+}
+
+async fn start_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<StartVolume>, JsonRejection>,
+) -> ApiResult<VolumeInfo> {
+    let req = body(b)?;
+    Ok(Json(node.start_volume(&name, req.degraded).await?))
+}
+
+async fn stop_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<StopVolume>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let req = body(b)?;
+    node.stop_volume(&name, req.force).await?;
+    Ok(Json(serde_json::json!({"stopped": name})))
+}
+
+async fn scrub_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<ScrubRequest>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let req = body(b)?;
+    node.scrub(&name, req.repair, req.source.as_deref()).await?;
+    Ok(Json(serde_json::json!({"scrub_started": name})))
+}
+
+async fn resolve_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<ResolveRequest>, JsonRejection>,
+) -> ApiResult<VolumeInfo> {
+    let req = body(b)?;
+    Ok(Json(node.resolve(&name, &req.keep).await?))
+}
+
+async fn add_replica(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<AddReplica>, JsonRejection>,
+) -> ApiResult<VolumeInfo> {
+    let req = body(b)?;
+    Ok(Json(node.add_replica(&name, &req.pool).await?))
+}
+
+async fn readd_replica(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<ReplicaRef>, JsonRejection>,
+) -> ApiResult<ReaddResult> {
+    let req = body(b)?;
+    let plan = node.readd_replica(&name, &req.replica).await?;
+    Ok(Json(match plan {
+        ditto_engine::ReaddPlan::CatchUp { regions } => ReaddResult {
+            plan: "catch_up".into(),
+            dirty_regions: Some(regions),
+        },
+        ditto_engine::ReaddPlan::FullRebuild => ReaddResult {
+            plan: "full_rebuild".into(),
+            dirty_regions: None,
+        },
+    }))
+}
+
+async fn fail_replica(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<ReplicaRef>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let req = body(b)?;
+    node.fail_replica(&name, &req.replica).await?;
+    Ok(Json(serde_json::json!({"failed": req.replica})))
+}
+
+async fn remove_replica(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<ReplicaRef>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let req = body(b)?;
+    node.remove_replica(&name, &req.replica).await?;
+    Ok(Json(serde_json::json!({"removed": req.replica})))
+}
+
 async fn openapi() -> Json<serde_json::Value> {
     Json(openapi_document())
 }
@@ -174,10 +324,49 @@ pub fn openapi_document() -> serde_json::Value {
                 "delete": {"summary": "Delete a volume and its replicas", "parameters": [name_param,
                     {"name": "force", "in": "query", "required": false, "schema": {"type": "boolean"}, "description": "disconnect connected clients"}],
                     "responses": {"204": {"description": "deleted"}, "404": err, "409": err}}},
+            "/v1/events": {"get": {"summary": "Events newer than `since`, oldest first; with `wait_ms`, waits for one (long poll)", "parameters": [
+                {"name": "since", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "default": 0}, "description": "return events with a larger seq (the `next` of the previous answer)"},
+                {"name": "wait_ms", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 30000, "default": 0}, "description": "if there is no such event yet, wait up to this long for one (larger values are cut to 30000)"},
+                {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}, "description": "most events to return (larger values are cut to 1000)"},
+                {"name": "volume", "in": "query", "required": false, "schema": {"type": "string"}, "description": "only events of this volume"}],
+                "responses": {"200": {"description": "events", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EventsPage"}}}}, "400": err}}},
+            "/v1/volumes/{name}/start": {"post": {"summary": "Start a stopped volume", "parameters": [name_param],
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"degraded": {"type": ["boolean", "null"]}}}}}},
+                "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "404": err}}},
+            "/v1/volumes/{name}/stop": {"post": {"summary": "Stop serving a volume", "parameters": [name_param],
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"force": {"type": "boolean"}}}}}},
+                "responses": {"200": {"description": "stopped"}, "409": err}}},
+            "/v1/volumes/{name}/scrub": {"post": {"summary": "Start a scrub", "parameters": [name_param],
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"repair": {"type": "boolean"}, "source": {"type": ["string", "null"]}}}}}},
+                "responses": {"200": {"description": "started"}, "400": err}}},
+            "/v1/volumes/{name}/resolve": {"post": {"summary": "Resolve a split brain by keeping one replica", "parameters": [name_param],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "required": ["keep"], "properties": {"keep": {"type": "string"}}}}}},
+                "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err}}},
+            "/v1/volumes/{name}/replicas": {"post": {"summary": "Add a replica on a pool (rebuilt while serving)", "parameters": [name_param],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "required": ["pool"], "properties": {"pool": {"type": "string"}}}}}},
+                "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "404": err, "507": err}}},
+            "/v1/volumes/{name}/replicas/readd": {"post": {"summary": "Re-add a failed, stale or missing replica", "parameters": [name_param],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplicaRef"}}}},
+                "responses": {"200": {"description": "plan", "content": {"application/json": {"schema": {"type": "object", "properties": {"plan": {"type": "string", "enum": ["catch_up", "full_rebuild"]}, "dirty_regions": {"type": ["integer", "null"]}}}}}}, "400": err}}},
+            "/v1/volumes/{name}/replicas/fail": {"post": {"summary": "Fail a replica out on purpose", "parameters": [name_param],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplicaRef"}}}},
+                "responses": {"200": {"description": "failed"}, "400": err}}},
+            "/v1/volumes/{name}/replicas/remove": {"post": {"summary": "Remove a replica from the volume", "parameters": [name_param],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplicaRef"}}}},
+                "responses": {"200": {"description": "removed"}, "400": err}}},
             "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI document"}}}}
         },
         "components": {"schemas": {
+            "ReplicaRef": {"type": "object", "additionalProperties": false, "required": ["replica"], "properties": {"replica": {"type": "string", "description": "id prefix, pool name or path"}}},
             "Error": {"type": "object", "required": ["error", "code"], "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+            "Event": {"type": "object", "required": ["v", "seq", "time_unix_ms", "kind", "volume", "message"],
+                "properties": {"v": {"type": "integer", "const": 1}, "seq": {"type": "integer"}, "time_unix_ms": {"type": "integer"},
+                    "kind": {"type": "string", "examples": ["replica_failed", "resync_progress"]}, "volume": {"type": "string"},
+                    "replica": {"type": ["string", "null"]}, "message": {"type": "string"},
+                    "progress": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["done", "total"], "properties": {"done": {"type": "integer"}, "total": {"type": "integer"}}}]}}},
+            "EventsPage": {"type": "object", "required": ["events", "next"], "properties": {
+                "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+                "next": {"type": "integer", "description": "pass as `since` to continue"}}},
             "CreatePool": {"type": "object", "additionalProperties": false, "required": ["name", "path"],
                 "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}, "path": {"type": "string"}}},
             "CreateVolume": {"type": "object", "additionalProperties": false, "required": ["name", "size"],

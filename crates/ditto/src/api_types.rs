@@ -7,7 +7,97 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct CreatePool {
     pub name: String,
-    pub path: String,
+    /// A directory (one per disk): replicas are sparse files in it.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A block device or partition: holds one replica.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// A remote NBD export URI: holds one replica.
+    #[serde(default)]
+    pub nbd: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartVolume {
+    /// Start even with replicas missing (true) or never (false); absent: the config decides.
+    #[serde(default)]
+    pub degraded: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopVolume {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubRequest {
+    #[serde(default)]
+    pub repair: bool,
+    /// Replica (id prefix or pool) whose data wins in a repair.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    /// Replica (id prefix or pool) to keep; the others are rebuilt from it.
+    pub keep: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddReplica {
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaRef {
+    /// Replica id prefix (as `ditto status` shows it), pool name or path.
+    pub replica: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaddResult {
+    /// "catch_up" (only regions written while it was away) or "full_rebuild".
+    pub plan: String,
+    pub dirty_regions: Option<u64>,
+}
+
+/// Progress of a resync, catch-up, rebuild or scrub.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub kind: String,
+    pub replica: Option<String>,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: f64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+    pub elapsed_secs: f64,
+    pub started_unix: u64,
+    pub finished: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScrubInfo {
+    pub started_unix: u64,
+    pub duration_secs: f64,
+    pub bytes: u64,
+    pub mismatches: u64,
+    /// Byte offsets of (up to 100) mismatched regions.
+    pub mismatched_offsets: Vec<u64>,
+    pub repaired: u64,
+    pub repair: bool,
+    pub finished: bool,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,7 +140,7 @@ pub struct ReplicaInfo {
     pub id: Uuid,
     pub pool: String,
     pub path: String,
-    /// in_sync, failed, stale or missing.
+    /// in_sync, rebuilding, failed, stale, missing, or unknown (volume not running).
     pub state: String,
     pub reason: Option<String>,
     pub generation: Option<u64>,
@@ -73,13 +163,22 @@ pub struct VolumeInfo {
     pub uuid: Uuid,
     pub size: u64,
     /// healthy (every replica in sync), degraded (serving with fewer), failed
-    /// (no replica left) or stopped (refused to start; see `reason`).
+    /// (no replica left), starting (waiting for replicas) or stopped (see `reason`).
     pub state: String,
     pub reason: Option<String>,
     pub generation: u64,
     pub export: String,
     pub replicas: Vec<ReplicaInfo>,
     pub clients: Vec<ClientInfo>,
+    /// The running or last resync/catch-up/rebuild/scrub.
+    pub job: Option<JobInfo>,
+    pub last_scrub: Option<ScrubInfo>,
+    /// Regions that may differ between replicas (write-intent map).
+    pub dirty_regions: u64,
+    /// Bytes copied by resync and rebuild since the volume started.
+    pub copied_bytes: u64,
+    /// Commands that would fix what is wrong, if anything.
+    pub actions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

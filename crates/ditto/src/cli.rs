@@ -6,7 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api_types::{
-    ApiErrorBody, CreatePool, CreateVolume, PoolInfo, SizeInput, StatusInfo, VolumeInfo,
+    AddReplica, ApiErrorBody, CreatePool, CreateVolume, JobInfo, PoolInfo, ReaddResult, ReplicaRef,
+    ResolveRequest, ScrubRequest, SizeInput, StartVolume, StatusInfo, StopVolume, VolumeInfo,
 };
 
 pub struct Client {
@@ -114,17 +115,35 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-pub fn pool_create(c: &Client, name: String, path: String, json: bool) -> Result<()> {
-    let path = std::path::absolute(&path)
-        .map(|p| p.display().to_string())
-        .unwrap_or(path);
-    let pool: PoolInfo = c.post("/v1/pools", &CreatePool { name, path })?;
+/// Where a new pool lives: exactly one of these.
+pub struct PoolSource {
+    pub path: Option<String>,
+    pub device: Option<String>,
+    pub nbd: Option<String>,
+}
+
+pub fn pool_create(c: &Client, name: String, src: PoolSource, json: bool) -> Result<()> {
+    let path = src.path.map(|p| {
+        std::path::absolute(&p)
+            .map(|a| a.display().to_string())
+            .unwrap_or(p)
+    });
+    let pool: PoolInfo = c.post(
+        "/v1/pools",
+        &CreatePool {
+            name,
+            path,
+            device: src.device,
+            nbd: src.nbd,
+        },
+    )?;
     if json {
         return print_json(&pool);
     }
     println!(
-        "pool {} created at {} ({} free)",
+        "pool {} ({}) created at {} ({} free)",
         pool.name,
+        pool.kind,
         pool.path,
         format_size(pool.free_bytes)
     );
@@ -303,6 +322,30 @@ pub fn render_status(s: &StatusInfo) -> String {
                 out.push_str(&format!("    {} {}: {reason}\n", r.pool, r.state));
             }
         }
+        if let Some(j) = &v.job {
+            out.push_str(&format!("  {}: {}\n", j.kind, job_line(j)));
+        }
+        if let Some(sc) = &v.last_scrub {
+            out.push_str(&format!(
+                "  last scrub: {}, {:.1}s, {} scanned, {} mismatched region(s), {} repaired{}\n",
+                since(sc.started_unix),
+                sc.duration_secs,
+                format_size(sc.bytes),
+                sc.mismatches,
+                sc.repaired,
+                if sc.finished {
+                    String::new()
+                } else {
+                    format!(" ({})", sc.error.as_deref().unwrap_or("running"))
+                }
+            ));
+        }
+        if v.dirty_regions > 0 {
+            out.push_str(&format!("  dirty regions: {}\n", v.dirty_regions));
+        }
+        for a in &v.actions {
+            out.push_str(&format!("  action: {a}\n"));
+        }
         if v.clients.is_empty() {
             out.push_str("  clients: none\n");
         } else {
@@ -333,6 +376,388 @@ pub fn status(c: &Client, volume: Option<&str>, json: bool) -> Result<()> {
         return print_json(&s);
     }
     print!("{}", render_status(&s));
+    Ok(())
+}
+
+/// Events asked for per request by `ditto events`.
+const EVENTS_PAGE: usize = 1000;
+/// How long one `--follow` request waits for news (the daemon caps it at 30 s).
+const FOLLOW_WAIT_MS: u64 = 25_000;
+/// Past events shown before following when no --since is given, as `tail -f` does.
+const FOLLOW_BACKLOG: usize = 10;
+const EVENT_HEADER: [&str; 6] = ["TIME", "SEQ", "KIND", "VOLUME", "REPLICA", "MESSAGE"];
+/// Column widths while following, when later rows cannot widen the table.
+const FOLLOW_WIDTHS: [usize; 5] = [24, 6, 21, 16, 24];
+
+fn events_path(since: u64, volume: Option<&str>, wait_ms: u64) -> String {
+    let mut path = format!("/v1/events?since={since}&limit={EVENTS_PAGE}");
+    // Volume names are validated to URL-safe characters before we get here.
+    if let Some(v) = volume {
+        path.push_str(&format!("&volume={v}"));
+    }
+    if wait_ms > 0 {
+        path.push_str(&format!("&wait_ms={wait_ms}"));
+    }
+    path
+}
+
+fn event_cells(e: &crate::events::EventRecord) -> Vec<String> {
+    let mut message = e.message.clone();
+    if let Some(p) = e.progress {
+        message.push_str(&format!(" [{}% of {}]", p.percent(), format_size(p.total)));
+    }
+    vec![
+        crate::events::format_time_utc(e.time_unix_ms),
+        e.seq.to_string(),
+        e.kind.clone(),
+        e.volume.clone(),
+        e.replica.clone().unwrap_or_else(|| "-".into()),
+        message,
+    ]
+}
+
+fn follow_line(cells: &[String]) -> String {
+    let mut s = String::new();
+    for (cell, w) in cells.iter().zip(FOLLOW_WIDTHS) {
+        s.push_str(&format!("{cell:<w$}  "));
+    }
+    s.push_str(cells.last().map_or("", String::as_str));
+    s.trim_end().to_string() + "\n"
+}
+
+/// Writes to stdout at once; a closed pipe (`ditto events --follow | head`) ends quietly.
+fn write_out(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(anyhow!("cannot write to stdout: {e}")),
+    }
+}
+
+/// `--follow` runs until interrupted, and that is the normal way out: exit 0.
+fn exit_on_interrupt() {
+    extern "C" fn quit(_: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe; every line was flushed when written.
+        unsafe { libc::_exit(0) }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only calls an async-signal-safe function.
+        unsafe { libc::signal(sig, quit as *const () as libc::sighandler_t) };
+    }
+}
+
+fn print_events(events: &[crate::events::EventRecord], json: bool, follow: bool) -> Result<()> {
+    let mut text = String::new();
+    for e in events {
+        if json {
+            text.push_str(&serde_json::to_string(e)?);
+            text.push('\n');
+        } else if follow {
+            text.push_str(&follow_line(&event_cells(e)));
+        }
+    }
+    if !json && !follow && !events.is_empty() {
+        let rows: Vec<Vec<String>> = events.iter().map(event_cells).collect();
+        text = table(&EVENT_HEADER, &rows);
+    }
+    write_out(&text)
+}
+
+/// `ditto events`: the recorded events (JSON lines with --json), then, with
+/// --follow, new ones as they happen until interrupted or the daemon goes away.
+pub fn events(
+    c: &Client,
+    follow: bool,
+    volume: Option<&str>,
+    since: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    use crate::events::EventsPage;
+    if follow {
+        exit_on_interrupt();
+    }
+    let mut backlog = Vec::new();
+    let mut next = since.unwrap_or(0);
+    loop {
+        let page: EventsPage = c.get(&events_path(next, volume, 0))?;
+        let full = page.events.len() >= EVENTS_PAGE;
+        backlog.extend(page.events);
+        next = page.next;
+        if !full {
+            break;
+        }
+    }
+    if follow && since.is_none() {
+        let skip = backlog.len().saturating_sub(FOLLOW_BACKLOG);
+        backlog.drain(..skip);
+    }
+    if !follow {
+        if backlog.is_empty() && !json {
+            return write_out("no events\n");
+        }
+        return print_events(&backlog, json, false);
+    }
+    if !json {
+        let header: Vec<String> = EVENT_HEADER.iter().map(|h| h.to_string()).collect();
+        write_out(&follow_line(&header))?;
+    }
+    print_events(&backlog, json, true)?;
+    loop {
+        let page: EventsPage = c.get(&events_path(next, volume, FOLLOW_WAIT_MS))?;
+        print_events(&page.events, json, true)?;
+        next = page.next;
+    }
+}
+
+/// One line of job progress: percent, bytes, rate, time left (never past 100%).
+pub fn job_line(j: &JobInfo) -> String {
+    let state = match (&j.error, j.finished) {
+        (Some(e), _) => format!("stopped: {e}"),
+        (None, true) => format!("done in {:.1}s", j.elapsed_secs),
+        (None, false) => format!(
+            "{} MiB/s, {} left",
+            j.rate_bytes_per_sec >> 20,
+            j.eta_secs.map_or("unknown".into(), |s| format!("{s}s"))
+        ),
+    };
+    format!(
+        "{:.1}% ({} of {}){}, {state}",
+        j.percent,
+        format_size(j.done_bytes),
+        format_size(j.total_bytes),
+        j.replica
+            .as_deref()
+            .map(|r| format!(" to {r}"))
+            .unwrap_or_default()
+    )
+}
+
+pub fn volume_start(c: &Client, name: &str, degraded: Option<bool>, json: bool) -> Result<()> {
+    let v: VolumeInfo = c.post(
+        &format!("/v1/volumes/{name}/start"),
+        &StartVolume { degraded },
+    )?;
+    if json {
+        return print_json(&v);
+    }
+    if v.state == "stopped" {
+        bail!(
+            "volume {name} did not start: {}",
+            v.reason.unwrap_or_default()
+        );
+    }
+    println!("volume {name} started: {}", v.state);
+    Ok(())
+}
+
+pub fn volume_stop(c: &Client, name: &str, force: bool, json: bool) -> Result<()> {
+    let _: serde_json::Value =
+        c.post(&format!("/v1/volumes/{name}/stop"), &StopVolume { force })?;
+    if json {
+        return print_json(&serde_json::json!({"stopped": name}));
+    }
+    println!("volume {name} stopped");
+    Ok(())
+}
+
+pub fn volume_scrub(
+    c: &Client,
+    name: &str,
+    repair: bool,
+    source: Option<String>,
+    wait: bool,
+    json: bool,
+) -> Result<()> {
+    let _: serde_json::Value = c.post(
+        &format!("/v1/volumes/{name}/scrub"),
+        &ScrubRequest { repair, source },
+    )?;
+    if !wait {
+        if json {
+            return print_json(&serde_json::json!({"scrub_started": name}));
+        }
+        println!("scrub of {name} started; `ditto status {name}` shows progress and result");
+        return Ok(());
+    }
+    wait_job(c, name, None, json, false)?;
+    let v: VolumeInfo = c.get(&format!("/v1/volumes/{name}"))?;
+    if json {
+        return print_json(&v.last_scrub);
+    }
+    if let Some(sc) = v.last_scrub {
+        println!(
+            "scrub of {name}: {} scanned in {:.1}s, {} mismatched region(s), {} repaired",
+            format_size(sc.bytes),
+            sc.duration_secs,
+            sc.mismatches,
+            sc.repaired
+        );
+        if sc.mismatches > 0 && !repair {
+            println!(
+                "repair with `ditto volume scrub {name} --repair` (optionally --source REPLICA)"
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn volume_resolve(c: &Client, name: &str, keep: &str, json: bool) -> Result<()> {
+    let v: VolumeInfo = c.post(
+        &format!("/v1/volumes/{name}/resolve"),
+        &ResolveRequest { keep: keep.into() },
+    )?;
+    if json {
+        return print_json(&v);
+    }
+    println!("volume {name} serves from the kept replica; the others are being rebuilt (`ditto volume wait {name}`)");
+    Ok(())
+}
+
+/// What `ditto replica ...` does.
+pub enum ReplicaAction {
+    Add(String),
+    Readd(String),
+    Fail(String),
+    Remove(String),
+}
+
+pub fn replica(c: &Client, volume: &str, action: ReplicaAction, json: bool) -> Result<()> {
+    let base = format!("/v1/volumes/{volume}/replicas");
+    let (value, text) = match action {
+        ReplicaAction::Add(pool) => {
+            let v: VolumeInfo = c.post(&base, &AddReplica { pool: pool.clone() })?;
+            (
+                serde_json::to_value(&v)?,
+                format!("replica added on pool {pool}; rebuilding (`ditto volume wait {volume}`)"),
+            )
+        }
+        ReplicaAction::Readd(r) => {
+            let res: ReaddResult =
+                c.post(&format!("{base}/readd"), &ReplicaRef { replica: r.clone() })?;
+            let text = match res.plan.as_str() {
+                "catch_up" => format!(
+                    "replica {r} re-added: copying only the {} region(s) written while it was away (`ditto volume wait {volume}`)",
+                    res.dirty_regions.unwrap_or(0)
+                ),
+                _ => format!("replica {r} re-added: its absence is not covered by the dirty map, so it is rebuilt in full (`ditto volume wait {volume}`)"),
+            };
+            (serde_json::to_value(&res)?, text)
+        }
+        ReplicaAction::Fail(r) => {
+            let _: serde_json::Value =
+                c.post(&format!("{base}/fail"), &ReplicaRef { replica: r.clone() })?;
+            (serde_json::json!({"failed": r}), format!("replica {r} failed out of {volume}; bring it back with `ditto replica readd {volume} {r}`"))
+        }
+        ReplicaAction::Remove(r) => {
+            let _: serde_json::Value = c.post(
+                &format!("{base}/remove"),
+                &ReplicaRef { replica: r.clone() },
+            )?;
+            (
+                serde_json::json!({"removed": r}),
+                format!("replica {r} removed from {volume}"),
+            )
+        }
+    };
+    if json {
+        return print_json(&value);
+    }
+    println!("{text}");
+    Ok(())
+}
+
+/// Poll until no job runs on the volume; draw a progress bar unless `json`.
+/// With `until_redundant`, keep waiting until every replica is in sync.
+fn wait_job(
+    c: &Client,
+    name: &str,
+    timeout: Option<u64>,
+    json: bool,
+    until_redundant: bool,
+) -> Result<VolumeInfo> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let start = std::time::Instant::now();
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(100)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut last_print: Option<std::time::Instant> = None;
+    loop {
+        let v: VolumeInfo = c.get(&format!("/v1/volumes/{name}"))?;
+        let running = v.job.as_ref().is_some_and(|j| !j.finished);
+        if let Some(j) = &v.job {
+            bar.set_prefix(j.kind.clone());
+            bar.set_position(j.percent as u64);
+            let line = job_line(j);
+            bar.set_message(line.clone());
+            // Without a terminal, a line every 5 s instead of a bar.
+            if bar.is_hidden()
+                && !json
+                && !j.finished
+                && last_print.is_none_or(|t| t.elapsed().as_secs() >= 5)
+            {
+                eprintln!("{}: {line}", j.kind);
+                last_print = Some(std::time::Instant::now());
+            }
+        }
+        if !running {
+            if let Some(err) = v.job.as_ref().and_then(|j| j.error.clone()) {
+                bar.abandon();
+                bail!(
+                    "{} of {name} stopped: {err}",
+                    v.job.as_ref().map_or("job", |j| j.kind.as_str())
+                );
+            }
+            if !until_redundant || v.state == "healthy" {
+                bar.finish_and_clear();
+                return Ok(v);
+            }
+            if matches!(v.state.as_str(), "stopped" | "failed") || !v.actions.is_empty() {
+                bar.abandon();
+                bail!(
+                    "volume {name} is {} and will not become redundant by itself:
+  {}",
+                    v.state,
+                    if v.actions.is_empty() {
+                        v.reason.unwrap_or_default()
+                    } else {
+                        v.actions.join(
+                            "
+  ",
+                        )
+                    }
+                );
+            }
+        }
+        if let Some(t) = timeout {
+            if start.elapsed().as_secs() >= t {
+                bar.abandon();
+                bail!("timed out after {t}s; volume {name} is {}", v.state);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+pub fn volume_wait(c: &Client, name: &str, timeout: Option<u64>, json: bool) -> Result<()> {
+    let v = wait_job(c, name, timeout, json, true)?;
+    if json {
+        return print_json(&v);
+    }
+    println!(
+        "volume {name} is {}: {} of {} replicas in sync",
+        v.state,
+        v.replicas.iter().filter(|r| r.state == "in_sync").count(),
+        v.replicas.len()
+    );
     Ok(())
 }
 

@@ -32,6 +32,23 @@ pub struct DaemonArgs {
     /// Disk I/O engine: threadpool or io_uring [default: threadpool].
     #[arg(long)]
     pub io_engine: Option<String>,
+    /// For this start, let volumes with missing replicas start degraded (wins over the config).
+    #[arg(long, conflicts_with = "no_degraded")]
+    pub degraded: bool,
+    /// For this start, never start a volume degraded (wins over the config).
+    #[arg(long)]
+    pub no_degraded: bool,
+}
+
+impl DaemonArgs {
+    /// The per-start degraded override, as `bootdegraded=` overrides `BOOT_DEGRADED`.
+    pub fn degraded_override(&self) -> Option<bool> {
+        match (self.degraded, self.no_degraded) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }
 
 /// A node that is up: listeners bound, volumes started.
@@ -39,6 +56,8 @@ pub struct Running {
     pub node: Arc<Node>,
     pub nbd: Arc<ditto_nbd::Server>,
     pub addresses: DaemonAddresses,
+    /// Every state change, for `ditto events` and `event_program`.
+    pub events: Arc<crate::events::EventLog>,
     data_dir: PathBuf,
     _lock: std::fs::File,
 }
@@ -101,7 +120,11 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
-pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
+pub async fn start(
+    cfg: &DaemonConfig,
+    data_dir: &Path,
+    degraded_override: Option<bool>,
+) -> Result<Running> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(data_dir)?;
@@ -128,12 +151,10 @@ pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
             cfg.io_engine
         )
     })?;
-    let volume_options = ditto_engine::VolumeOptions {
-        io_timeout: Duration::from_secs(cfg.io_timeout_secs),
-        ..ditto_engine::VolumeOptions::default()
-    };
-    let events: ditto_engine::SharedSink = Arc::new(ditto_engine::LogSink);
-    let node = Node::start(&data_dir, engine, volume_options, events).await?;
+    // Open before the node, so the events of volumes starting are recorded.
+    let event_log = crate::events::EventLog::open(&data_dir, cfg.event_program.clone())?;
+    let events: ditto_engine::SharedSink = event_log.clone();
+    let node = Node::start(&data_dir, engine, cfg.clone(), degraded_override, events).await?;
     let nbd_addr = nbd_listener.local_addr()?.to_string();
     let api_addr = api_listener.local_addr()?.to_string();
     let _ = node.nbd_addr.set(nbd_addr.clone());
@@ -163,7 +184,7 @@ pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
             }
         });
     }
-    let app = crate::api::router(node.clone());
+    let app = crate::api::router(node.clone()).merge(crate::api::events_router(event_log.clone()));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api_listener, app).await {
             tracing::error!(error = %e, "API server stopped");
@@ -182,6 +203,7 @@ pub async fn start(cfg: &DaemonConfig, data_dir: &Path) -> Result<Running> {
         node,
         nbd: server,
         addresses,
+        events: event_log,
         data_dir,
         _lock: lock,
     })
@@ -192,6 +214,10 @@ impl Running {
     pub async fn stop(self) {
         self.nbd.shutdown();
         self.node.shutdown().await;
+        // After the node, so volumes stopping are recorded; bounded, as a
+        // hung event_program must not hold up the shutdown.
+        let events = self.events.clone();
+        let _ = tokio::task::spawn_blocking(move || events.close(Duration::from_secs(5))).await;
         let _ = std::fs::remove_file(self.data_dir.join("daemon.json"));
         tracing::info!("ditto node stopped");
     }
@@ -215,7 +241,7 @@ pub async fn wait_for_signal() {
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let (cfg, data_dir) = resolve_config(&args, None)?;
     crate::init_logging(&cfg.log);
-    let running = start(&cfg, &data_dir).await?;
+    let running = start(&cfg, &data_dir, args.degraded_override()).await?;
     wait_for_signal().await;
     running.stop().await;
     Ok(())

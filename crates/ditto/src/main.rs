@@ -4,6 +4,7 @@ mod api;
 mod api_types;
 mod cli;
 mod daemon;
+mod events;
 mod export;
 mod node;
 mod quickstart;
@@ -42,21 +43,43 @@ enum Command {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Manage the replicas of a volume.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Show volumes, their replicas and clients, and pools.
     Status {
         /// Only this volume.
         volume: Option<String>,
     },
+    /// Show what happened: replica failures, degraded starts, resyncs, scrubs (oldest first).
+    Events {
+        /// Keep waiting for new events and print each as it comes (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// Only events of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only events after this sequence number (the SEQ column).
+        #[arg(long)]
+        since: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
 enum PoolCommand {
-    /// Create a directory pool.
+    /// Create a pool: a directory, a block device or a remote NBD export.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["path", "device", "nbd"])))]
     Create {
         name: String,
         /// An existing, writable directory (usually the mount point of one disk).
         #[arg(long)]
-        path: String,
+        path: Option<String>,
+        /// A block device or partition (holds one replica), e.g. /dev/sdb2.
+        #[arg(long)]
+        device: Option<String>,
+        /// A remote NBD export (holds one replica), e.g. nbd://host/export.
+        #[arg(long)]
+        nbd: Option<String>,
     },
     /// List pools with their free space.
     List,
@@ -88,6 +111,65 @@ enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Start a stopped volume (e.g. one refused at boot for a missing replica).
+    Start {
+        name: String,
+        /// Start even if replicas are missing (wins over the config).
+        #[arg(long, conflicts_with = "no_degraded")]
+        degraded: bool,
+        /// Never start with replicas missing (wins over the config).
+        #[arg(long)]
+        no_degraded: bool,
+    },
+    /// Stop serving a volume and close its replicas cleanly.
+    Stop {
+        name: String,
+        /// Disconnect connected clients first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare the replicas region by region; --repair rewrites mismatches.
+    Scrub {
+        name: String,
+        #[arg(long)]
+        repair: bool,
+        /// Replica whose data wins in a repair (id prefix or pool) [default: the first in sync].
+        #[arg(long, requires = "repair")]
+        source: Option<String>,
+        /// Wait for the scrub to finish, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// End a split brain: keep one replica, rebuild the others from it.
+    Resolve {
+        name: String,
+        /// The replica to keep (id prefix or pool).
+        #[arg(long)]
+        keep: String,
+    },
+    /// Wait, with a progress bar, until the volume is fully redundant and no job runs.
+    Wait {
+        name: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Add a replica on a pool; it is rebuilt while the volume serves.
+    Add {
+        volume: String,
+        #[arg(long)]
+        pool: String,
+    },
+    /// Bring back a failed, stale or missing replica (copies only what it missed when it can).
+    Readd { volume: String, replica: String },
+    /// Take a replica out of the volume on purpose (maintenance).
+    Fail { volume: String, replica: String },
+    /// Remove a replica from the volume (its file is kept, renamed .removed).
+    Remove { volume: String, replica: String },
 }
 
 pub fn init_logging(filter: &str) {
@@ -111,9 +193,17 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => tokio_main(daemon::run(args)),
         Command::Quickstart(args) => tokio_main(quickstart::run(args)),
-        Command::Pool(PoolCommand::Create { name, path }) => {
-            cli::pool_create(&client(), name, path, cli.json)
-        }
+        Command::Pool(PoolCommand::Create {
+            name,
+            path,
+            device,
+            nbd,
+        }) => cli::pool_create(
+            &client(),
+            name,
+            cli::PoolSource { path, device, nbd },
+            cli.json,
+        ),
         Command::Pool(PoolCommand::List) => cli::pool_list(&client(), cli.json),
         Command::Pool(PoolCommand::Delete { name }) => {
             check_name("pool", &name)?;
@@ -130,11 +220,75 @@ fn run(cli: Cli) -> Result<()> {
             check_name("volume", &name)?;
             cli::volume_delete(&client(), &name, force, cli.json)
         }
+        Command::Volume(VolumeCommand::Start {
+            name,
+            degraded,
+            no_degraded,
+        }) => {
+            check_name("volume", &name)?;
+            let degraded = if degraded {
+                Some(true)
+            } else if no_degraded {
+                Some(false)
+            } else {
+                None
+            };
+            cli::volume_start(&client(), &name, degraded, cli.json)
+        }
+        Command::Volume(VolumeCommand::Stop { name, force }) => {
+            check_name("volume", &name)?;
+            cli::volume_stop(&client(), &name, force, cli.json)
+        }
+        Command::Volume(VolumeCommand::Scrub {
+            name,
+            repair,
+            source,
+            wait,
+        }) => {
+            check_name("volume", &name)?;
+            cli::volume_scrub(&client(), &name, repair, source, wait, cli.json)
+        }
+        Command::Volume(VolumeCommand::Resolve { name, keep }) => {
+            check_name("volume", &name)?;
+            cli::volume_resolve(&client(), &name, &keep, cli.json)
+        }
+        Command::Volume(VolumeCommand::Wait { name, timeout }) => {
+            check_name("volume", &name)?;
+            cli::volume_wait(&client(), &name, timeout, cli.json)
+        }
+        Command::Replica(cmd) => {
+            let (volume, action) = match &cmd {
+                ReplicaCommand::Add { volume, pool } => {
+                    (volume, cli::ReplicaAction::Add(pool.clone()))
+                }
+                ReplicaCommand::Readd { volume, replica } => {
+                    (volume, cli::ReplicaAction::Readd(replica.clone()))
+                }
+                ReplicaCommand::Fail { volume, replica } => {
+                    (volume, cli::ReplicaAction::Fail(replica.clone()))
+                }
+                ReplicaCommand::Remove { volume, replica } => {
+                    (volume, cli::ReplicaAction::Remove(replica.clone()))
+                }
+            };
+            check_name("volume", volume)?;
+            cli::replica(&client(), volume, action, cli.json)
+        }
         Command::Status { volume } => {
             if let Some(v) = &volume {
                 check_name("volume", v)?;
             }
             cli::status(&client(), volume.as_deref(), cli.json)
+        }
+        Command::Events {
+            follow,
+            volume,
+            since,
+        } => {
+            if let Some(v) = &volume {
+                check_name("volume", v)?;
+            }
+            cli::events(&client(), follow, volume.as_deref(), since, cli.json)
         }
     }
 }

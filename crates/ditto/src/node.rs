@@ -1,29 +1,39 @@
 //! The running node: turns stored records into live volumes and applies control operations.
 //!
-//! Control operations (create, delete) are serialised by one lock and are
-//! all-or-nothing: a failure removes whatever it had created.
+//! Control operations (create, delete, replica changes) are serialised by one
+//! lock and are all-or-nothing: a failure removes whatever it had created.
+//! Volume start follows the degraded-start policy: a volume whose replicas
+//! are not all present waits for them, then starts degraded or stays stopped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use ditto_control::model::{now_unix, PoolKind, RECORD_VERSION};
 use ditto_control::placement::{self, PoolUsage};
-use ditto_control::{validate, ControlError, PoolRecord, ReplicaRecord, Store, VolumeRecord};
+use ditto_control::{
+    validate, ControlError, DaemonConfig, PoolRecord, ReplicaRecord, Store, VolumeRecord,
+};
 use ditto_engine::{
-    FileReplica, IoEngine, Member, ReplicaBackend, ReplicaState, SharedSink, Volume, VolumeOptions,
+    BackendError, Event, EventKind, FileReplica, IoEngine, IoFile, JobProgress, Member,
+    MissingReplica, ReaddPlan, ReplicaBackend, ReplicaState, ScrubReport, SharedSink, Volume,
+    VolumeOptions,
 };
 use ditto_format::{Layout, DEFAULT_REGION_SIZE};
 use uuid::Uuid;
 
 use crate::api_types::{
-    ClientInfo, CreatePool, CreateVolume, NodeInfo, PoolInfo, ReplicaInfo, SizeInput, StatusInfo,
-    VolumeInfo,
+    ClientInfo, CreatePool, CreateVolume, JobInfo, NodeInfo, PoolInfo, ReplicaInfo, ScrubInfo,
+    SizeInput, StatusInfo, VolumeInfo,
 };
 
-/// A volume as the node holds it: running, or stopped with the reason.
+/// A volume as the node holds it.
 pub enum VolumeRuntime {
     Running(Arc<Volume>),
+    /// Waiting at start for missing replicas (the message says for what and how long).
+    Starting(String),
+    /// Not serving, with the reason and the command that changes that.
     Stopped(String),
 }
 
@@ -39,21 +49,39 @@ pub struct Node {
     pub api_addr: OnceLock<String>,
     volume_options: VolumeOptions,
     events: SharedSink,
+    config: DaemonConfig,
+    /// `ditto daemon --degraded/--no-degraded`: wins over the config for this start.
+    degraded_override: Option<bool>,
 }
 
 fn layout_of(v: &VolumeRecord) -> Result<Layout, ControlError> {
     Layout::new(v.size, v.region_size).map_err(|e| ControlError::InvalidRequest(e.to_string()))
 }
 
+fn engine_err(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Engine(e.to_string())
+}
+
+fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match l.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 impl Node {
-    /// Open the store and start every stored volume.
+    /// Open the store and start every stored volume: those with all
+    /// replicas present at once, the others in the background under the
+    /// degraded-start policy.
     pub async fn start(
         data_dir: &Path,
         engine: Arc<dyn IoEngine>,
-        volume_options: VolumeOptions,
+        config: DaemonConfig,
+        degraded_override: Option<bool>,
         events: SharedSink,
     ) -> Result<Arc<Self>, ControlError> {
         let store = Store::open(&data_dir.join("state.redb"))?;
+        let (resync_min_rate, resync_max_rate) = config.resync_rates();
         let node = Arc::new(Node {
             store,
             engine,
@@ -63,27 +91,45 @@ impl Node {
             data_dir: data_dir.to_path_buf(),
             nbd_addr: OnceLock::new(),
             api_addr: OnceLock::new(),
-            volume_options,
+            volume_options: VolumeOptions {
+                io_timeout: Duration::from_secs(config.io_timeout_secs),
+                resync_min_rate,
+                resync_max_rate,
+                ..VolumeOptions::default()
+            },
             events,
+            config,
+            degraded_override,
         });
         for record in node.store.volumes()? {
-            let runtime = match node.open_volume(&record).await {
-                Ok(v) => {
-                    tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
-                    VolumeRuntime::Running(v)
-                }
-                Err(e) => {
-                    tracing::error!(volume = %record.name, error = %e, "volume not started");
-                    VolumeRuntime::Stopped(e.to_string())
-                }
-            };
-            node.set_runtime(&record.name, Some(runtime));
+            let (members, missing) = node.open_members(&record).await;
+            if missing.is_empty() {
+                node.assemble(&record, members).await;
+            } else {
+                node.set_runtime(
+                    &record.name,
+                    Some(VolumeRuntime::Starting("waiting for replicas".into())),
+                );
+                let n = node.clone();
+                tokio::spawn(async move { n.start_with_policy(record.name, None, None).await });
+            }
         }
+        node.clone().spawn_scrub_schedule();
         Ok(node)
     }
 
     pub fn set_nbd_server(&self, server: Arc<ditto_nbd::Server>) {
         let _ = self.nbd.set(server);
+    }
+
+    fn emit(&self, kind: EventKind, volume: &str, message: String) {
+        self.events.emit(Event {
+            kind,
+            volume: volume.to_string(),
+            replica: None,
+            message,
+            progress: None,
+        });
     }
 
     fn set_runtime(&self, name: &str, runtime: Option<VolumeRuntime>) {
@@ -98,41 +144,107 @@ impl Node {
     }
 
     pub fn runtime(&self, name: &str) -> Option<Arc<VolumeRuntime>> {
-        let map = match self.volumes.read() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.get(name).cloned()
+        lock_read(&self.volumes).get(name).cloned()
     }
 
     fn runtimes(&self) -> Vec<(String, Arc<VolumeRuntime>)> {
-        let map = match self.volumes.read() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        lock_read(&self.volumes)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
-    /// Open every replica of a stored volume and assemble it. Any replica that
-    /// cannot be opened keeps the volume stopped: it never starts degraded
-    /// behind the operator's back.
-    async fn open_volume(&self, record: &VolumeRecord) -> Result<Arc<Volume>, ControlError> {
-        let mut members = Vec::new();
-        for r in &record.replicas {
-            let backend = FileReplica::open(self.engine.as_ref(), &r.path, record.uuid)
-                .await
-                .map_err(|e| {
-                    ControlError::Engine(format!(
-                        "{e}; the volume stays stopped until the replica is back"
-                    ))
-                })?;
-            members.push(Member::new(
-                r.id,
-                r.pool.clone(),
-                backend as Arc<dyn ReplicaBackend>,
-            ));
+    fn record(&self, name: &str) -> Result<VolumeRecord, ControlError> {
+        self.store
+            .volumes()?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| ControlError::VolumeNotFound(name.to_string()))
+    }
+
+    fn running(&self, name: &str) -> Result<Arc<Volume>, ControlError> {
+        self.record(name)?;
+        match self.runtime(name).as_deref() {
+            Some(VolumeRuntime::Running(v)) => Ok(v.clone()),
+            Some(VolumeRuntime::Starting(why)) => Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} is starting ({why})"
+            ))),
+            Some(VolumeRuntime::Stopped(why)) => Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} is stopped ({why}); start it with `ditto volume start {name}`"
+            ))),
+            None => Err(ControlError::VolumeNotFound(name.to_string())),
         }
-        Volume::open(
+    }
+
+    fn pool_kind(&self, pool: &str) -> PoolKind {
+        self.store
+            .pools()
+            .ok()
+            .and_then(|ps| ps.into_iter().find(|p| p.name == pool))
+            .map_or(PoolKind::Directory, |p| p.kind)
+    }
+
+    /// Open the file, device or remote export a replica lives on.
+    async fn open_io(
+        &self,
+        kind: PoolKind,
+        location: &Path,
+    ) -> Result<Arc<dyn IoFile>, std::io::Error> {
+        match kind {
+            PoolKind::Directory | PoolKind::Device => self.engine.open(location, false),
+            PoolKind::Nbd => open_remote(&location.to_string_lossy()).await,
+        }
+    }
+
+    async fn open_replica(
+        &self,
+        record: &VolumeRecord,
+        r: &ReplicaRecord,
+    ) -> Result<Arc<FileReplica>, BackendError> {
+        let location = r.path.display().to_string();
+        let file = self
+            .open_io(self.pool_kind(&r.pool), &r.path)
+            .await
+            .map_err(|source| BackendError::Io {
+                op: "open",
+                location: location.clone(),
+                source,
+            })?;
+        FileReplica::open_on(file, location, record.uuid).await
+    }
+
+    /// Open every replica; those that cannot be opened become placeholders.
+    async fn open_members(&self, record: &VolumeRecord) -> (Vec<Member>, Vec<String>) {
+        let mut members = Vec::new();
+        let mut missing = Vec::new();
+        let layout = layout_of(record).ok();
+        for r in &record.replicas {
+            let backend: Arc<dyn ReplicaBackend> =
+                match (self.open_replica(record, r).await, layout) {
+                    (Ok(b), _) => b,
+                    (Err(e), Some(layout)) => {
+                        missing.push(format!("{} ({e})", r.pool));
+                        Arc::new(MissingReplica::new(
+                            r.path.display().to_string(),
+                            e.to_string(),
+                            record.uuid,
+                            r.id,
+                            layout,
+                        ))
+                    }
+                    (Err(e), None) => {
+                        missing.push(format!("{} ({e})", r.pool));
+                        continue;
+                    }
+                };
+            members.push(Member::new(r.id, r.pool.clone(), backend));
+        }
+        (members, missing)
+    }
+
+    /// Assemble a volume and publish it (or record why it is stopped).
+    async fn assemble(&self, record: &VolumeRecord, members: Vec<Member>) -> bool {
+        let opened = Volume::open(
             &record.name,
             record.uuid,
             record.size,
@@ -140,27 +252,194 @@ impl Node {
             self.volume_options.clone(),
             self.events.clone(),
         )
-        .await
-        .map_err(|e| ControlError::Engine(e.to_string()))
+        .await;
+        match opened {
+            Ok(v) => {
+                tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
+                self.set_runtime(&record.name, Some(VolumeRuntime::Running(v)));
+                true
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.emit(
+                    EventKind::StartRefused,
+                    &record.name,
+                    format!("not started: {why}"),
+                );
+                self.set_runtime(&record.name, Some(VolumeRuntime::Stopped(why)));
+                false
+            }
+        }
+    }
+
+    /// Start a volume under the degraded-start policy: wait up to the
+    /// configured time for missing replicas, then start degraded or refuse.
+    /// `degraded` (from `volume start --degraded/--no-degraded`) wins over
+    /// the daemon's override, which wins over the config file.
+    async fn start_with_policy(
+        self: Arc<Self>,
+        name: String,
+        degraded: Option<bool>,
+        wait: Option<u64>,
+    ) -> bool {
+        let Ok(record) = self.record(&name) else {
+            return false;
+        };
+        let wait_secs = wait.unwrap_or_else(|| self.config.degraded_wait_for(&name));
+        let allow = degraded
+            .or(self.degraded_override)
+            .unwrap_or_else(|| self.config.start_degraded_for(&name));
+        let deadline = Instant::now() + Duration::from_secs(wait_secs);
+        loop {
+            let (members, missing) = self.open_members(&record).await;
+            if missing.is_empty() {
+                return self.assemble(&record, members).await;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                if allow {
+                    tracing::warn!(volume = %name, missing = ?missing, "starting degraded by policy");
+                    return self.assemble(&record, members).await;
+                }
+                let why = format!(
+                    "replica(s) missing: {}. Not started degraded (policy: start_degraded = false). Bring the disk back and run `ditto volume start {name}`, or start without it: `ditto volume start {name} --degraded`",
+                    missing.join(", ")
+                );
+                self.emit(EventKind::StartRefused, &name, why.clone());
+                self.set_runtime(&name, Some(VolumeRuntime::Stopped(why)));
+                return false;
+            }
+            self.set_runtime(
+                &name,
+                Some(VolumeRuntime::Starting(format!(
+                    "waiting {}s more for replica(s): {}; then {}",
+                    left.as_secs(),
+                    missing.join(", "),
+                    if allow {
+                        "starting degraded"
+                    } else {
+                        "refusing to start degraded"
+                    }
+                ))),
+            );
+            tokio::time::sleep(Duration::from_millis(500).min(left)).await;
+        }
+    }
+
+    /// `ditto volume start NAME [--degraded|--no-degraded]`.
+    pub async fn start_volume(
+        self: &Arc<Self>,
+        name: &str,
+        degraded: Option<bool>,
+    ) -> Result<VolumeInfo, ControlError> {
+        let record = self.record(name)?;
+        if let Some(VolumeRuntime::Running(_)) = self.runtime(name).as_deref() {
+            return Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} is already running"
+            )));
+        }
+        let _guard = self.ops.lock().await;
+        self.clone()
+            .start_with_policy(name.to_string(), degraded, Some(0))
+            .await;
+        self.volume_info(&record)
+    }
+
+    /// `ditto volume stop NAME [--force]`: unpublish and close cleanly.
+    pub async fn stop_volume(&self, name: &str, force: bool) -> Result<(), ControlError> {
+        let v = self.running(name)?;
+        let _guard = self.ops.lock().await;
+        let clients = self.clients_of(name).len();
+        if clients > 0 && !force {
+            return Err(ControlError::VolumeBusy {
+                name: name.to_string(),
+                clients,
+            });
+        }
+        self.set_runtime(
+            name,
+            Some(VolumeRuntime::Stopped(format!(
+                "stopped by the operator; `ditto volume start {name}` serves it again"
+            ))),
+        );
+        if let Some(server) = self.nbd.get() {
+            server.disconnect_export(name);
+        }
+        v.close().await.map_err(engine_err)?;
+        self.emit(
+            EventKind::VolumeStopped,
+            name,
+            "stopped by the operator".into(),
+        );
+        Ok(())
     }
 
     fn pool_usages(&self, pools: &[PoolRecord], volumes: &[VolumeRecord]) -> Vec<PoolUsage> {
         pools
             .iter()
             .map(|p| {
-                placement::usage(p, volumes, |v| {
-                    layout_of(v).map(|l| l.replica_len()).unwrap_or(v.size)
-                })
+                let device_size = match p.kind {
+                    PoolKind::Directory => None,
+                    PoolKind::Device => self.engine.open(&p.path, false).and_then(|f| f.len()).ok(),
+                    // Remote size is learnt when the pool is created and kept in the uuid-less cache below.
+                    PoolKind::Nbd => remote_size_cache(&p.path.to_string_lossy()),
+                };
+                placement::usage(
+                    p,
+                    volumes,
+                    |v| layout_of(v).map(|l| l.replica_len()).unwrap_or(v.size),
+                    device_size,
+                )
             })
             .collect()
     }
 
     pub async fn create_pool(&self, req: CreatePool) -> Result<PoolInfo, ControlError> {
         validate::name("pool", &req.name)?;
-        let path = PathBuf::from(&req.path);
-        validate::pool_path(&path)?;
-        let path = std::fs::canonicalize(&path)
-            .map_err(|_| ControlError::PoolPathMissing(path.clone()))?;
+        let (kind, path) =
+            match (&req.path, &req.device, &req.nbd) {
+                (Some(p), None, None) => {
+                    let path = PathBuf::from(p);
+                    validate::pool_path(&path)?;
+                    (
+                        PoolKind::Directory,
+                        std::fs::canonicalize(&path)
+                            .map_err(|_| ControlError::PoolPathMissing(path))?,
+                    )
+                }
+                (None, Some(d), None) => {
+                    let path = PathBuf::from(d);
+                    let meta = std::fs::metadata(&path)
+                        .map_err(|_| ControlError::PoolPathMissing(path.clone()))?;
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_block_device() {
+                        return Err(ControlError::InvalidRequest(format!(
+                            "{} is not a block device; use --path for a directory",
+                            path.display()
+                        )));
+                    }
+                    self.engine.open(&path, false).map_err(|e| {
+                        ControlError::PoolPathNotWritable {
+                            path: path.clone(),
+                            why: e.to_string(),
+                        }
+                    })?;
+                    (PoolKind::Device, path)
+                }
+                (None, None, Some(uri)) => {
+                    let file = open_remote(uri).await.map_err(|e| {
+                        ControlError::InvalidRequest(format!(
+                            "cannot open NBD export {uri}: {e}; check that it is served"
+                        ))
+                    })?;
+                    remember_remote_size(uri, file.len().unwrap_or(0));
+                    (PoolKind::Nbd, PathBuf::from(uri))
+                }
+                _ => return Err(ControlError::InvalidRequest(
+                    "give exactly one of --path DIR, --device /dev/... or --nbd nbd://HOST/EXPORT"
+                        .into(),
+                )),
+            };
         let _guard = self.ops.lock().await;
         let pools = self.store.pools()?;
         if pools.iter().any(|p| p.name == req.name) {
@@ -176,12 +455,12 @@ impl Node {
             version: RECORD_VERSION,
             name: req.name.clone(),
             uuid: Uuid::new_v4(),
-            kind: PoolKind::Directory,
+            kind,
             path,
             created_unix: now_unix(),
         };
         self.store.insert_pool(&record)?;
-        tracing::info!(pool = %record.name, path = %record.path.display(), "pool created");
+        tracing::info!(pool = %record.name, path = %record.path.display(), kind = kind.as_str(), "pool created");
         let usage = self.pool_usages(std::slice::from_ref(&record), &self.store.volumes()?);
         Ok(pool_info(&record, &usage[0]))
     }
@@ -218,11 +497,80 @@ impl Node {
             .collect())
     }
 
+    /// Create one replica of `volume` in `pool`: a new sparse file in a
+    /// directory pool, or a freshly formatted device or remote export.
+    async fn create_replica(
+        &self,
+        pool: &PoolRecord,
+        volume_name: &str,
+        volume_uuid: Uuid,
+        layout: Layout,
+    ) -> Result<(ReplicaRecord, Arc<FileReplica>), ControlError> {
+        let id = Uuid::new_v4();
+        let (path, backend) = match pool.kind {
+            PoolKind::Directory => {
+                let path = pool.path.join(format!(
+                    "{volume_name}-{}.replica",
+                    &id.simple().to_string()[..8]
+                ));
+                let b =
+                    FileReplica::create(self.engine.as_ref(), &path, volume_uuid, id, layout).await;
+                (path, b)
+            }
+            PoolKind::Device | PoolKind::Nbd => {
+                let file = self.open_io(pool.kind, &pool.path).await.map_err(|e| {
+                    ControlError::Engine(format!(
+                        "cannot open pool {:?} at {}: {e}",
+                        pool.name,
+                        pool.path.display()
+                    ))
+                })?;
+                let b = FileReplica::format_on(
+                    file,
+                    pool.path.display().to_string(),
+                    volume_uuid,
+                    id,
+                    layout,
+                )
+                .await;
+                (pool.path.clone(), b)
+            }
+        };
+        let backend = backend.map_err(|e| {
+            ControlError::Engine(format!("creating replica in pool {:?}: {e}", pool.name))
+        })?;
+        Ok((
+            ReplicaRecord {
+                id,
+                pool: pool.name.clone(),
+                path,
+            },
+            backend,
+        ))
+    }
+
+    /// Remove a replica's storage: delete the file of a directory pool; leave
+    /// devices and remote exports as they are (their superblock names the old volume).
+    fn discard_replica(&self, r: &ReplicaRecord) {
+        if self.pool_kind(&r.pool) == PoolKind::Directory {
+            if let Err(e) = std::fs::remove_file(&r.path) {
+                tracing::warn!(path = %r.path.display(), error = %e, "could not remove replica file");
+            }
+        }
+    }
+
     pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeInfo, ControlError> {
         validate::name("volume", &req.name)?;
         let size = match &req.size {
-            SizeInput::Bytes(0) => return Err(validate::parse_size("0").unwrap_err()),
-            SizeInput::Bytes(b) => *b,
+            SizeInput::Bytes(b) => {
+                if *b == 0 {
+                    return Err(ControlError::InvalidSize {
+                        input: "0".into(),
+                        why: "a volume cannot be empty".into(),
+                    });
+                }
+                *b
+            }
             SizeInput::Text(t) => validate::parse_size(t)?,
         };
         if req.replicas.is_some() && !req.pools.is_empty() {
@@ -254,7 +602,7 @@ impl Node {
         let mut created: Vec<(ReplicaRecord, Arc<FileReplica>)> = Vec::new();
         let cleanup = |created: &[(ReplicaRecord, Arc<FileReplica>)]| {
             for (r, _) in created {
-                let _ = std::fs::remove_file(&r.path);
+                self.discard_replica(r);
             }
         };
         for pool_name in &chosen {
@@ -262,26 +610,11 @@ impl Node {
                 cleanup(&created);
                 return Err(ControlError::PoolNotFound(pool_name.clone()));
             };
-            let id = Uuid::new_v4();
-            let path = pool.path.join(format!(
-                "{}-{}.replica",
-                req.name,
-                &id.simple().to_string()[..8]
-            ));
-            match FileReplica::create(self.engine.as_ref(), &path, uuid, id, layout).await {
-                Ok(backend) => created.push((
-                    ReplicaRecord {
-                        id,
-                        pool: pool_name.clone(),
-                        path,
-                    },
-                    backend,
-                )),
+            match self.create_replica(pool, &req.name, uuid, layout).await {
+                Ok(c) => created.push(c),
                 Err(e) => {
                     cleanup(&created);
-                    return Err(ControlError::Engine(format!(
-                        "creating replica in pool {pool_name:?}: {e}"
-                    )));
+                    return Err(e);
                 }
             }
         }
@@ -311,10 +644,11 @@ impl Node {
             Ok(v) => v,
             Err(e) => {
                 cleanup(&created);
-                return Err(ControlError::Engine(e.to_string()));
+                return Err(engine_err(e));
             }
         };
         if let Err(e) = self.store.insert_volume(&record) {
+            let _ = volume.close().await;
             cleanup(&created);
             return Err(e);
         }
@@ -325,12 +659,7 @@ impl Node {
 
     pub async fn delete_volume(&self, name: &str, force: bool) -> Result<(), ControlError> {
         let _guard = self.ops.lock().await;
-        let record = self
-            .store
-            .volumes()?
-            .into_iter()
-            .find(|v| v.name == name)
-            .ok_or_else(|| ControlError::VolumeNotFound(name.to_string()))?;
+        let record = self.record(name)?;
         let clients = self.clients_of(name).len();
         if clients > 0 && !force {
             return Err(ControlError::VolumeBusy {
@@ -344,19 +673,233 @@ impl Node {
         if let Some(server) = self.nbd.get() {
             server.disconnect_export(name);
         }
-        if let Some(rt) = runtime {
-            if let VolumeRuntime::Running(v) = rt.as_ref() {
-                let _ = v.close().await;
-            }
+        if let Some(VolumeRuntime::Running(v)) = runtime.as_deref() {
+            let _ = v.close().await;
         }
         self.store.delete_volume(name)?;
         for r in &record.replicas {
-            if let Err(e) = std::fs::remove_file(&r.path) {
-                tracing::warn!(path = %r.path.display(), error = %e, "could not remove replica file");
-            }
+            self.discard_replica(r);
         }
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
+    }
+
+    /// Find a replica of a volume by id prefix (≥ 4 hex digits), pool name or path.
+    fn find_replica(
+        &self,
+        record: &VolumeRecord,
+        key: &str,
+    ) -> Result<ReplicaRecord, ControlError> {
+        let matches: Vec<&ReplicaRecord> = record
+            .replicas
+            .iter()
+            .filter(|r| {
+                r.pool == key
+                    || r.path.to_string_lossy() == key
+                    || (key.len() >= 4
+                        && r.id
+                            .simple()
+                            .to_string()
+                            .starts_with(&key.to_ascii_lowercase()))
+            })
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(ControlError::InvalidRequest(format!(
+                "volume {:?} has no replica {key:?}; its replicas: {}",
+                record.name,
+                record
+                    .replicas
+                    .iter()
+                    .map(|r| format!("{} (pool {})", &r.id.simple().to_string()[..8], r.pool))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            _ => Err(ControlError::InvalidRequest(format!(
+                "{key:?} matches several replicas; give more of the id"
+            ))),
+        }
+    }
+
+    /// `ditto replica add VOLUME --pool POOL`: a new replica, rebuilt while serving.
+    pub async fn add_replica(
+        &self,
+        name: &str,
+        pool_name: &str,
+    ) -> Result<VolumeInfo, ControlError> {
+        let volume = self.running(name)?;
+        let _guard = self.ops.lock().await;
+        let mut record = self.record(name)?;
+        if record.replicas.iter().any(|r| r.pool == pool_name) {
+            return Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} already has a replica in pool {pool_name:?}: each replica needs its own pool"
+            )));
+        }
+        let pools = self.store.pools()?;
+        let pool = pools
+            .iter()
+            .find(|p| p.name == pool_name)
+            .ok_or_else(|| ControlError::PoolNotFound(pool_name.into()))?;
+        let layout = layout_of(&record)?;
+        let usage = self.pool_usages(std::slice::from_ref(pool), &self.store.volumes()?);
+        if usage[0].free_bytes < layout.replica_len() {
+            return Err(ControlError::NoSpace {
+                pool: pool_name.into(),
+                need: layout.replica_len(),
+                free: usage[0].free_bytes,
+            });
+        }
+        let (replica, backend) = self.create_replica(pool, name, record.uuid, layout).await?;
+        record.replicas.push(replica.clone());
+        if let Err(e) = self.store.update_volume(&record) {
+            self.discard_replica(&replica);
+            return Err(e);
+        }
+        let member = Member::new(replica.id, pool_name, backend as Arc<dyn ReplicaBackend>);
+        if let Err(e) = volume.add_replica(member).await {
+            record.replicas.retain(|r| r.id != replica.id);
+            let _ = self.store.update_volume(&record);
+            self.discard_replica(&replica);
+            return Err(engine_err(e));
+        }
+        self.volume_info(&record)
+    }
+
+    /// `ditto replica readd VOLUME REPLICA`: bring back a failed, stale or missing replica.
+    pub async fn readd_replica(&self, name: &str, key: &str) -> Result<ReaddPlan, ControlError> {
+        let volume = self.running(name)?;
+        let _guard = self.ops.lock().await;
+        let record = self.record(name)?;
+        let replica = self.find_replica(&record, key)?;
+        let backend = self.open_replica(&record, &replica).await.map_err(|e| {
+            ControlError::Engine(format!("{e}; if the replica is lost for good, `ditto replica remove {name} {key}` and `ditto replica add`"))
+        })?;
+        volume
+            .readd(replica.id, backend as Arc<dyn ReplicaBackend>, false)
+            .await
+            .map_err(engine_err)
+    }
+
+    /// `ditto replica fail VOLUME REPLICA`: take a replica out on purpose.
+    pub async fn fail_replica(&self, name: &str, key: &str) -> Result<(), ControlError> {
+        let volume = self.running(name)?;
+        let record = self.record(name)?;
+        let replica = self.find_replica(&record, key)?;
+        volume
+            .fail_replica(replica.id, "failed by the operator")
+            .await
+            .map_err(engine_err)
+    }
+
+    /// `ditto replica remove VOLUME REPLICA`: drop a replica from the volume.
+    /// A replica file is kept (renamed `.removed`) so nothing is destroyed by a typo.
+    pub async fn remove_replica(&self, name: &str, key: &str) -> Result<(), ControlError> {
+        let volume = self.running(name)?;
+        let _guard = self.ops.lock().await;
+        let mut record = self.record(name)?;
+        let replica = self.find_replica(&record, key)?;
+        if volume.members().iter().any(|m| m.id == replica.id) {
+            volume
+                .remove_replica(replica.id)
+                .await
+                .map_err(engine_err)?;
+        }
+        record.replicas.retain(|r| r.id != replica.id);
+        self.store.update_volume(&record)?;
+        if self.pool_kind(&replica.pool) == PoolKind::Directory {
+            let _ = std::fs::rename(&replica.path, replica.path.with_extension("removed"));
+        }
+        Ok(())
+    }
+
+    /// `ditto volume scrub VOLUME [--repair] [--source REPLICA]`.
+    pub async fn scrub(
+        &self,
+        name: &str,
+        repair: bool,
+        source: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let volume = self.running(name)?;
+        let record = self.record(name)?;
+        let source = match source {
+            Some(key) => Some(self.find_replica(&record, key)?.id),
+            None => None,
+        };
+        volume.scrub(repair, source).await.map_err(engine_err)
+    }
+
+    /// `ditto volume resolve VOLUME --keep REPLICA`: end a split brain. The
+    /// kept replica serves; every other one is rebuilt from it in full.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        name: &str,
+        keep: &str,
+    ) -> Result<VolumeInfo, ControlError> {
+        let record = self.record(name)?;
+        if let Some(VolumeRuntime::Running(_)) = self.runtime(name).as_deref() {
+            return Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} is running; resolve is for a volume stopped by a split brain"
+            )));
+        }
+        let _guard = self.ops.lock().await;
+        let kept = self.find_replica(&record, keep)?;
+        let layout = layout_of(&record)?;
+        let backend = self
+            .open_replica(&record, &kept)
+            .await
+            .map_err(engine_err)?;
+        let mut members = vec![Member::new(
+            kept.id,
+            kept.pool.clone(),
+            backend as Arc<dyn ReplicaBackend>,
+        )];
+        let others: Vec<&ReplicaRecord> =
+            record.replicas.iter().filter(|r| r.id != kept.id).collect();
+        for r in &others {
+            let placeholder = MissingReplica::new(
+                r.path.display().to_string(),
+                "discarded by `volume resolve`",
+                record.uuid,
+                r.id,
+                layout,
+            );
+            members.push(Member::new(
+                r.id,
+                r.pool.clone(),
+                Arc::new(placeholder) as Arc<dyn ReplicaBackend>,
+            ));
+        }
+        let volume = Volume::open(
+            &record.name,
+            record.uuid,
+            record.size,
+            members,
+            self.volume_options.clone(),
+            self.events.clone(),
+        )
+        .await
+        .map_err(engine_err)?;
+        self.set_runtime(name, Some(VolumeRuntime::Running(volume.clone())));
+        self.events.emit(Event {
+            kind: EventKind::SplitBrainResolved,
+            volume: name.to_string(),
+            replica: Some(kept.path.display().to_string()),
+            message: format!("split brain resolved by the operator: keeping the replica on {}; the others are rebuilt from it", kept.pool),
+            progress: None,
+        });
+        for r in others {
+            match self.open_replica(&record, r).await {
+                Ok(b) => {
+                    if let Err(e) = volume.readd(r.id, b as Arc<dyn ReplicaBackend>, true).await {
+                        tracing::warn!(volume = %name, replica = %r.path.display(), error = %e, "cannot rebuild discarded replica");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, replica = %r.path.display(), error = %e, "discarded replica unavailable")
+                }
+            }
+        }
+        self.volume_info(&record)
     }
 
     fn clients_of(&self, name: &str) -> Vec<ClientInfo> {
@@ -386,10 +929,27 @@ impl Node {
                 .unwrap_or(ditto_control::config::DEFAULT_NBD_LISTEN),
             record.name
         );
-        let (state, reason, generation, replicas) = match runtime.as_deref() {
+        let name = &record.name;
+        let mut info = VolumeInfo {
+            name: name.clone(),
+            uuid: record.uuid,
+            size: record.size,
+            state: "stopped".into(),
+            reason: None,
+            generation: 0,
+            export,
+            replicas: Vec::new(),
+            clients: self.clients_of(name),
+            job: None,
+            last_scrub: None,
+            dirty_regions: 0,
+            copied_bytes: 0,
+            actions: Vec::new(),
+        };
+        match runtime.as_deref() {
             Some(VolumeRuntime::Running(v)) => {
                 let members = v.members();
-                let replicas = record
+                info.replicas = record
                     .replicas
                     .iter()
                     .map(|r| match members.iter().find(|m| m.id == r.id) {
@@ -405,45 +965,70 @@ impl Node {
                             writes: m.writes,
                             errors: m.errors,
                         },
-                        None => missing_replica(r, "not part of the running volume"),
+                        None => unknown_replica(r, "not part of the running volume"),
                     })
-                    .collect::<Vec<_>>();
+                    .collect();
                 let in_sync = members
                     .iter()
                     .filter(|m| m.state == ReplicaState::InSync)
                     .count();
-                let state = if in_sync == 0 {
+                info.state = if in_sync == 0 {
                     "failed"
                 } else if in_sync < record.replicas.len() {
                     "degraded"
                 } else {
                     "healthy"
-                };
-                (state, None, v.generation(), replicas)
+                }
+                .into();
+                info.generation = v.generation();
+                info.job = v.job().map(job_info);
+                info.last_scrub = v.last_scrub().map(scrub_info);
+                info.dirty_regions = v.dirty_regions();
+                info.copied_bytes = v.copied_bytes();
+                for m in &members {
+                    let id = &m.id.simple().to_string()[..8];
+                    match m.state {
+                        ReplicaState::Failed | ReplicaState::Stale | ReplicaState::Missing => info.actions.push(format!(
+                            "replica {id} ({}) is {}: when its disk is back, `ditto replica readd {name} {id}`; if it is gone for good, `ditto replica remove {name} {id}` then `ditto replica add {name} --pool POOL`",
+                            m.label,
+                            m.state.as_str()
+                        )),
+                        _ => {}
+                    }
+                }
+                if in_sync == 1 && record.replicas.len() == 1 {
+                    info.actions.push(format!(
+                        "single copy: make it a mirror with `ditto replica add {name} --pool POOL`"
+                    ));
+                }
             }
-            Some(VolumeRuntime::Stopped(why)) => (
-                "stopped",
-                Some(why.clone()),
-                0,
-                record
+            Some(VolumeRuntime::Starting(why)) => {
+                info.state = "starting".into();
+                info.reason = Some(why.clone());
+                info.replicas = record
                     .replicas
                     .iter()
-                    .map(|r| missing_replica(r, "volume stopped"))
-                    .collect(),
-            ),
-            None => ("stopped", Some("not loaded".into()), 0, Vec::new()),
-        };
-        Ok(VolumeInfo {
-            name: record.name.clone(),
-            uuid: record.uuid,
-            size: record.size,
-            state: state.into(),
-            reason,
-            generation,
-            export,
-            replicas,
-            clients: self.clients_of(&record.name),
-        })
+                    .map(|r| unknown_replica(r, "volume starting"))
+                    .collect();
+            }
+            Some(VolumeRuntime::Stopped(why)) => {
+                info.reason = Some(why.clone());
+                info.replicas = record
+                    .replicas
+                    .iter()
+                    .map(|r| unknown_replica(r, "volume stopped"))
+                    .collect();
+                if why.contains("split brain") {
+                    info.actions.push(format!(
+                        "choose the replica to keep: `ditto volume resolve {name} --keep REPLICA`"
+                    ));
+                } else {
+                    info.actions.push(format!("`ditto volume start {name}` (add --degraded to start without missing replicas)"));
+                }
+            }
+            None => info.reason = Some("not loaded".into()),
+        }
+        Ok(info)
     }
 
     pub fn volumes(&self) -> Result<Vec<VolumeInfo>, ControlError> {
@@ -454,14 +1039,15 @@ impl Node {
             .collect()
     }
 
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo, ControlError> {
+        self.volume_info(&self.record(name)?)
+    }
+
     pub fn status(&self, volume: Option<&str>) -> Result<StatusInfo, ControlError> {
-        let mut volumes = self.volumes()?;
-        if let Some(name) = volume {
-            volumes.retain(|v| v.name == name);
-            if volumes.is_empty() {
-                return Err(ControlError::VolumeNotFound(name.to_string()));
-            }
-        }
+        let volumes = match volume {
+            Some(name) => vec![self.volume(name)?],
+            None => self.volumes()?,
+        };
         Ok(StatusInfo {
             node: NodeInfo {
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -473,6 +1059,34 @@ impl Node {
             volumes,
             pools: self.pools()?,
         })
+    }
+
+    /// Scrub volumes on the configured schedule (`scrub_interval_hours`).
+    fn spawn_scrub_schedule(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut last: BTreeMap<String, Instant> = BTreeMap::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(node) = weak.upgrade() else { return };
+                for (name, rt) in node.runtimes() {
+                    let hours = node.config.scrub_interval_for(&name);
+                    let VolumeRuntime::Running(v) = rt.as_ref() else {
+                        continue;
+                    };
+                    if hours == 0 {
+                        continue;
+                    }
+                    let since = last.get(&name).copied().unwrap_or(started);
+                    if since.elapsed() >= Duration::from_secs(hours * 3600)
+                        && v.scrub(false, None).await.is_ok()
+                    {
+                        last.insert(name, Instant::now());
+                    }
+                }
+            }
+        });
     }
 
     /// Flush every running volume and mark its replicas clean.
@@ -490,12 +1104,35 @@ impl Node {
     }
 }
 
-fn missing_replica(r: &ReplicaRecord, why: &str) -> ReplicaInfo {
+/// Open a remote NBD export as an I/O file.
+async fn open_remote(uri: &str) -> Result<Arc<dyn IoFile>, std::io::Error> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        format!("NBD pools are not available yet ({uri})"),
+    ))
+}
+
+static REMOTE_SIZES: std::sync::Mutex<BTreeMap<String, u64>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// NBD pool sizes, learnt when a pool is created or a replica opened, so
+/// listing pools never waits on the network.
+fn remember_remote_size(uri: &str, size: u64) {
+    if let Ok(mut m) = REMOTE_SIZES.lock() {
+        m.insert(uri.to_string(), size);
+    }
+}
+
+fn remote_size_cache(uri: &str) -> Option<u64> {
+    REMOTE_SIZES.lock().ok().and_then(|m| m.get(uri).copied())
+}
+
+fn unknown_replica(r: &ReplicaRecord, why: &str) -> ReplicaInfo {
     ReplicaInfo {
         id: r.id,
         pool: r.pool.clone(),
         path: r.path.display().to_string(),
-        state: "missing".into(),
+        state: "unknown".into(),
         reason: Some(why.into()),
         generation: None,
         data_offset: None,
@@ -505,13 +1142,47 @@ fn missing_replica(r: &ReplicaRecord, why: &str) -> ReplicaInfo {
     }
 }
 
+fn job_info(j: JobProgress) -> JobInfo {
+    JobInfo {
+        kind: j.kind.as_str().into(),
+        replica: j.replica,
+        done_bytes: j.done_bytes,
+        total_bytes: j.total_bytes,
+        percent: if j.total_bytes > 0 {
+            (j.done_bytes as f64 * 100.0 / j.total_bytes as f64).min(100.0)
+        } else if j.finished {
+            100.0
+        } else {
+            0.0
+        },
+        rate_bytes_per_sec: j.rate_bytes_per_sec,
+        eta_secs: j.eta_secs,
+        elapsed_secs: j.elapsed_secs,
+        started_unix: j.started_unix,
+        finished: j.finished,
+        error: j.error,
+    }
+}
+
+fn scrub_info(s: ScrubReport) -> ScrubInfo {
+    ScrubInfo {
+        started_unix: s.started_unix,
+        duration_secs: s.duration_secs,
+        bytes: s.bytes,
+        mismatches: s.mismatched_regions.len() as u64,
+        mismatched_offsets: s.mismatched_regions.into_iter().take(100).collect(),
+        repaired: s.repaired,
+        repair: s.repair,
+        finished: s.finished,
+        error: s.error,
+    }
+}
+
 fn pool_info(p: &PoolRecord, u: &PoolUsage) -> PoolInfo {
     PoolInfo {
         name: p.name.clone(),
         uuid: p.uuid,
-        kind: match p.kind {
-            PoolKind::Directory => "directory".into(),
-        },
+        kind: p.kind.as_str().into(),
         path: p.path.display().to_string(),
         total_bytes: u.total_bytes,
         free_bytes: u.free_bytes,
@@ -529,7 +1200,7 @@ impl ditto_nbd::ExportRegistry for Registry {
         let node = self.0.upgrade()?;
         match node.runtime(name)?.as_ref() {
             VolumeRuntime::Running(v) => Some(Arc::new(crate::export::VolumeExport(v.clone()))),
-            VolumeRuntime::Stopped(_) => None,
+            _ => None,
         }
     }
 
@@ -544,7 +1215,7 @@ impl ditto_nbd::ExportRegistry for Registry {
                     name,
                     description: format!("ditto volume, {} replicas", v.members().len()),
                 }),
-                VolumeRuntime::Stopped(_) => None,
+                _ => None,
             })
             .collect()
     }

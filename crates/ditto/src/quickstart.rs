@@ -33,7 +33,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         ..DaemonArgs::default()
     };
     let (cfg, data_dir) = daemon::resolve_config(&daemon_args, None)?;
-    let running = daemon::start(&cfg, &data_dir).await?;
+    let running = daemon::start(&cfg, &data_dir, None).await?;
     let node = running.node.clone();
     let data_dir = node.data_dir.clone();
     // Two pools standing in for two disks: on a real machine each would be the
@@ -45,7 +45,9 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         match node
             .create_pool(CreatePool {
                 name: name.into(),
-                path: path.display().to_string(),
+                path: Some(path.display().to_string()),
+                device: None,
+                nbd: None,
             })
             .await
         {
