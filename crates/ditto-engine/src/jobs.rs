@@ -341,6 +341,10 @@ impl Volume {
 
     pub(crate) async fn resync_after_crash(self: Arc<Self>) {
         let _job = self.job_lock.lock().await;
+        // Queued behind a close: the replicas are closed cleanly, touch nothing.
+        if self.is_closed() {
+            return Default::default();
+        }
         let Some(redirect) = self.redirect.read().ok().and_then(|r| r.clone()) else {
             return;
         };
@@ -617,6 +621,10 @@ impl Volume {
 
     async fn catch_up(self: Arc<Self>, target: Arc<Member>) -> Result<(), EngineError> {
         let _job = self.job_lock.lock().await;
+        // Queued behind a close: the replicas are closed cleanly, touch nothing.
+        if self.is_closed() {
+            return Ok(());
+        }
         let regions = self.dirty.dirty_regions();
         let total: u64 = regions
             .iter()
@@ -657,6 +665,10 @@ impl Volume {
         cursor: u64,
     ) -> Result<(), EngineError> {
         let _job = self.job_lock.lock().await;
+        // Queued behind a close: the replicas are closed cleanly, touch nothing.
+        if self.is_closed() {
+            return Ok(());
+        }
         let location = target.backend.location().to_string();
         let rs = self.dirty.region_size();
         let first = cursor / rs;
@@ -844,6 +856,10 @@ impl Volume {
 
     async fn run_scrub(self: Arc<Self>, repair: bool, source: Option<Uuid>) {
         let _job = self.job_lock.lock().await;
+        // Queued behind a close: the replicas are closed cleanly, touch nothing.
+        if self.is_closed() {
+            return Default::default();
+        }
         let started_unix = now_unix();
         let started = Instant::now();
         let mut report = ScrubReport {
