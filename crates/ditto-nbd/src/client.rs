@@ -44,7 +44,7 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// for (INFO items, error messages) is far smaller.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
 /// Second magic of the oldstyle handshake, recognised only to explain the refusal.
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 const NBD_REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 const NBD_REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
 const NBD_ENOMEM: u32 = 12;
@@ -123,9 +123,7 @@ impl NbdUri {
         let endpoint = match scheme.as_str() {
             "nbd" => {
                 if let Some((k, _)) = params.first() {
-                    return Err(bad(format!(
-                        "nbd:// takes no query parameters (got {k:?})"
-                    )));
+                    return Err(bad(format!("nbd:// takes no query parameters (got {k:?})")));
                 }
                 let (host, port) = parse_authority(authority).map_err(bad)?;
                 Endpoint::Tcp { host, port }
@@ -676,7 +674,7 @@ impl Client {
     /// Why the connection is unusable, if it is.
     pub fn closed_reason(&self) -> Option<String> {
         let st = self.shared.state();
-        st.dead.clone().or_else(|| st.closing.clone())
+        st.closing.clone().or_else(|| st.dead.clone())
     }
 
     fn lost(&self, reason: impl Into<String>) -> ClientError {
@@ -706,7 +704,7 @@ impl Client {
             }
         }
         let m = u64::from(self.min_block);
-        if offset % m != 0 || len % m != 0 {
+        if !offset.is_multiple_of(m) || !len.is_multiple_of(m) {
             return Err(ClientError::Misaligned {
                 op,
                 offset,
@@ -738,7 +736,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = self.shared.state();
-            if let Some(reason) = st.dead.as_ref().or(st.closing.as_ref()) {
+            if let Some(reason) = st.closing.as_ref().or(st.dead.as_ref()) {
                 return Err(self.lost(reason.clone()));
             }
             let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -787,7 +785,9 @@ impl Client {
         self.check("read", offset, len as u64)?;
         let parts: Vec<_> = pieces(offset, len as u64, self.max_payload).collect();
         if let [(o, n)] = parts[..] {
-            return self.request("read", NBD_CMD_READ, 0, o, n, Bytes::new()).await;
+            return self
+                .request("read", NBD_CMD_READ, 0, o, n, Bytes::new())
+                .await;
         }
         let got = try_join_all(
             parts
@@ -856,9 +856,7 @@ impl Client {
         no_hole: bool,
     ) -> Result<(), ClientError> {
         if !self.info.can_write_zeroes() {
-            return Err(self.unsupported(
-                "WRITE_ZEROES (NBD_FLAG_SEND_WRITE_ZEROES is not set)",
-            ));
+            return Err(self.unsupported("WRITE_ZEROES (NBD_FLAG_SEND_WRITE_ZEROES is not set)"));
         }
         let flags = if no_hole { NBD_CMD_FLAG_NO_HOLE } else { 0 };
         self.ranged("write zeroes", NBD_CMD_WRITE_ZEROES, flags, offset, len)
@@ -1020,7 +1018,9 @@ where
                 "the server sent a structured reply, which was never negotiated (protocol violation)"
                     .to_string()
             } else {
-                format!("bad reply magic {magic:#010x} (protocol violation, or the stream lost sync)")
+                format!(
+                    "bad reply magic {magic:#010x} (protocol violation, or the stream lost sync)"
+                )
             };
         }
         let error = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
@@ -1029,7 +1029,9 @@ where
         let handle = u64::from_be_bytes(h);
         let Some(p) = shared.state().pending.remove(&handle) else {
             // A READ's data might follow; there is no way to know how much.
-            return format!("the server replied to unknown handle {handle:#x} (protocol violation)");
+            return format!(
+                "the server replied to unknown handle {handle:#x} (protocol violation)"
+            );
         };
         let result = if error != 0 {
             if error == NBD_ESHUTDOWN {
@@ -1144,7 +1146,9 @@ where
     let mut m = [0u8; 8];
     m.copy_from_slice(&greet[0..8]);
     if u64::from_be_bytes(m) != NBDMAGIC {
-        return Err(hs("the peer is not an NBD server (no NBDMAGIC greeting)".into()));
+        return Err(hs(
+            "the peer is not an NBD server (no NBDMAGIC greeting)".into()
+        ));
     }
     m.copy_from_slice(&greet[8..16]);
     match u64::from_be_bytes(m) {
@@ -1160,7 +1164,7 @@ where
     let server_flags = u16::from_be_bytes([greet[16], greet[17]]);
     if server_flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
         return Err(hs(
-            "the server does not offer fixed newstyle negotiation".into(),
+            "the server does not offer fixed newstyle negotiation".into()
         ));
     }
     let no_zeroes = server_flags & NBD_FLAG_NO_ZEROES != 0;
@@ -1251,11 +1255,18 @@ where
                 let _ = send_option(s, NBD_OPT_ABORT, &[]).await;
                 let message = wire_message(&String::from_utf8_lossy(&data), 512);
                 let why = match k {
-                    NBD_REP_ERR_UNKNOWN => "no such export; check the name (`nbdinfo --list` shows the exports)".to_string(),
+                    NBD_REP_ERR_UNKNOWN => {
+                        "no such export; check the name (`nbdinfo --list` shows the exports)"
+                            .to_string()
+                    }
                     NBD_REP_ERR_POLICY => "refused by server policy".to_string(),
-                    NBD_REP_ERR_TLS_REQD => "the server requires TLS, which this client does not support".to_string(),
+                    NBD_REP_ERR_TLS_REQD => {
+                        "the server requires TLS, which this client does not support".to_string()
+                    }
                     NBD_REP_ERR_SHUTDOWN => "the server is shutting down".to_string(),
-                    NBD_REP_ERR_BLOCK_SIZE_REQD => "the server requires block size negotiation".to_string(),
+                    NBD_REP_ERR_BLOCK_SIZE_REQD => {
+                        "the server requires block size negotiation".to_string()
+                    }
                     NBD_REP_ERR_INVALID => "the server called the request invalid".to_string(),
                     other => format!("error reply {other:#x}"),
                 };
