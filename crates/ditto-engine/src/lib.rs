@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod events;
 pub mod io;
 pub mod jobs;
+pub mod nbd_file;
 pub mod read_policy;
 pub mod uring;
 pub mod volume;
