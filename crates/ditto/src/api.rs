@@ -173,13 +173,7 @@ async fn get_volume(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
 ) -> ApiResult<crate::api_types::VolumeInfo> {
-    let status = node.status(Some(&name))?;
-    status
-        .volumes
-        .into_iter()
-        .next()
-        .map(Json)
-        .ok_or_else(|| ApiError(ControlError::VolumeNotFound(name)))
+    Ok(Json(node.volume(&name)?))
 }
 
 async fn create_volume(

@@ -112,6 +112,9 @@ pub struct CreateVolume {
     /// Explicit pools, one replica each (instead of `replicas`).
     #[serde(default)]
     pub pools: Vec<String>,
+    /// Dirty-map region size, e.g. "1M" (power of two, 4 KiB to 1 GiB; default 1 MiB).
+    #[serde(default)]
+    pub region_size: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

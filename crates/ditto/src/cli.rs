@@ -195,6 +195,7 @@ pub fn volume_create(
     size: String,
     replicas: Option<usize>,
     pools: Vec<String>,
+    region_size: Option<String>,
     json: bool,
 ) -> Result<()> {
     let v: VolumeInfo = c.post(
@@ -204,6 +205,7 @@ pub fn volume_create(
             size: SizeInput::Text(size),
             replicas,
             pools,
+            region_size,
         },
     )?;
     if json {

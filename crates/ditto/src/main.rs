@@ -101,6 +101,9 @@ enum VolumeCommand {
         /// Put a replica on this pool (repeat for each replica).
         #[arg(long)]
         pool: Vec<String>,
+        /// Dirty-map region size (power of two, 4K..1G) [default: 1M].
+        #[arg(long)]
+        region_size: Option<String>,
     },
     /// List volumes.
     List,
@@ -214,7 +217,8 @@ fn run(cli: Cli) -> Result<()> {
             size,
             replicas,
             pool,
-        }) => cli::volume_create(&client(), name, size, replicas, pool, cli.json),
+            region_size,
+        }) => cli::volume_create(&client(), name, size, replicas, pool, region_size, cli.json),
         Command::Volume(VolumeCommand::List) => cli::volume_list(&client(), cli.json),
         Command::Volume(VolumeCommand::Delete { name, force }) => {
             check_name("volume", &name)?;

@@ -587,7 +587,20 @@ impl Node {
         for p in &req.pools {
             validate::name("pool", p)?;
         }
-        let layout = Layout::new(size, DEFAULT_REGION_SIZE)
+        let region_size = match &req.region_size {
+            None => DEFAULT_REGION_SIZE,
+            Some(text) => {
+                let r = validate::parse_size(text)?;
+                if !r.is_power_of_two() || !(4096..=1 << 30).contains(&r) {
+                    return Err(ControlError::InvalidSize {
+                        input: text.clone(),
+                        why: "a region size must be a power of two between 4K and 1G".into(),
+                    });
+                }
+                r as u32
+            }
+        };
+        let layout = Layout::new(size, region_size)
             .map_err(|e| ControlError::InvalidRequest(e.to_string()))?;
         let _guard = self.ops.lock().await;
         let volumes = self.store.volumes()?;

@@ -61,6 +61,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         size: SizeInput::Text("1G".into()),
         replicas: None,
         pools: vec!["pool-a".into(), "pool-b".into()],
+        region_size: None,
     };
     match node.create_volume(create).await {
         Ok(_) => println!("created volume {VOLUME} (1 GiB, mirrored on pool-a and pool-b)"),
