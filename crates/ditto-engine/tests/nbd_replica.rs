@@ -1,0 +1,456 @@
+//! Replicas on real NBD exports served by nbdkit, with faults injected by its error and delay filters.
+//!
+//! Needs the `nbdkit` binary (Debian package nbdkit). Servers listen on Unix
+//! sockets in a temporary directory (no port races) and are killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ditto_engine::nbd_file::{open_nbd, NbdFile};
+use ditto_engine::{
+    FileReplica, IoFile, LogSink, Member, ReplicaBackend, ReplicaState, ThreadPoolEngine, Volume,
+    VolumeOptions,
+};
+use ditto_format::{Layout, Superblock, DEFAULT_REGION_SIZE};
+use uuid::Uuid;
+
+const SIZE: u64 = 16 << 20;
+
+/// One nbdkit process serving on a Unix socket.
+struct Nbdkit {
+    child: Child,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl Nbdkit {
+    /// Runs `nbdkit -f --unix SOCK ARGS...` and waits until it accepts connections.
+    fn start(sock: &Path, args: &[&str]) -> Nbdkit {
+        if let Err(e) = Command::new("nbdkit").arg("--version").output() {
+            panic!("cannot run nbdkit ({e}); install the Debian package nbdkit (apt-get install nbdkit)");
+        }
+        // A socket left by a killed server would make bind fail.
+        let _ = std::fs::remove_file(sock);
+        let log = sock.with_extension("log");
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "--unix"])
+            .arg(sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn nbdkit");
+        let mut k = Nbdkit {
+            child,
+            sock: sock.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = k.child.try_wait() {
+                panic!(
+                    "nbdkit {args:?} exited with {status}: {}",
+                    std::fs::read_to_string(&k.log).unwrap_or_default()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&k.sock).is_ok() {
+                return k;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nbdkit did not listen on {} within 10 s",
+                k.sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options for tests: clear dirty bits quickly, copy at full speed.
+fn fast_options() -> VolumeOptions {
+    VolumeOptions {
+        dirty_clear_delay: Duration::from_millis(100),
+        resync_min_rate: 1 << 30,
+        ..VolumeOptions::default()
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 16) as u8)
+        .collect()
+}
+
+/// A volume mirrored on a local file (member 0) and an NBD export (member 1).
+struct Mirror {
+    _dir: tempfile::TempDir,
+    vol_id: Uuid,
+    ids: [Uuid; 2],
+    layout: Layout,
+    file_path: PathBuf,
+    nbd: Arc<NbdFile>,
+    uri: String,
+}
+
+impl Mirror {
+    async fn create(dir: tempfile::TempDir, uri: &str) -> Mirror {
+        let vol_id = Uuid::new_v4();
+        let ids = [Uuid::new_v4(), Uuid::new_v4()];
+        let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
+        let file_path = dir.path().join("local");
+        FileReplica::create(&ThreadPoolEngine, &file_path, vol_id, ids[0], layout)
+            .await
+            .unwrap();
+        let nbd = NbdFile::open(uri).await.unwrap();
+        FileReplica::format_on(
+            nbd.clone() as Arc<dyn IoFile>,
+            uri.to_string(),
+            vol_id,
+            ids[1],
+            layout,
+        )
+        .await
+        .unwrap();
+        Mirror {
+            _dir: dir,
+            vol_id,
+            ids,
+            layout,
+            file_path,
+            nbd,
+            uri: uri.to_string(),
+        }
+    }
+
+    async fn nbd_backend(&self) -> Arc<dyn ReplicaBackend> {
+        FileReplica::open_on(
+            self.nbd.clone() as Arc<dyn IoFile>,
+            self.uri.clone(),
+            self.vol_id,
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn open(&self, options: VolumeOptions) -> Arc<Volume> {
+        let local = FileReplica::open(&ThreadPoolEngine, &self.file_path, self.vol_id)
+            .await
+            .unwrap();
+        let members = vec![
+            Member::new(self.ids[0], "local", local as Arc<dyn ReplicaBackend>),
+            Member::new(self.ids[1], "nbd", self.nbd_backend().await),
+        ];
+        Volume::open("v", self.vol_id, SIZE, members, options, Arc::new(LogSink))
+            .await
+            .unwrap()
+    }
+
+    fn local_data(&self) -> Vec<u8> {
+        let all = std::fs::read(&self.file_path).unwrap();
+        let sb = Superblock::decode_slots(&all).unwrap();
+        all[sb.layout.data_offset as usize..][..SIZE as usize].to_vec()
+    }
+
+    async fn nbd_data(&self) -> Vec<u8> {
+        self.nbd
+            .read_at(self.layout.data_offset, SIZE as usize)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    async fn assert_equal(&self) {
+        let (a, b) = (self.local_data(), self.nbd_data().await);
+        assert!(a == b, "mirrors differ");
+    }
+}
+
+/// Wait (bounded) until the volume's job has finished.
+async fn wait_job(v: &Volume) -> ditto_engine::JobProgress {
+    for _ in 0..400 {
+        if let Some(j) = v.job() {
+            if j.finished {
+                return j;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job did not finish in 20 s: {:?}", v.job());
+}
+
+async fn wait_clean(v: &Volume) {
+    for _ in 0..200 {
+        if v.dirty_regions() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("dirty map not cleared: {} regions", v.dirty_regions());
+}
+
+async fn within<T>(secs: u64, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("timed out")
+}
+
+#[tokio::test]
+async fn nbd_file_reads_writes_and_zeroes_on_nbdkit() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = Nbdkit::start(&dir.path().join("s"), &["memory", "64M"]);
+    let f = within(10, open_nbd(&kit.uri())).await.unwrap();
+    assert_eq!(f.len().unwrap(), 64 << 20);
+    // 40 MiB: more than one 32 MiB request each way.
+    let big = pattern(40 << 20, 5);
+    within(30, f.write_at(4096, Bytes::from(big.clone())))
+        .await
+        .unwrap();
+    within(10, f.sync_data()).await.unwrap();
+    let back = within(30, f.read_at(4096, big.len())).await.unwrap();
+    assert!(back[..] == big[..], "40 MiB read back differs");
+    within(10, f.zero_range(8192, 1 << 20)).await.unwrap();
+    within(10, f.punch_hole(4 << 20, 3 << 20)).await.unwrap();
+    let back = f.read_at(0, 8 << 20).await.unwrap();
+    assert!(back[8192..8192 + (1 << 20)].iter().all(|&b| b == 0));
+    assert!(back[4 << 20..7 << 20].iter().all(|&b| b == 0));
+    assert_eq!(back[7 << 20], big[(7 << 20) - 4096]);
+    let map = f.allocation(0, 64 << 20).await.unwrap();
+    assert_eq!(map.len(), 1);
+    assert!(map[0].allocated && map[0].length == 64 << 20);
+    // Past the end is refused, not sent.
+    let e = f.read_at(64 << 20, 1).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+}
+
+#[tokio::test]
+async fn volume_mirrors_onto_nbd_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let kit = Nbdkit::start(&dir.path().join("s"), &["memory", "64M"]);
+    let m = within(10, Mirror::create(dir, &kit.uri())).await;
+    let v = within(10, m.open(fast_options())).await;
+    assert!(v.fully_redundant());
+    let data = pattern(3 << 20, 9);
+    within(10, v.write(4096, Bytes::from(data.clone()), false))
+        .await
+        .unwrap();
+    within(10, v.write(SIZE - 512, Bytes::from(vec![7u8; 512]), true))
+        .await
+        .unwrap();
+    within(10, v.write_zeroes(8192, 8192, false, false))
+        .await
+        .unwrap();
+    within(10, v.discard(1 << 20, 1 << 20, false))
+        .await
+        .unwrap();
+    within(10, v.flush()).await.unwrap();
+    // back[i] is volume byte 4096 + i.
+    let back = within(10, v.read(4096, data.len())).await.unwrap();
+    let zero = |r: std::ops::Range<usize>| back[r].iter().all(|&b| b == 0);
+    let (mib, z0, z1) = (1usize << 20, 8192 - 4096, 16384 - 4096);
+    assert!(back[..z0] == data[..z0]);
+    assert!(zero(z0..z1), "write_zeroes range");
+    assert!(back[z1..mib - 4096] == data[z1..mib - 4096]);
+    assert!(zero(mib - 4096..2 * mib - 4096), "discarded range");
+    assert!(back[2 * mib - 4096..] == data[2 * mib - 4096..]);
+    assert!(v.members().iter().all(|s| s.state == ReplicaState::InSync));
+    within(10, v.close()).await.unwrap();
+    m.assert_equal().await;
+    let local = m.local_data();
+    assert_eq!(&local[(SIZE - 512) as usize..], &[7u8; 512][..]);
+    assert!(local[1 << 20..2 << 20].iter().all(|&b| b == 0));
+    assert_eq!(
+        &local[(2 << 20)..(3 << 20)],
+        &data[(2 << 20) - 4096..(3 << 20) - 4096]
+    );
+}
+
+#[tokio::test]
+async fn error_filter_fails_the_replica_and_readd_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("trigger");
+    let error_file = format!("error-file={}", trigger.display());
+    let kit = Nbdkit::start(
+        &dir.path().join("s"),
+        &[
+            "--filter=error",
+            "memory",
+            "64M",
+            "error-rate=100%",
+            &error_file,
+        ],
+    );
+    let m = within(10, Mirror::create(dir, &kit.uri())).await;
+    let v = within(10, m.open(fast_options())).await;
+    within(10, v.write(0, Bytes::from(vec![1u8; 8 << 20]), false))
+        .await
+        .unwrap();
+    within(15, wait_clean(&v)).await;
+
+    // Every request to the export now fails with EIO.
+    std::fs::write(&trigger, b"").unwrap();
+    let gen0 = v.generation();
+    within(10, v.write(2 << 20, Bytes::from(vec![2u8; 4096]), false))
+        .await
+        .expect("the local replica took the write");
+    let st = v.members();
+    assert_eq!(st[0].state, ReplicaState::InSync);
+    assert_eq!(st[1].state, ReplicaState::Failed, "{st:?}");
+    let reason = st[1].reason.clone().unwrap_or_default();
+    assert!(reason.contains("EIO"), "{reason}");
+    assert!(v.generation() > gen0);
+    within(10, v.write(9 << 20, Bytes::from(vec![3u8; 2 << 20]), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        &within(10, v.read(2 << 20, 4096)).await.unwrap()[..],
+        &[2u8; 4096][..]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(v.dirty_regions(), 3, "bits are kept while a replica is out");
+
+    // The disk is healthy again: re-add, copying only what changed.
+    std::fs::remove_file(&trigger).unwrap();
+    let backend = within(10, m.nbd_backend()).await;
+    let plan = within(10, v.readd(m.ids[1], backend, false)).await.unwrap();
+    assert_eq!(plan, ditto_engine::ReaddPlan::CatchUp { regions: 3 });
+    let job = within(30, wait_job(&v)).await;
+    assert_eq!(job.error, None);
+    assert_eq!(
+        v.copied_bytes(),
+        3 << 20,
+        "three 1 MiB regions copied, not the 8 MiB written before"
+    );
+    assert!(v.fully_redundant());
+    within(10, v.close()).await.unwrap();
+    m.assert_equal().await;
+    assert_eq!(
+        m.nbd.reconnects(),
+        0,
+        "errors alone do not drop the connection"
+    );
+}
+
+/// A 64 MiB backing file for nbdkit's file plugin, which survives restarts.
+fn backing_file(dir: &Path) -> String {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    format!("file={}", path.display())
+}
+
+async fn wait_disconnected(nbd: &NbdFile) {
+    for _ in 0..200 {
+        if !nbd.is_connected() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the client did not notice the server going away");
+}
+
+#[tokio::test]
+async fn hanging_replica_is_failed_out_within_io_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let file = backing_file(dir.path());
+    let mut kit = Nbdkit::start(&sock, &["file", &file]);
+    let m = within(10, Mirror::create(dir, &kit.uri())).await;
+    let options = VolumeOptions {
+        io_timeout: Duration::from_secs(1),
+        dirty_clear_delay: Duration::from_secs(3600),
+        ..fast_options()
+    };
+    let v = within(10, m.open(options)).await;
+    within(10, v.write(0, Bytes::from(vec![1u8; 1 << 20]), false))
+        .await
+        .unwrap();
+
+    // Same disk, now behind a server whose writes take 3 s. The client
+    // notices the restart and reconnects on the next request.
+    kit.kill();
+    within(5, wait_disconnected(&m.nbd)).await;
+    let _kit = Nbdkit::start(&sock, &["--filter=delay", "file", &file, "delay-write=3"]);
+    let start = Instant::now();
+    within(10, v.write(0, Bytes::from(vec![2u8; 4096]), false))
+        .await
+        .expect("the local replica took the write");
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "write took {took:?}; the hanging replica should be failed out after 1 s"
+    );
+    let st = v.members();
+    assert_eq!(st[0].state, ReplicaState::InSync);
+    assert_eq!(st[1].state, ReplicaState::Failed, "{st:?}");
+    let reason = st[1].reason.clone().unwrap_or_default();
+    assert!(reason.contains("did not answer"), "{reason}");
+    assert_eq!(m.nbd.reconnects(), 1);
+    assert_eq!(
+        &within(10, v.read(0, 4096)).await.unwrap()[..],
+        &[2u8; 4096][..]
+    );
+}
+
+#[tokio::test]
+async fn disk_that_comes_back_is_readded_without_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let file = backing_file(dir.path());
+    let mut kit = Nbdkit::start(&sock, &["file", &file]);
+    let m = within(10, Mirror::create(dir, &kit.uri())).await;
+    let v = within(10, m.open(fast_options())).await;
+    within(10, v.write(0, Bytes::from(vec![1u8; 4 << 20]), false))
+        .await
+        .unwrap();
+    within(15, wait_clean(&v)).await;
+
+    // The server goes away: the next write fails the replica out (the
+    // reconnect attempt is refused), and the volume carries on.
+    kit.kill();
+    within(10, v.write(1 << 20, Bytes::from(vec![4u8; 8192]), false))
+        .await
+        .unwrap();
+    assert_eq!(v.members()[1].state, ReplicaState::Failed);
+    // Still gone: opening the replica again fails clearly.
+    let e = FileReplica::open_on(m.nbd.clone() as Arc<dyn IoFile>, m.uri.clone(), m.vol_id)
+        .await
+        .err()
+        .expect("server is down");
+    assert!(e.to_string().contains("reconnecting failed"), "{e}");
+
+    // It comes back with its data: the same NbdFile reconnects and the
+    // re-add copies the one region written meanwhile.
+    let _kit = Nbdkit::start(&sock, &["file", &file]);
+    let backend = within(10, m.nbd_backend()).await;
+    let plan = within(10, v.readd(m.ids[1], backend, false)).await.unwrap();
+    assert_eq!(plan, ditto_engine::ReaddPlan::CatchUp { regions: 1 });
+    let job = within(30, wait_job(&v)).await;
+    assert_eq!(job.error, None);
+    assert_eq!(v.copied_bytes(), 1 << 20);
+    assert!(v.fully_redundant());
+    assert!(m.nbd.reconnects() >= 1);
+    within(10, v.close()).await.unwrap();
+    m.assert_equal().await;
+}
