@@ -13,6 +13,9 @@
 //!   submission until its completion entry is reaped, whatever happens to the
 //!   future that asked for it (a timed-out or dropped future leaves the
 //!   operation running to completion in the ring's table).
+//! - Aligned requests (4 KiB offsets and lengths: what guests and qemu send)
+//!   use an O_DIRECT descriptor, like qemu's `cache=none`; anything else, and
+//!   fdatasync, uses a page-cache descriptor of the same file.
 //! - Punch hole, zero range, SEEK_DATA/SEEK_HOLE and the length are rare and
 //!   stay on the thread-pool engine.
 //!
@@ -40,6 +43,14 @@ use crate::BoxFuture;
 /// Submission queue size. Operations in flight are bounded by it, so the
 /// completion queue (twice as large) can never overflow.
 const RING_ENTRIES: u32 = 256;
+
+/// Requests whose offset and length are multiples of this go to the O_DIRECT
+/// descriptor, from memory aligned to it: the page cache is bypassed as
+/// qemu's `cache=none` does, so a replica costs no host memory, a write error
+/// shows on that write (not at a later fsync), and small writes skip the
+/// buffered write path (whose cost grows with the page-cache folio size).
+/// 4 KiB suits every logical block size in use (512 B, 4 KiB).
+const DIRECT_ALIGN: usize = 4096;
 
 /// Largest length one read or write entry asks for; longer requests continue
 /// in further entries (Linux caps one transfer just below 2 GiB anyway).
@@ -87,27 +98,68 @@ impl IoEngine for UringEngine {
             Err(why) => return Err(io::Error::new(io::ErrorKind::Unsupported, why.clone())),
         };
         // The thread-pool engine creates the file (create_new) and serves the
-        // rare metadata-like calls; the ring gets its own descriptor of the
+        // rare metadata-like calls; the ring gets its own descriptors of the
         // same file, opened right after.
         let slow = ThreadPoolEngine.open(path, create)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | flags)
+                .open(path)
+        };
+        let buffered = Arc::new(open(0)?);
+        let direct = match open(libc::O_DIRECT) {
+            Ok(f) if direct_io_works(&f) => Some(Arc::new(f)),
+            Ok(_) => None,
+            // Filesystems without O_DIRECT (EINVAL) keep the page cache.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+            Err(e) => return Err(e),
+        };
         Ok(Arc::new(UringFile {
             ring,
-            file: Arc::new(file),
+            direct,
+            buffered,
             slow,
         }))
     }
 }
 
+/// Whether an aligned O_DIRECT read is accepted on `file` (some filesystems
+/// open with O_DIRECT but refuse the I/O).
+fn direct_io_works(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(mut buf) = AlignedBuf::new(DIRECT_ALIGN) else {
+        return false;
+    };
+    // SAFETY: the slice covers exactly the buffer's allocation; the bytes are
+    // not read by us, only overwritten by the kernel.
+    let slice = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), DIRECT_ALIGN) };
+    slice.fill(0);
+    file.read_at(slice, 0).is_ok()
+}
+
 /// A file whose reads, writes and syncs go through the ring.
 struct UringFile {
     ring: Arc<Ring>,
-    file: Arc<File>,
+    /// O_DIRECT descriptor for aligned requests, if the filesystem has it.
+    direct: Option<Arc<File>>,
+    /// Page-cache descriptor: unaligned requests, continuations, fsync.
+    buffered: Arc<File>,
     slow: Arc<dyn IoFile>,
+}
+
+impl UringFile {
+    /// The descriptor for a request, and the one to continue on if the
+    /// direct one transfers less than asked or refuses the request.
+    fn route(&self, offset: u64, len: usize) -> (Arc<File>, Option<Arc<File>>) {
+        match &self.direct {
+            Some(d) if (offset as usize | len) & (DIRECT_ALIGN - 1) == 0 => {
+                (d.clone(), Some(self.buffered.clone()))
+            }
+            _ => (self.buffered.clone(), None),
+        }
+    }
 }
 
 impl IoFile for UringFile {
@@ -116,12 +168,14 @@ impl IoFile for UringFile {
             if len == 0 {
                 return Ok(Bytes::new());
             }
-            let kind = Kind::Read {
-                buf: Vec::with_capacity(len),
-                len,
-            };
-            match self.ring.run(self.file.clone(), kind, offset).await? {
-                Done::Read(buf) => Ok(Bytes::from(buf)),
+            let (file, fallback) = self.route(offset, len);
+            let buf = AlignedBuf::new(len)?;
+            match self
+                .ring
+                .run(file, fallback, Kind::Read { buf }, offset)
+                .await?
+            {
+                Done::Read(data) => Ok(data),
                 Done::Unit => Err(io::Error::other(
                     "io_uring engine: read completed as a non-read",
                 )),
@@ -134,8 +188,18 @@ impl IoFile for UringFile {
             if data.is_empty() {
                 return Ok(());
             }
+            let (file, fallback) = self.route(offset, data.len());
+            let kind = if fallback.is_some() && data.as_ptr() as usize & (DIRECT_ALIGN - 1) != 0 {
+                // O_DIRECT needs aligned memory too; copying 4 KiB costs far
+                // less than the page-cache write path it replaces.
+                Kind::WriteAligned {
+                    data: Filled::copy_of(&data)?,
+                }
+            } else {
+                Kind::Write { data }
+            };
             self.ring
-                .run(self.file.clone(), Kind::Write { data }, offset)
+                .run(file, fallback, kind, offset)
                 .await
                 .map(|_| ())
         })
@@ -144,7 +208,7 @@ impl IoFile for UringFile {
     fn sync_data(&self) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
             self.ring
-                .run(self.file.clone(), Kind::Fsync, 0)
+                .run(self.buffered.clone(), None, Kind::Fsync, 0)
                 .await
                 .map(|_| ())
         })
@@ -163,25 +227,86 @@ impl IoFile for UringFile {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.buffered.metadata()?.len())
+    }
+}
+
+/// Heap memory aligned for O_DIRECT, not initialised until filled.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a uniquely owned heap allocation, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> io::Result<std::alloc::Layout> {
+        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    }
+
+    fn new(len: usize) -> io::Result<Self> {
+        let layout = Self::layout(len)?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        Ok(AlignedBuf { ptr, len })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = Self::layout(self.len) {
+            // SAFETY: allocated in `new` with this same layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+/// An aligned buffer every byte of which is initialised.
+struct Filled(AlignedBuf);
+
+impl Filled {
+    fn copy_of(data: &[u8]) -> io::Result<Self> {
+        let mut buf = AlignedBuf::new(data.len())?;
+        // SAFETY: `buf` has room for data.len() bytes and is a fresh
+        // allocation, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_mut_ptr(), data.len()) };
+        Ok(Filled(buf))
+    }
+}
+
+impl AsRef<[u8]> for Filled {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: a `Filled` is only made once all `len` bytes are written.
+        unsafe { std::slice::from_raw_parts(self.0.ptr.as_ptr(), self.0.len) }
     }
 }
 
 /// What an operation does, with the memory the kernel reads or writes.
 enum Kind {
-    /// `buf` has capacity `len`; its length stays 0 until the read completes.
+    /// Filled by the kernel from the start; `Op::done` bytes so far.
     Read {
-        buf: Vec<u8>,
-        len: usize,
+        buf: AlignedBuf,
     },
     Write {
         data: Bytes,
+    },
+    WriteAligned {
+        data: Filled,
     },
     Fsync,
 }
 
 enum Done {
-    Read(Vec<u8>),
+    Read(Bytes),
     Unit,
 }
 
@@ -189,6 +314,9 @@ enum Done {
 /// may touch: the buffer and (through `file`) the descriptor.
 struct Op {
     file: Arc<File>,
+    /// Where to continue if `file` (O_DIRECT) transfers less than asked or
+    /// refuses the request: the page-cache descriptor of the same file.
+    fallback: Option<Arc<File>>,
     kind: Kind,
     offset: u64,
     /// Bytes transferred so far (short reads and writes continue).
@@ -202,25 +330,32 @@ impl Op {
     fn entry(&mut self, user_data: u64) -> squeue::Entry {
         let fd = types::Fd(self.file.as_raw_fd());
         let at = self.offset + self.done as u64;
+        let done = self.done;
         let entry = match &mut self.kind {
-            Kind::Read { buf, len } => {
-                let n = (*len - self.done).min(MAX_CHUNK) as u32;
-                // Points into the spare capacity: the bytes the kernel fills.
-                let ptr = buf.spare_capacity_mut()[self.done..]
-                    .as_mut_ptr()
-                    .cast::<u8>();
+            Kind::Read { buf } => {
+                let n = (buf.len - done).min(MAX_CHUNK) as u32;
+                // In bounds: done < len whenever an entry is built.
+                let ptr = buf.as_mut_ptr().wrapping_add(done);
                 opcode::Read::new(fd, ptr, n).offset(at).build()
             }
-            Kind::Write { data } => {
-                let rest = &data[self.done..];
-                let n = rest.len().min(MAX_CHUNK) as u32;
-                opcode::Write::new(fd, rest.as_ptr(), n).offset(at).build()
-            }
+            Kind::Write { data } => write_entry(fd, &data[done..], at),
+            Kind::WriteAligned { data } => write_entry(fd, &data.as_ref()[done..], at),
             Kind::Fsync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
         };
         entry.user_data(user_data)
+    }
+
+    /// Continue on the page-cache descriptor, if this op was a direct one.
+    fn fall_back(&mut self) -> bool {
+        match self.fallback.take() {
+            Some(f) => {
+                self.file = f;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Applies a completion result: `None` if the operation continues,
@@ -230,37 +365,56 @@ impl Op {
             return match -res {
                 // Transient: the same entry is simply submitted again.
                 libc::EINTR | libc::EAGAIN => None,
+                // O_DIRECT refused this request (alignment rules stricter
+                // than ours): the page cache takes it.
+                libc::EINVAL if self.fall_back() => None,
                 errno => Some(Err(io::Error::from_raw_os_error(errno))),
             };
         }
         let n = res as usize;
-        match &mut self.kind {
-            Kind::Read { buf, len } => {
-                self.done += n;
-                // Zero bytes means end of file: the rest reads as zeroes, as
-                // a sparse tail does (same as the thread-pool engine).
-                if n == 0 || self.done >= *len {
-                    let mut buf = std::mem::take(buf);
-                    // SAFETY: the kernel wrote `self.done` bytes from the
-                    // start of the spare capacity (each completed entry
-                    // continued where the previous one ended), so they are
-                    // initialised; `self.done <= len == capacity`.
-                    unsafe { buf.set_len(self.done.min(*len)) };
-                    buf.resize(*len, 0);
-                    return Some(Ok(Done::Read(buf)));
-                }
-                None
+        let len = match &self.kind {
+            Kind::Read { buf } => buf.len,
+            Kind::Write { data } => data.len(),
+            Kind::WriteAligned { data } => data.0.len,
+            Kind::Fsync => return Some(Ok(Done::Unit)),
+        };
+        self.done += n;
+        if self.done >= len {
+            return Some(self.finish());
+        }
+        if n == 0 {
+            return Some(match self.kind {
+                // End of file: the rest reads as zeroes, as a sparse tail
+                // does (same as the thread-pool engine).
+                Kind::Read { .. } => self.finish(),
+                _ => Err(io::ErrorKind::WriteZero.into()),
+            });
+        }
+        // Short transfer: continue with the rest, on the page-cache
+        // descriptor if this was a direct one (the rest may be unaligned).
+        self.fall_back();
+        None
+    }
+
+    /// The outcome of a completed operation.
+    fn finish(&mut self) -> io::Result<Done> {
+        match std::mem::replace(&mut self.kind, Kind::Fsync) {
+            Kind::Read { mut buf } => {
+                let done = self.done.min(buf.len);
+                // SAFETY: `done <= len`, so the range is inside the buffer;
+                // bytes before `done` were written by the kernel, the rest
+                // are zeroed here, so the whole buffer is initialised.
+                unsafe { std::ptr::write_bytes(buf.as_mut_ptr().add(done), 0, buf.len - done) };
+                Ok(Done::Read(Bytes::from_owner(Filled(buf))))
             }
-            Kind::Write { data } => {
-                if n == 0 {
-                    return Some(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.done += n;
-                (self.done >= data.len()).then_some(Ok(Done::Unit))
-            }
-            Kind::Fsync => Some(Ok(Done::Unit)),
+            _ => Ok(Done::Unit),
         }
     }
+}
+
+fn write_entry(fd: types::Fd, rest: &[u8], at: u64) -> squeue::Entry {
+    let n = rest.len().min(MAX_CHUNK) as u32;
+    opcode::Write::new(fd, rest.as_ptr(), n).offset(at).build()
 }
 
 /// Operations in flight, indexed by their `user_data`.
@@ -360,7 +514,13 @@ impl Ring {
     }
 
     /// Submits one operation and waits for its outcome.
-    async fn run(self: &Arc<Self>, file: Arc<File>, kind: Kind, offset: u64) -> io::Result<Done> {
+    async fn run(
+        self: &Arc<Self>,
+        file: Arc<File>,
+        fallback: Option<Arc<File>>,
+        kind: Kind,
+        offset: u64,
+    ) -> io::Result<Done> {
         self.ensure_reaper()?;
         let slot = self
             .slots
@@ -371,6 +531,7 @@ impl Ring {
         let (reply, outcome) = oneshot::channel();
         let mut op = Op {
             file,
+            fallback,
             kind,
             offset,
             done: 0,
@@ -405,9 +566,9 @@ impl Ring {
             // SAFETY: (1) the table lock is held by the caller, so no other
             // SubmissionQueue exists. (2) The entry points at memory owned by
             // an `Op` that is in the table under this entry's user_data: the
-            // buffer (Vec spare capacity or Bytes, whose heap memory does not
-            // move when the Op moves) and the descriptor (the Op's Arc<File>)
-            // stay alive until `reap` has taken the completion for it.
+            // buffer (an AlignedBuf or Bytes, whose heap memory does not move
+            // when the Op moves) and the descriptor (the Op's Arc<File>) stay
+            // alive until `reap` has taken the completion for it.
             let pushed = unsafe { self.uring.submission_shared().push(entry) };
             if pushed.is_ok() {
                 return Ok(());
@@ -628,6 +789,45 @@ mod tests {
         assert!(f.read_at(0, 0).await.unwrap().is_empty());
     }
 
+    /// Aligned requests take the O_DIRECT descriptor, others the page cache;
+    /// each sees what the other wrote.
+    #[tokio::test]
+    async fn direct_and_buffered_paths_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_path, f) = sized_file(&dir, 1 << 20);
+        // Unaligned (page cache), then read back aligned (O_DIRECT).
+        f.write_at(100, Bytes::from(vec![4u8; 1000])).await.unwrap();
+        let back = f.read_at(0, 4096).await.unwrap();
+        assert!(back[..100].iter().all(|&b| b == 0));
+        assert!(back[100..1100].iter().all(|&b| b == 4));
+        assert!(back[1100..].iter().all(|&b| b == 0));
+        // Aligned from unaligned memory (copied), then read back unaligned.
+        let src = Bytes::from(vec![6u8; 8192 + 1]).slice(1..);
+        f.write_at(8192, src).await.unwrap();
+        let back = f.read_at(8192 + 7, 100).await.unwrap();
+        assert!(back.iter().all(|&b| b == 6));
+        // Aligned memory goes straight to the kernel.
+        let aligned = Bytes::from_owner(Filled::copy_of(&[8u8; 4096]).unwrap());
+        f.write_at(4096, aligned).await.unwrap();
+        assert!(f.read_at(4096, 4096).await.unwrap().iter().all(|&b| b == 8));
+        f.sync_data().await.unwrap();
+    }
+
+    #[test]
+    fn direct_io_is_used_where_the_filesystem_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path);
+        // Where O_DIRECT opens and reads, the probe must say so.
+        if let Ok(f) = direct {
+            assert!(direct_io_works(&f));
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_ops_land_where_they_should() {
         let dir = tempfile::tempdir().unwrap();
@@ -693,6 +893,7 @@ mod tests {
         let err = ring
             .run(
                 ro.clone(),
+                None,
                 Kind::Write {
                     data: Bytes::from_static(b"x"),
                 },
@@ -705,19 +906,17 @@ mod tests {
         // Read through a write-only descriptor.
         let wo = Arc::new(OpenOptions::new().write(true).open(&path).unwrap());
         let kind = Kind::Read {
-            buf: Vec::with_capacity(4096),
-            len: 4096,
+            buf: AlignedBuf::new(4096).unwrap(),
         };
-        let err = ring.run(wo, kind, 0).await.err().expect("read fails");
+        let err = ring.run(wo, None, kind, 0).await.err().expect("read fails");
         assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
         // Reading a directory.
         let d = Arc::new(File::open(dir.path()).unwrap());
         let kind = Kind::Read {
-            buf: Vec::with_capacity(16),
-            len: 16,
+            buf: AlignedBuf::new(16).unwrap(),
         };
         let err = ring
-            .run(d, kind, 0)
+            .run(d, None, kind, 0)
             .await
             .err()
             .expect("read of a dir fails");
@@ -726,9 +925,9 @@ mod tests {
         let ok = ring
             .run(
                 ro,
+                None,
                 Kind::Read {
-                    buf: Vec::with_capacity(8192),
-                    len: 8192,
+                    buf: AlignedBuf::new(8192).unwrap(),
                 },
                 0,
             )
