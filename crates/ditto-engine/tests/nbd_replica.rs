@@ -29,22 +29,34 @@ struct Nbdkit {
 impl Nbdkit {
     /// Runs `nbdkit -f --unix SOCK ARGS...` and waits until it accepts connections.
     fn start(sock: &Path, args: &[&str]) -> Nbdkit {
-        if let Err(e) = Command::new("nbdkit").arg("--version").output() {
-            panic!("cannot run nbdkit ({e}); install the Debian package nbdkit (apt-get install nbdkit)");
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "--exit-with-parent", "--unix"])
+            .arg(sock)
+            .args(args);
+        Nbdkit::spawn(cmd, "nbdkit", sock)
+    }
+
+    /// Runs a server command that will listen on `sock`; `package` is the
+    /// Debian package to name if the program is missing.
+    fn spawn(mut cmd: Command, package: &str, sock: &Path) -> Nbdkit {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if let Err(e) = Command::new(&program).arg("--version").output() {
+            panic!("cannot run {program} ({e}); install the Debian package {package} (apt-get install {package})");
         }
         // A socket left by a killed server would make bind fail.
         let _ = std::fs::remove_file(sock);
         let log = sock.with_extension("log");
         let stderr = std::fs::File::create(&log).unwrap();
-        let child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "--unix"])
-            .arg(sock)
-            .args(args)
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("spawn nbdkit");
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         let mut k = Nbdkit {
             child,
             sock: sock.to_path_buf(),
@@ -54,7 +66,7 @@ impl Nbdkit {
         loop {
             if let Ok(Some(status)) = k.child.try_wait() {
                 panic!(
-                    "nbdkit {args:?} exited with {status}: {}",
+                    "{program} {args:?} exited with {status}: {}",
                     std::fs::read_to_string(&k.log).unwrap_or_default()
                 );
             }
@@ -63,7 +75,7 @@ impl Nbdkit {
             }
             assert!(
                 Instant::now() < deadline,
-                "nbdkit did not listen on {} within 10 s",
+                "{program} did not listen on {} within 10 s",
                 k.sock.display()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -453,4 +465,50 @@ async fn disk_that_comes_back_is_readded_without_reopening() {
     assert!(m.nbd.reconnects() >= 1);
     within(10, v.close()).await.unwrap();
     m.assert_equal().await;
+}
+
+#[tokio::test]
+async fn nbd_file_works_against_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let sock = dir.path().join("q");
+    // qemu-nbd serves one client at a time unless told otherwise; the
+    // refused-export check below needs a second connection.
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "raw", "--persistent", "--shared=4", "-x", "disk", "-k"])
+        .arg(&sock)
+        .arg(&img);
+    let _qemu = Nbdkit::spawn(cmd, "qemu-utils", &sock);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let f = within(10, open_nbd(&uri)).await.unwrap();
+    assert_eq!(f.len().unwrap(), 64 << 20);
+    // qemu-nbd advertises a 32 MiB maximum and refuses more: 40 MiB is split.
+    let big = pattern(40 << 20, 11);
+    within(30, f.write_at(1 << 20, Bytes::from(big.clone())))
+        .await
+        .unwrap();
+    within(10, f.sync_data()).await.unwrap();
+    within(10, f.zero_range(1 << 20, 4096)).await.unwrap();
+    within(10, f.punch_hole(2 << 20, 1 << 20)).await.unwrap();
+    let back = within(30, f.read_at(1 << 20, big.len())).await.unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert!(back[4096..1 << 20] == big[4096..1 << 20]);
+    assert!(back[1 << 20..2 << 20].iter().all(|&b| b == 0));
+    assert!(back[2 << 20..] == big[2 << 20..], "read back differs");
+    // What qemu-nbd wrote to its file is what was read back.
+    let on_disk = std::fs::read(&img).unwrap();
+    assert!(on_disk[1 << 20..(1 << 20) + big.len()] == back[..]);
+    // An unknown export name is refused during negotiation.
+    let e = within(
+        10,
+        open_nbd(&format!("nbd+unix:///nope?socket={}", sock.display())),
+    )
+    .await
+    .err()
+    .expect("unknown export");
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
 }
