@@ -479,9 +479,17 @@ async fn nbd_file_works_against_qemu_nbd() {
     // qemu-nbd serves one client at a time unless told otherwise; the
     // refused-export check below needs a second connection.
     let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-f", "raw", "--persistent", "--shared=4", "-x", "disk", "-k"])
-        .arg(&sock)
-        .arg(&img);
+    cmd.args([
+        "-f",
+        "raw",
+        "--persistent",
+        "--shared=4",
+        "-x",
+        "disk",
+        "-k",
+    ])
+    .arg(&sock)
+    .arg(&img);
     let _qemu = Nbdkit::spawn(cmd, "qemu-utils", &sock);
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let f = within(10, open_nbd(&uri)).await.unwrap();
