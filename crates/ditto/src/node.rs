@@ -1119,10 +1119,9 @@ impl Node {
 
 /// Open a remote NBD export as an I/O file.
 async fn open_remote(uri: &str) -> Result<Arc<dyn IoFile>, std::io::Error> {
-    Err(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        format!("NBD pools are not available yet ({uri})"),
-    ))
+    let file = ditto_engine::nbd_file::open_nbd(uri).await?;
+    remember_remote_size(uri, file.len().unwrap_or(0));
+    Ok(file)
 }
 
 static REMOTE_SIZES: std::sync::Mutex<BTreeMap<String, u64>> =
