@@ -173,7 +173,7 @@ pub struct FileReplica {
     sb_write: tokio::sync::Mutex<()>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

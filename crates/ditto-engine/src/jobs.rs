@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::backend::{BackendError, ReplicaBackend};
+use crate::backend::{now_unix, BackendError, ReplicaBackend};
 use crate::events::EventKind;
 use crate::volume::{short, EngineError, Member, ReplicaState, Volume};
 
@@ -101,13 +101,6 @@ impl ResyncRedirect {
             b.fetch_and(!(1 << (r % 8)), Ordering::SeqCst);
         }
     }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Paces a job between the min rate (clients busy) and the max rate (clients idle).
@@ -578,31 +571,29 @@ impl Volume {
 
     /// Take a replica out on purpose (`ditto replica fail`).
     pub async fn fail_replica(&self, id: Uuid, reason: &str) -> Result<(), EngineError> {
-        let m = self.member(id).ok_or_else(|| EngineError::Refused {
-            volume: self.name().to_string(),
-            why: format!("no replica {}", short(id)),
-        })?;
-        if m.state() == ReplicaState::InSync && self.in_sync().len() == 1 {
-            return Err(EngineError::Refused {
-                volume: self.name().to_string(),
-                why: "it is the last in-sync replica; failing it would stop all I/O".into(),
-            });
-        }
+        let m = self.member_unless_last(id, "failing it would stop all I/O")?;
         self.fail_member(&m, reason.to_string()).await
+    }
+
+    /// The member `id`, unless it is the last in-sync one (`why` says what
+    /// taking it away would do).
+    fn member_unless_last(&self, id: Uuid, why: &str) -> Result<Arc<Member>, EngineError> {
+        let refused = |why: String| EngineError::Refused {
+            volume: self.name().to_string(),
+            why,
+        };
+        let m = self
+            .member(id)
+            .ok_or_else(|| refused(format!("no replica {}", short(id))))?;
+        if m.state() == ReplicaState::InSync && self.in_sync().len() == 1 {
+            return Err(refused(format!("it is the last in-sync replica; {why}")));
+        }
+        Ok(m)
     }
 
     /// Remove a replica from the volume for good (`ditto replica remove`).
     pub async fn remove_replica(&self, id: Uuid) -> Result<Arc<Member>, EngineError> {
-        let m = self.member(id).ok_or_else(|| EngineError::Refused {
-            volume: self.name().to_string(),
-            why: format!("no replica {}", short(id)),
-        })?;
-        if m.state() == ReplicaState::InSync && self.in_sync().len() == 1 {
-            return Err(EngineError::Refused {
-                volume: self.name().to_string(),
-                why: "it is the last in-sync replica; add another first".into(),
-            });
-        }
+        let m = self.member_unless_last(id, "add another first")?;
         if m.state() == ReplicaState::InSync || m.state() == ReplicaState::Rebuilding {
             self.fail_member(&m, "removed by the operator".into())
                 .await?;

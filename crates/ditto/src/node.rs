@@ -326,6 +326,15 @@ impl Node {
         }
     }
 
+    fn refuse_if_running(&self, name: &str, why: &str) -> Result<(), ControlError> {
+        match self.runtime(name).as_deref() {
+            Some(VolumeRuntime::Running(_)) => Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} is running: {why}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// `ditto volume start NAME [--degraded|--no-degraded]`.
     pub async fn start_volume(
         self: &Arc<Self>,
@@ -333,11 +342,7 @@ impl Node {
         degraded: Option<bool>,
     ) -> Result<VolumeInfo, ControlError> {
         let record = self.record(name)?;
-        if let Some(VolumeRuntime::Running(_)) = self.runtime(name).as_deref() {
-            return Err(ControlError::InvalidRequest(format!(
-                "volume {name:?} is already running"
-            )));
-        }
+        self.refuse_if_running(name, "it is already running")?;
         let _guard = self.ops.lock().await;
         self.clone()
             .start_with_policy(name.to_string(), degraded, Some(0))
@@ -849,11 +854,7 @@ impl Node {
         keep: &str,
     ) -> Result<VolumeInfo, ControlError> {
         let record = self.record(name)?;
-        if let Some(VolumeRuntime::Running(_)) = self.runtime(name).as_deref() {
-            return Err(ControlError::InvalidRequest(format!(
-                "volume {name:?} is running; resolve is for a volume stopped by a split brain"
-            )));
-        }
+        self.refuse_if_running(name, "resolve is for a volume stopped by a split brain")?;
         let _guard = self.ops.lock().await;
         let kept = self.find_replica(&record, keep)?;
         let layout = layout_of(&record)?;
