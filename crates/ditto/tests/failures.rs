@@ -769,7 +769,7 @@ fn split_brain_is_refused_until_resolved() {
         .daemon
         .cli_json(&["volume", "resolve", "sb", "--keep", "a"]);
     assert_ne!(resolved["state"], "stopped", "resolve --json: {resolved:#}");
-    let v = volume_wait_healthy(&node.daemon, "sb");
+    volume_wait_healthy(&node.daemon, "sb");
     let mut check = reads(x);
     check.extend(reads(&[
         (0, MIB, 0x01),
@@ -777,7 +777,19 @@ fn split_brain_is_refused_until_resolved() {
         (5 * MIB, 25 * MIB, 0),
         (30 * MIB, MIB, 0),
     ]));
+    // Served by both replicas in turn: first as assembled, then by b alone
+    // (a failed out), which must not bring back anything of Y.
     qemu_io_ok(&node.uri("sb"), &check);
+    node.daemon.cli_ok(&["replica", "fail", "sb", "a"]);
+    let out = qemu_io(&node.uri("sb"), &check);
+    assert!(
+        !qemu_io_failed(&out),
+        "after `volume resolve sb --keep a` and the rebuild of b, reading through b alone \
+         must return a's data, not the discarded Y: {}",
+        out.describe()
+    );
+    node.daemon.cli_ok(&["replica", "readd", "sb", "a"]);
+    let v = volume_wait_healthy(&node.daemon, "sb");
     let rb = replica_in(&v, "b");
     assert_replica_bytes(
         &rb,
