@@ -234,26 +234,80 @@ impl IoFile for UringFile {
 /// Heap memory aligned for O_DIRECT, not initialised until filled.
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
+    /// Bytes asked for.
     len: usize,
+    /// Bytes allocated (a pool size class, or `len`).
+    cap: usize,
 }
 
 // SAFETY: a uniquely owned heap allocation, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
 
+/// Smallest pooled size is 2^12 = 4 KiB, largest 2^22 = 4 MiB.
+const POOL_MIN_SHIFT: u32 = 12;
+const POOL_CLASSES: usize = 11;
+/// Most memory the pool keeps for reuse (it counts in the daemon's RSS).
+const POOL_BYTES: usize = 16 << 20;
+
+/// Freed aligned buffers kept for reuse, by power-of-two size class. A fresh
+/// large allocation is an mmap whose pages fault in and are zeroed on first
+/// touch, then unmapped on free: for 1 MiB requests that cost more CPU than
+/// the I/O itself (see BENCHMARKS.md). Addresses are kept as integers.
+struct Pool {
+    free: [Vec<usize>; POOL_CLASSES],
+    bytes: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    free: [const { Vec::new() }; POOL_CLASSES],
+    bytes: 0,
+});
+
+fn pool() -> MutexGuard<'static, Pool> {
+    // Each critical section is one push or pop: never left inconsistent.
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The pool class and its size for a request of `len` bytes, if pooled.
+fn size_class(len: usize) -> Option<(usize, usize)> {
+    let shift = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(POOL_MIN_SHIFT);
+    let class = (shift - POOL_MIN_SHIFT) as usize;
+    (class < POOL_CLASSES).then_some((class, 1 << shift))
+}
+
 impl AlignedBuf {
-    fn layout(len: usize) -> io::Result<std::alloc::Layout> {
-        std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN)
+    fn layout(cap: usize) -> io::Result<std::alloc::Layout> {
+        std::alloc::Layout::from_size_align(cap.max(1), DIRECT_ALIGN)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
     }
 
     fn new(len: usize) -> io::Result<Self> {
-        let layout = Self::layout(len)?;
+        let class = size_class(len);
+        if let Some((c, cap)) = class {
+            let reused = {
+                let mut p = pool();
+                let addr = p.free[c].pop();
+                if addr.is_some() {
+                    p.bytes -= cap;
+                }
+                addr
+            };
+            if let Some(ptr) = reused.and_then(|a| std::ptr::NonNull::new(a as *mut u8)) {
+                return Ok(AlignedBuf { ptr, len, cap });
+            }
+        }
+        let cap = class.map_or(len, |(_, cap)| cap);
+        let layout = Self::layout(cap)?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc(layout) };
         let Some(ptr) = std::ptr::NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
-        Ok(AlignedBuf { ptr, len })
+        Ok(AlignedBuf { ptr, len, cap })
     }
 
     fn as_mut_ptr(&mut self) -> *mut u8 {
@@ -263,8 +317,17 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if let Ok(layout) = Self::layout(self.len) {
-            // SAFETY: allocated in `new` with this same layout.
+        if let Some((c, cap)) = size_class(self.len) {
+            let mut p = pool();
+            if cap == self.cap && p.bytes + cap <= POOL_BYTES {
+                p.free[c].push(self.ptr.as_ptr() as usize);
+                p.bytes += cap;
+                return;
+            }
+        }
+        if let Ok(layout) = Self::layout(self.cap) {
+            // SAFETY: allocated in `new` with this same layout (size `cap`,
+            // alignment DIRECT_ALIGN), here or by an earlier owner.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
         }
     }
@@ -811,6 +874,22 @@ mod tests {
         f.write_at(4096, aligned).await.unwrap();
         assert!(f.read_at(4096, 4096).await.unwrap().iter().all(|&b| b == 8));
         f.sync_data().await.unwrap();
+    }
+
+    #[test]
+    fn pool_size_classes() {
+        assert_eq!(size_class(1), Some((0, 4096)));
+        assert_eq!(size_class(4096), Some((0, 4096)));
+        assert_eq!(size_class(4097), Some((1, 8192)));
+        assert_eq!(size_class(1 << 20), Some((8, 1 << 20)));
+        assert_eq!(size_class(4 << 20), Some((10, 4 << 20)));
+        assert_eq!(size_class((4 << 20) + 1), None);
+        // Reused or fresh, a buffer is aligned and as large as asked.
+        for len in [1, 4096, 5000, 1 << 20, 5 << 20] {
+            let mut b = AlignedBuf::new(len).unwrap();
+            assert_eq!(b.as_mut_ptr() as usize % DIRECT_ALIGN, 0);
+            assert!(b.cap >= len);
+        }
     }
 
     #[test]
