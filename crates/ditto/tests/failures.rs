@@ -1313,3 +1313,190 @@ fn bad_recovery_commands_are_refused_and_change_nothing() {
     let v = volume_wait_healthy(&node.daemon, "two");
     assert_replicas_identical(&v);
 }
+
+// ---------------------------------------------------------------------------
+// 9. kill -9 during a rebuild: it resumes from its checkpoint, at the configured rate
+
+#[test]
+fn rebuild_killed_midway_resumes_and_honours_the_rate_limit() {
+    let mut node = node_with(&["a", "b"]);
+    create_on(&node, "rb", SIZE, &["a"]);
+    // 8 MiB, one pattern per MiB.
+    let spec: Vec<(u64, u64, u8)> = (0..8u64).map(|i| (i * MIB, MIB, 0x40 + i as u8)).collect();
+    qemu_io_ok(&node.uri("rb"), &writes(&spec));
+    node.daemon.stop();
+    let cfg = config(
+        &node,
+        "ditto.toml",
+        "resync_min_rate = \"1M\"\nresync_max_rate = \"2M\"\n",
+    );
+    let cfg = s(&cfg).to_string();
+    restart(&mut node, &["--config", &cfg]);
+    node.daemon.wait_healthy("rb");
+    wait_dirty_clear(&node.daemon, "rb");
+
+    node.daemon
+        .cli_json(&["replica", "add", "rb", "--pool", "b"]);
+    // Past the first checkpoint (written every 2 s), well before the end.
+    let v = wait_volume(
+        &node.daemon,
+        "rb",
+        "the rebuild to pass 5 MiB",
+        Duration::from_secs(30),
+        |v| {
+            v["job"]["kind"] == "rebuild" && v["job"]["done_bytes"].as_u64().unwrap_or(0) >= 5 * MIB
+        },
+    );
+    let job = &v["job"];
+    assert_eq!(
+        job["finished"], false,
+        "the rebuild should still run at 2 MiB/s: {v:#}"
+    );
+    assert_eq!(job["total_bytes"].as_u64(), Some(8 * MIB), "{v:#}");
+    let rate = job["rate_bytes_per_sec"].as_u64().expect("rate");
+    assert!(
+        rate <= 3 * MIB,
+        "resync_max_rate = 2M, but the rebuild runs at {rate} bytes/s: {v:#}"
+    );
+    assert_eq!(replica_json(&v, "b")["state"], "rebuilding", "{v:#}");
+    let st = node.daemon.stop_with(libc::SIGKILL);
+    assert!(!st.success());
+
+    restart(&mut node, &["--config", &cfg]);
+    let v = node.daemon.volume("rb");
+    assert_eq!(v["state"], "degraded", "b is not complete yet: {v:#}");
+    assert_eq!(
+        replica_json(&v, "b")["state"],
+        "rebuilding",
+        "the half-rebuilt replica must come back rebuilding, never in sync: {v:#}"
+    );
+    assert_eq!(replica_json(&v, "a")["state"], "in_sync", "{v:#}");
+    // Reads while it rebuilds come from a.
+    qemu_io_ok(&node.uri("rb"), &reads(&spec));
+    let v = volume_wait_healthy(&node.daemon, "rb");
+    let job = &v["job"];
+    assert_eq!(job["kind"], "rebuild", "{v:#}");
+    let total = job["total_bytes"].as_u64().expect("total");
+    assert!(
+        total < 8 * MIB,
+        "the rebuild should resume from its checkpoint, not copy all 8 MiB again (total_bytes {total}): {v:#}"
+    );
+    qemu_io_ok(&node.uri("rb"), &reads(&spec));
+    node.daemon.cli_ok(&["volume", "stop", "rb"]);
+    assert_replicas_identical(&v);
+}
+
+// ---------------------------------------------------------------------------
+// 10. kill -9 while degraded: the dirty map survives, the re-add catches up
+
+#[test]
+fn dirty_map_survives_a_crash_while_degraded() {
+    let mut node = node_with(&["a", "b"]);
+    create_on(&node, "dg", SIZE, &["a", "b"]);
+    let uri = node.uri("dg");
+    qemu_io_ok(&uri, &writes(&[(0, 4 * MIB, 0x10)]));
+    wait_dirty_clear(&node.daemon, "dg");
+    node.daemon.cli_ok(&["replica", "fail", "dg", "b"]);
+    let spec: &[(u64, u64, u8)] = &[(10 * MIB, 2 * MIB, 0x71), (MIB + 4096, 4096, 0x72)];
+    let mut cmds = writes(spec);
+    cmds.push("flush".into());
+    qemu_io_ok(&uri, &cmds);
+    assert_eq!(node.daemon.volume("dg")["dirty_regions"], 3);
+    let st = node.daemon.stop_with(libc::SIGKILL);
+    assert!(!st.success());
+
+    restart(&mut node, &[]);
+    let v = wait_volume(
+        &node.daemon,
+        "dg",
+        "the volume running",
+        Duration::from_secs(30),
+        |v| v["state"] != "starting",
+    );
+    assert_eq!(v["state"], "degraded", "{v:#}");
+    let rb = replica_json(&v, "b");
+    assert!(
+        rb["state"] == "stale" || rb["state"] == "failed",
+        "b missed writes: {v:#}"
+    );
+    assert_eq!(
+        v["dirty_regions"], 3,
+        "the regions written while b was out must still be marked after the crash: {v:#}"
+    );
+    qemu_io_ok(&node.uri("dg"), &reads(spec));
+
+    let plan = node.daemon.cli_json(&["replica", "readd", "dg", "b"]);
+    assert_eq!(plan["plan"], "catch_up", "{plan:#}");
+    assert_eq!(plan["dirty_regions"], 3, "{plan:#}");
+    let v = volume_wait_healthy(&node.daemon, "dg");
+    assert_eq!(v["copied_bytes"].as_u64(), Some(3 * MIB), "{v:#}");
+    let mut check = reads(spec);
+    check.extend(reads(&[
+        (0, MIB + 4096, 0x10),
+        (MIB + 8192, 3 * MIB - 8192, 0x10),
+    ]));
+    qemu_io_ok(&node.uri("dg"), &check);
+    node.daemon.cli_ok(&["volume", "stop", "dg"]);
+    assert_replicas_identical(&v);
+}
+
+// ---------------------------------------------------------------------------
+// 11. A dead disk replaced: remove its replica, add one on another pool
+
+#[test]
+fn dead_replica_replaced_on_another_pool() {
+    let mut node = node_with(&["a", "b", "c"]);
+    let v0 = create_on(&node, "rp", SIZE, &["a", "b"]);
+    let uri = node.uri("rp");
+    let spec: &[(u64, u64, u8)] = &[(0, 2 * MIB, 0x81), (50 * MIB, MIB, 0x82)];
+    qemu_io_ok(&uri, &writes(spec));
+    node.daemon.cli_ok(&["replica", "fail", "rp", "b"]);
+    let v = node.daemon.volume("rp");
+    let actions: Vec<&str> = v["actions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.contains("ditto replica remove rp") && a.contains("ditto replica add rp")),
+        "a failed replica's actions should offer remove + add: {v:#}"
+    );
+    let old_b = replica_in(&v0, "b").path;
+    node.daemon.cli_ok(&["replica", "remove", "rp", "b"]);
+    let v = node.daemon.volume("rp");
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(1), "{v:#}");
+    assert_eq!(
+        v["state"], "healthy",
+        "a 1-replica volume with its replica in sync: {v:#}"
+    );
+    assert!(
+        !old_b.exists(),
+        "the removed replica file should be renamed"
+    );
+    assert!(
+        old_b.with_extension("removed").exists(),
+        "the removed replica is kept as .removed"
+    );
+
+    node.daemon
+        .cli_json(&["replica", "add", "rp", "--pool", "c"]);
+    let v = volume_wait_healthy(&node.daemon, "rp");
+    let mut pools: Vec<String> = replicas(&v).into_iter().map(|r| r.pool).collect();
+    pools.sort();
+    assert_eq!(pools, ["a", "c"], "{v:#}");
+    qemu_io_ok(&uri, &reads(spec));
+
+    // And it stays that way across a restart.
+    node.daemon.stop();
+    restart(&mut node, &[]);
+    let v = node.daemon.wait_healthy("rp");
+    let mut pools: Vec<String> = replicas(&v).into_iter().map(|r| r.pool).collect();
+    pools.sort();
+    assert_eq!(pools, ["a", "c"], "{v:#}");
+    qemu_io_ok(&node.uri("rp"), &reads(spec));
+    node.daemon.cli_ok(&["volume", "stop", "rp"]);
+    assert_replicas_identical(&v);
+}
