@@ -1500,3 +1500,80 @@ fn dead_replica_replaced_on_another_pool() {
     node.daemon.cli_ok(&["volume", "stop", "rp"]);
     assert_replicas_identical(&v);
 }
+
+// ---------------------------------------------------------------------------
+// 12. kill -9 during a catch-up that includes a discard
+
+#[test]
+fn catch_up_killed_midway_does_not_resurrect_discarded_data() {
+    let mut node = node_with(&["a", "b"]);
+    create_on(&node, "cd", SIZE, &["a", "b"]);
+    // Region 30 holds D on both replicas.
+    qemu_io_ok(
+        &node.uri("cd"),
+        &writes(&[(0, MIB, 0x90), (30 * MIB, MIB, 0x91)]),
+    );
+    node.daemon.stop();
+    let cfg = config(
+        &node,
+        "ditto.toml",
+        "resync_min_rate = \"1M\"\nresync_max_rate = \"2M\"\n",
+    );
+    let cfg = s(&cfg).to_string();
+    restart(&mut node, &["--config", &cfg]);
+    node.daemon.wait_healthy("cd");
+    wait_dirty_clear(&node.daemon, "cd");
+
+    // While b is out: 6 MiB written (regions 2..8) and region 30 discarded.
+    node.daemon.cli_ok(&["replica", "fail", "cd", "b"]);
+    let spec: Vec<(u64, u64, u8)> = (2..8u64).map(|i| (i * MIB, MIB, 0xa0 + i as u8)).collect();
+    let mut cmds = writes(&spec);
+    cmds.push(format!("discard {} {}", 30 * MIB, MIB));
+    cmds.push("flush".into());
+    qemu_io_ok(&node.uri("cd"), &cmds);
+    qemu_io_ok(&node.uri("cd"), &reads(&[(30 * MIB, MIB, 0)]));
+    assert_eq!(node.daemon.volume("cd")["dirty_regions"], 7);
+
+    let plan = node.daemon.cli_json(&["replica", "readd", "cd", "b"]);
+    assert_eq!(plan["plan"], "catch_up", "{plan:#}");
+    wait_volume(
+        &node.daemon,
+        "cd",
+        "the catch-up to pass 1 MiB",
+        Duration::from_secs(30),
+        |v| v["job"]["kind"] == "catch_up" && v["job"]["done_bytes"].as_u64().unwrap_or(0) >= MIB,
+    );
+    let v = node.daemon.volume("cd");
+    assert_eq!(
+        v["job"]["finished"], false,
+        "the catch-up should still run at 2 MiB/s: {v:#}"
+    );
+    let st = node.daemon.stop_with(libc::SIGKILL);
+    assert!(!st.success());
+
+    restart(&mut node, &["--config", &cfg]);
+    let v = node.daemon.volume("cd");
+    assert_ne!(
+        replica_json(&v, "b")["state"],
+        "in_sync",
+        "b was not caught up: {v:#}"
+    );
+    let v = volume_wait_healthy(&node.daemon, "cd");
+    eprintln!("job after the restart: {}", v["job"]);
+    let mut check = reads(&spec);
+    check.extend(reads(&[(0, MIB, 0x90), (30 * MIB, MIB, 0)]));
+    qemu_io_ok(&node.uri("cd"), &check);
+    // Through b alone: the discarded region must read as zeroes there too.
+    node.daemon.cli_ok(&["replica", "fail", "cd", "a"]);
+    let out = qemu_io(&node.uri("cd"), &check);
+    assert!(
+        !qemu_io_failed(&out),
+        "after a catch-up interrupted by kill -9 and finished after the restart, reading through b \
+         alone must return the volume's data (region 30 was discarded while b was out): {}",
+        out.describe()
+    );
+    node.daemon.cli_ok(&["replica", "readd", "cd", "a"]);
+    let v = volume_wait_healthy(&node.daemon, "cd");
+    node.daemon.cli_ok(&["volume", "stop", "cd"]);
+    assert_replicas_identical(&v);
+}
