@@ -1,7 +1,8 @@
 //! Failure and recovery end to end: a daemon killed during writes, a replica
 //! failed and re-added, a stale replica refused, a split brain, the
-//! degraded-start policy, a replica added under load, scrub and repair, and
-//! the refusals of the recovery commands. Data read back is always compared
+//! degraded-start policy, a replica added under load, scrub and repair, the
+//! refusals of the recovery commands, and kill -9 in the middle of a rebuild,
+//! of a catch-up and of degraded operation. Data read back is always compared
 //! with what was written, through NBD and in the replica files.
 //!
 //! Volumes are small (64–128 MiB, sparse) and every wait is bounded.
@@ -257,7 +258,7 @@ fn snapshot(node: &Node) -> Value {
 
 /// Content of the 4 KiB block at volume offset `off` in the kill -9 test.
 fn block_data(off: u64) -> Vec<u8> {
-    random_bytes(4096, off ^ 0x5eed_0f_b10c)
+    random_bytes(4096, off ^ 0x005e_ed0f_b10c)
 }
 
 /// What one writer thread did before the daemon died.
@@ -410,7 +411,7 @@ fn kill9_during_writes_keeps_flushed_data_and_resyncs_only_dirty_regions() {
         "resync copied {copied} bytes; expected some, at most the {most} bytes of the dirty regions: {after:#}"
     );
     assert!(
-        total >= copied && total <= most && total % REGION == 0,
+        total >= copied && total <= most && total.is_multiple_of(REGION),
         "resync total_bytes {total} should be the dirty regions (≤ {most}): {after:#}"
     );
     assert!(
