@@ -765,6 +765,13 @@ fn split_brain_is_refused_until_resolved() {
     );
     assert_eq!(node.daemon.volume("sb")["state"], "stopped");
 
+    let out = node
+        .daemon
+        .cli(&["volume", "resolve", "sb", "--keep", "nosuch"])
+        .assert_failure();
+    assert!(out.stderr.contains("no replica"), "{}", out.describe());
+    assert_eq!(node.daemon.volume("sb")["state"], "stopped");
+
     // Keep a: X wins; b's Y everywhere is discarded.
     let resolved = node
         .daemon
@@ -896,6 +903,24 @@ fn degraded_start_default_refuses_then_start_degraded_and_readd() {
     let uri = node.uri("d1");
     qemu_io_ok(&uri, &reads(&[(0, MIB, 0x60)]));
     qemu_io_ok(&uri, &writes(&[(10 * MIB, MIB, 0x61)]));
+    // Degraded with a replica missing: `volume wait` cannot succeed, says what to do.
+    let out = volume_wait(&node.daemon, "d1");
+    assert!(
+        !out.success() && out.stderr.contains("ditto replica readd d1"),
+        "`volume wait` on a volume missing a replica should fail and point at readd: {}",
+        out.describe()
+    );
+    // Still missing: readd is refused with the way out.
+    let out = node
+        .daemon
+        .cli(&["replica", "readd", "d1", "b"])
+        .assert_failure();
+    assert!(
+        out.stderr.contains("ditto replica remove d1"),
+        "readd of a replica whose file is gone should suggest remove + add: {}",
+        out.describe()
+    );
+    assert_degraded_on_a(&node.daemon.volume("d1"));
 
     // The disk is back: readd catches it up.
     bring_back(&replica_in(&vols[0], "b").path);
