@@ -28,7 +28,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -515,6 +515,8 @@ struct Ring {
     uring: IoUring,
     /// The table, and the right to touch the submission and completion queues.
     table: Mutex<Table>,
+    /// Entries pushed since the last io_uring_enter (0: nothing to submit).
+    queued: AtomicUsize,
     /// One permit per operation in flight (see [`RING_ENTRIES`]).
     slots: Arc<Semaphore>,
     /// Whether a reaper task is running (it clears this when its runtime drops it).
@@ -564,6 +566,7 @@ impl Ring {
         Ok(Ring {
             uring,
             table: Mutex::new(Table::default()),
+            queued: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(entries as usize)),
             reaper: AtomicBool::new(false),
             reaper_start: Mutex::new(()),
@@ -601,7 +604,7 @@ impl Ring {
             reply,
             _slot: slot,
         };
-        {
+        let busy = {
             let mut table = self.lock();
             let id = table.reserve();
             let entry = op.entry(id as u64);
@@ -613,6 +616,15 @@ impl Ring {
                 }
                 return Err(e);
             }
+            table.in_flight() > 1
+        };
+        if busy {
+            // Others are in flight, so more requests are likely ready (a
+            // client at queue depth N keeps N going): let them queue theirs
+            // first, and one io_uring_enter submits them all, so the block
+            // layer kicks the device once per batch. On a virtual disk each
+            // kick is a VM exit. Alone (queue depth 1) we submit at once.
+            tokio::task::yield_now().await;
         }
         self.submit();
         self.reap();
@@ -634,6 +646,7 @@ impl Ring {
             // alive until `reap` has taken the completion for it.
             let pushed = unsafe { self.uring.submission_shared().push(entry) };
             if pushed.is_ok() {
+                self.queued.fetch_add(1, Ordering::AcqRel);
                 return Ok(());
             }
             // Full: hand the queued entries to the kernel to make room.
@@ -646,8 +659,17 @@ impl Ring {
     /// EAGAIN, EINTR): the entries stay queued and the next submit or the
     /// reaper passes them on.
     fn submit(&self) {
+        // Another task's submit may have taken our entries along already.
+        if self.queued.swap(0, Ordering::AcqRel) == 0 {
+            return;
+        }
+        self.enter();
+    }
+
+    fn enter(&self) {
         if let Err(e) = self.uring.submitter().submit() {
             tracing::debug!(error = %e, "io_uring submit deferred");
+            self.queued.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -763,7 +785,7 @@ impl Ring {
             !unsafe { self.uring.submission_shared() }.is_empty()
         };
         if pending {
-            self.submit();
+            self.enter();
         }
     }
 }
