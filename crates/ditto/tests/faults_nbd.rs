@@ -423,6 +423,7 @@ fn fio_survives_erroring_replica() {
         mentions_any(reason, &["EIO", "input/output error", "I/O error"]),
         "r's reason should name the I/O error: {reason:?} in {v:#}"
     );
+    eprintln!("fio test: r failed with reason {reason:?}");
     assert_eq!(v["state"], "degraded", "volume state: {v:#}");
     assert_eq!(replica_on(&v, "a")["state"], "in_sync", "a: {v:#}");
 
@@ -737,4 +738,173 @@ fn read_errors_are_served_from_the_other_replica() {
         "read_errors_are_served_from_the_other_replica: {:?}",
         t0.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------
+// 5. The background dirty-map clear fails on r
+
+/// The dirty map is cleared 5 s after the last write. If clearing fails on r
+/// (its map write gets EIO) after a's on-disk map was already cleared, r is
+/// failed out; a region rewritten afterwards must still be caught up when r
+/// comes back, also after the volume was stopped and started again.
+#[test]
+fn failed_dirty_map_clear_keeps_what_r_misses() {
+    let _serial = serial();
+    let t0 = Instant::now();
+    let setup = Setup::new(
+        10,
+        |_| {},
+        |dir| {
+            vec![
+                "--filter=error".into(),
+                "memory".into(),
+                format!("{EXPORT_SIZE}"),
+                "error-rate=100%".into(),
+                format!("error-file={}", dir.join("TRIGGER").display()),
+            ]
+        },
+    );
+    let trigger = setup.path("TRIGGER");
+    let uri = setup.uri();
+    // Region 5 written on both; the fault starts before its dirty bit is cleared.
+    qemu_io_ok(&uri, &[format!("write -P 0x71 {} {}", 5 * MIB, MIB)]);
+    File::create(&trigger).expect("create trigger");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v = setup.volume();
+        if replica_on(&v, "r")["state"] == "failed" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "r not failed 30 s after its dirty-map clear should have hit EIO: {v:#}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let reason = replica_on(&v, "r")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("dirty-map clear: r failed: {reason}; dirty_regions {}", v["dirty_regions"]);
+    assert_eq!(v["state"], "degraded", "{v:#}");
+
+    // The same region rewritten while r is out: only a has it.
+    qemu_io_ok(&uri, &[format!("write -P 0x72 {} {}", 5 * MIB, MIB)]);
+    let dirty_running = setup.volume()["dirty_regions"].as_u64();
+
+    // The disk recovers; the volume is stopped and started (an upgrade, a reboot).
+    std::fs::remove_file(&trigger).expect("remove trigger");
+    setup.daemon.cli_ok(&["volume", "stop", "v"]);
+    let out = setup.daemon.cli(&["volume", "start", "v"]);
+    if !out.success() {
+        eprintln!("volume start refused ({}), starting --degraded", out.stderr.trim());
+        setup.daemon.cli_ok(&["volume", "start", "v", "--degraded"]);
+    }
+    let v = setup.volume();
+    let mut context = format!(
+        "r failed by the clear ({reason}); region 5 rewritten while r was out \
+         (dirty_regions {dirty_running:?}); after volume stop + start: state {}, r {}, dirty_regions {}",
+        v["state"],
+        replica_on(&v, "r")["state"],
+        v["dirty_regions"]
+    );
+    if replica_on(&v, "r")["state"] != "in_sync" {
+        let out = setup.daemon.cli_ok(&["replica", "readd", "v", "r"]);
+        context.push_str(&format!("; readd: {}", out.stdout.trim()));
+        setup
+            .daemon
+            .cli_ok(&["volume", "wait", "v", "--timeout", "60"]);
+    }
+    setup.daemon.wait_healthy("v");
+    eprintln!("{context}");
+    // The daemon's own comparison first, then the bytes.
+    setup
+        .daemon
+        .cli_ok(&["volume", "scrub", "v", "--wait"]);
+    let scrub = setup.volume()["last_scrub"].clone();
+    assert_eq!(
+        scrub["mismatches"].as_u64(),
+        Some(0),
+        "replicas differ after r was brought back healthy: {context}; scrub: {scrub:#}"
+    );
+    setup.stop_and_compare(&setup.kit.uri());
+    eprintln!(
+        "failed_dirty_map_clear_keeps_what_r_misses: {:?}",
+        t0.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. Reads that hang on r
+
+/// Reads on r never answer in time (5 s delay, `io_timeout_secs = 2`). The
+/// config promises that a replica that does not complete an operation within
+/// the timeout is failed out: clients must not keep waiting 2 s on r.
+#[test]
+fn hanging_reads_fail_the_replica_out() {
+    let _serial = serial();
+    let t0 = Instant::now();
+    let mut setup = Setup::new(
+        2,
+        |dir| sparse_image(&dir.join("r.img"), EXPORT_SIZE),
+        |dir| vec!["file".into(), format!("file={}", dir.join("r.img").display())],
+    );
+    let img = setup.path("r.img");
+    let sock = setup.path("r.sock");
+    let uri = setup.uri();
+    let writes: Vec<String> = (0..8u64)
+        .map(|k| format!("write -P {:#x} {} {}", 0x80 + k, k * MIB, MIB))
+        .collect();
+    qemu_io_ok(&uri, &writes);
+    setup.wait_clean();
+    setup.kit.kill();
+    setup.kit = Nbdkit::start(
+        &sock,
+        &[
+            "--filter=delay",
+            "file",
+            &format!("file={}", img.display()),
+            "delay-read=5",
+        ],
+    );
+
+    // Concurrent reads so some reach r. At most 4 rounds.
+    let mut timings = Vec::new();
+    for round in 0..4u64 {
+        let mut cmds = Vec::new();
+        for i in 0..32u64 {
+            let k = (i * 3 + round) % 8;
+            let off = k * MIB + ((i * 5 + round) % 16) * 64 * KIB;
+            cmds.push(format!("aio_read -P {:#x} {off} 64k", 0x80 + k));
+        }
+        cmds.push("aio_flush".into());
+        let (out, took) = timed_qemu_io(&uri, &cmds);
+        assert!(!qemu_io_failed(&out), "reads must succeed: {}", out.describe());
+        timings.push(took);
+        if replica_on(&setup.volume(), "r")["state"] != "in_sync" {
+            break;
+        }
+    }
+    let v = setup.volume();
+    let r = replica_on(&v, "r");
+    let repaired = setup.events_of("read_error_repaired").len();
+    eprintln!(
+        "hanging reads: rounds took {timings:?}; r state {} reason {:?}, errors {}, {repaired} read_error_repaired event(s)",
+        r["state"], r["reason"], r["errors"]
+    );
+    assert!(
+        r["errors"].as_u64().unwrap_or(0) > 0,
+        "no read reached r, the test proves nothing: {v:#}"
+    );
+    assert_eq!(
+        r["state"], "failed",
+        "r timed out on reads ({} errors, {repaired} `read_error_repaired` events, client read rounds took {timings:?}) \
+         but stays in sync: io_timeout_secs should fail it out: {v:#}",
+        r["errors"]
+    );
+    assert!(
+        mentions_any(r["reason"].as_str().unwrap_or_default(), &["did not answer within 2 s"]),
+        "{v:#}"
+    );
+    eprintln!("hanging_reads_fail_the_replica_out: {:?}", t0.elapsed());
 }
