@@ -23,6 +23,13 @@
 //! 4. `read_errors_are_served_from_the_other_replica`: only reads fail on r;
 //!    every client read returns the right data, the failed regions are
 //!    rewritten (`read_error_repaired`) and r stays in sync.
+//! 5. `failed_dirty_map_clear_keeps_what_r_misses`: r gets EIO when the
+//!    background clear of the dirty map writes to it (a's map is already
+//!    cleared); a region rewritten while r is out must still be caught up
+//!    after `volume stop` + `volume start` and `replica readd`.
+//! 6. `hanging_reads_fail_the_replica_out`: reads on r never answer within
+//!    `io_timeout_secs`; as documented for that setting, r must be failed out
+//!    rather than make clients wait the timeout on every read that lands there.
 //!
 //! Needs nbdkit (Debian package nbdkit), fio, qemu-io (qemu-utils) and
 //! nbdcopy (libnbd-bin). The tests of this file run one at a time (a mutex),
@@ -246,9 +253,7 @@ impl Setup {
 
     /// Events of volume v (`ditto events --json --volume v`).
     fn events(&self) -> Vec<Value> {
-        let out = self
-            .daemon
-            .cli_ok(&["events", "--json", "--volume", "v"]);
+        let out = self.daemon.cli_ok(&["events", "--json", "--volume", "v"]);
         out.stdout
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -383,7 +388,8 @@ fn fio_survives_erroring_replica() {
     }
     let fio_stderr = std::fs::read_to_string(&fio_err).unwrap_or_default();
     let text = std::fs::read_to_string(&json_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| panic!("`{line}` did not finish within {TOOL_TIMEOUT:?}"));
+    let status =
+        status.unwrap_or_else(|| panic!("`{line}` did not finish within {TOOL_TIMEOUT:?}"));
     assert!(
         still_running,
         "fio finished within 1 s, before the fault was injected: {text}"
@@ -395,7 +401,13 @@ fn fio_survives_erroring_replica() {
     assert!(
         !mentions_any(
             &fio_stderr,
-            &["verify: bad", "bad magic", "bad header", "verify failed", "error"]
+            &[
+                "verify: bad",
+                "bad magic",
+                "bad header",
+                "verify failed",
+                "error"
+            ]
         ),
         "fio reported errors: {fio_stderr}"
     );
@@ -423,7 +435,10 @@ fn fio_survives_erroring_replica() {
         mentions_any(reason, &["EIO", "input/output error", "I/O error"]),
         "r's reason should name the I/O error: {reason:?} in {v:#}"
     );
-    eprintln!("fio test: r failed with reason {reason:?}");
+    assert!(
+        mentions_any(reason, &["write"]),
+        "r should have been failed by a client write during fio's write phase: {reason:?}"
+    );
     assert_eq!(v["state"], "degraded", "volume state: {v:#}");
     assert_eq!(replica_on(&v, "a")["state"], "in_sync", "a: {v:#}");
 
@@ -439,7 +454,13 @@ fn fio_survives_erroring_replica() {
     wait_until(
         "the event program to record `replica_failed v R`",
         Duration::from_secs(15),
-        || setup.program_lines().iter().any(|l| l == &want).then_some(()),
+        || {
+            setup
+                .program_lines()
+                .iter()
+                .any(|l| l == &want)
+                .then_some(())
+        },
     );
 
     // While degraded, a write beyond fio's range, read back later.
@@ -490,7 +511,12 @@ fn hanging_replica_is_failed_out_by_io_timeout() {
     let mut setup = Setup::new(
         2,
         |dir| sparse_image(&dir.join("r.img"), EXPORT_SIZE),
-        |dir| vec!["file".into(), format!("file={}", dir.join("r.img").display())],
+        |dir| {
+            vec![
+                "file".into(),
+                format!("file={}", dir.join("r.img").display()),
+            ]
+        },
     );
     let img = setup.path("r.img");
     let sock = setup.path("r.sock");
@@ -512,7 +538,11 @@ fn hanging_replica_is_failed_out_by_io_timeout() {
     // write completes on a. Without the timeout it would take at least 10 s
     // (dirty bit, then data, 5 s each).
     let (out, took) = timed_qemu_io(&setup.uri(), &["write -P 0x22 2M 1M".into()]);
-    assert!(!qemu_io_failed(&out), "the write should succeed: {}", out.describe());
+    assert!(
+        !qemu_io_failed(&out),
+        "the write should succeed: {}",
+        out.describe()
+    );
     assert!(
         took < Duration::from_millis(4500),
         "the write took {took:?}: the 2 s I/O timeout should have failed r well before its 5 s delay"
@@ -527,10 +557,13 @@ fn hanging_replica_is_failed_out_by_io_timeout() {
     );
     assert_eq!(v["state"], "degraded", "{v:#}");
     assert!(
-        setup.events_of("replica_failed").iter().any(|e| mentions_any(
-            e["message"].as_str().unwrap_or_default(),
-            &["did not answer"]
-        )),
+        setup
+            .events_of("replica_failed")
+            .iter()
+            .any(|e| mentions_any(
+                e["message"].as_str().unwrap_or_default(),
+                &["did not answer"]
+            )),
         "a replica_failed event naming the timeout: {:#?}",
         setup.events()
     );
@@ -549,7 +582,10 @@ fn hanging_replica_is_failed_out_by_io_timeout() {
         .cli_ok(&["volume", "wait", "v", "--timeout", "60"]);
     setup.daemon.wait_healthy("v");
     setup.stop_and_compare(&setup.kit.uri());
-    eprintln!("hanging_replica_is_failed_out_by_io_timeout: {:?}", t0.elapsed());
+    eprintln!(
+        "hanging_replica_is_failed_out_by_io_timeout: {:?}",
+        t0.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -562,7 +598,12 @@ fn replica_that_comes_back_catches_up_only_what_it_missed() {
     let mut setup = Setup::new(
         10,
         |dir| sparse_image(&dir.join("r.img"), EXPORT_SIZE),
-        |dir| vec!["file".into(), format!("file={}", dir.join("r.img").display())],
+        |dir| {
+            vec![
+                "file".into(),
+                format!("file={}", dir.join("r.img").display()),
+            ]
+        },
     );
     let img = setup.path("r.img");
     let sock = setup.path("r.sock");
@@ -592,13 +633,23 @@ fn replica_that_comes_back_catches_up_only_what_it_missed() {
     let r = replica_on(&v, "r");
     assert_eq!(r["state"], "failed", "r should be failed: {v:#}");
     assert_eq!(v["state"], "degraded", "{v:#}");
-    assert_eq!(v["dirty_regions"].as_u64(), Some(2), "two regions written while r was gone: {v:#}");
+    assert_eq!(
+        v["dirty_regions"].as_u64(),
+        Some(2),
+        "two regions written while r was gone: {v:#}"
+    );
 
     // While the server is still down, readd fails with a clear message and
     // changes nothing.
-    let out = setup.daemon.cli(&["replica", "readd", "v", "r"]).assert_failure();
+    let out = setup
+        .daemon
+        .cli(&["replica", "readd", "v", "r"])
+        .assert_failure();
     assert!(
-        mentions_any(&out.stderr, &["reconnect", "connect", "refused", "No such file"]),
+        mentions_any(
+            &out.stderr,
+            &["reconnect", "connect", "refused", "No such file"]
+        ),
         "readd with the server down should say it cannot reach it: {}",
         out.describe()
     );
@@ -631,7 +682,9 @@ fn replica_that_comes_back_catches_up_only_what_it_missed() {
         assert!(kinds.iter().any(|x| x == k), "no {k} event: {kinds:?}");
     }
     // Straight from the image file too: r has the data written while it was gone.
-    let r_off = replica_on(&v, "r")["data_offset"].as_u64().expect("data_offset");
+    let r_off = replica_on(&v, "r")["data_offset"]
+        .as_u64()
+        .expect("data_offset");
     let mut want = vec![0x42u8; MIB as usize];
     want[64 * KIB as usize..192 * KIB as usize].fill(0x43);
     assert!(
@@ -785,7 +838,10 @@ fn failed_dirty_map_clear_keeps_what_r_misses() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    eprintln!("dirty-map clear: r failed: {reason}; dirty_regions {}", v["dirty_regions"]);
+    eprintln!(
+        "dirty-map clear: r failed: {reason}; dirty_regions {}",
+        v["dirty_regions"]
+    );
     assert_eq!(v["state"], "degraded", "{v:#}");
 
     // The same region rewritten while r is out: only a has it.
@@ -797,7 +853,10 @@ fn failed_dirty_map_clear_keeps_what_r_misses() {
     setup.daemon.cli_ok(&["volume", "stop", "v"]);
     let out = setup.daemon.cli(&["volume", "start", "v"]);
     if !out.success() {
-        eprintln!("volume start refused ({}), starting --degraded", out.stderr.trim());
+        eprintln!(
+            "volume start refused ({}), starting --degraded",
+            out.stderr.trim()
+        );
         setup.daemon.cli_ok(&["volume", "start", "v", "--degraded"]);
     }
     let v = setup.volume();
@@ -818,9 +877,7 @@ fn failed_dirty_map_clear_keeps_what_r_misses() {
     setup.daemon.wait_healthy("v");
     eprintln!("{context}");
     // The daemon's own comparison first, then the bytes.
-    setup
-        .daemon
-        .cli_ok(&["volume", "scrub", "v", "--wait"]);
+    setup.daemon.cli_ok(&["volume", "scrub", "v", "--wait"]);
     let scrub = setup.volume()["last_scrub"].clone();
     assert_eq!(
         scrub["mismatches"].as_u64(),
@@ -847,7 +904,12 @@ fn hanging_reads_fail_the_replica_out() {
     let mut setup = Setup::new(
         2,
         |dir| sparse_image(&dir.join("r.img"), EXPORT_SIZE),
-        |dir| vec!["file".into(), format!("file={}", dir.join("r.img").display())],
+        |dir| {
+            vec![
+                "file".into(),
+                format!("file={}", dir.join("r.img").display()),
+            ]
+        },
     );
     let img = setup.path("r.img");
     let sock = setup.path("r.sock");
@@ -879,7 +941,11 @@ fn hanging_reads_fail_the_replica_out() {
         }
         cmds.push("aio_flush".into());
         let (out, took) = timed_qemu_io(&uri, &cmds);
-        assert!(!qemu_io_failed(&out), "reads must succeed: {}", out.describe());
+        assert!(
+            !qemu_io_failed(&out),
+            "reads must succeed: {}",
+            out.describe()
+        );
         timings.push(took);
         if replica_on(&setup.volume(), "r")["state"] != "in_sync" {
             break;
@@ -903,7 +969,10 @@ fn hanging_reads_fail_the_replica_out() {
         r["errors"]
     );
     assert!(
-        mentions_any(r["reason"].as_str().unwrap_or_default(), &["did not answer within 2 s"]),
+        mentions_any(
+            r["reason"].as_str().unwrap_or_default(),
+            &["did not answer within 2 s"]
+        ),
         "{v:#}"
     );
     eprintln!("hanging_reads_fail_the_replica_out: {:?}", t0.elapsed());
