@@ -245,14 +245,15 @@ impl Volume {
     }
 
     /// Copy one region from `source` to `targets` under its stripe lock.
-    /// Holes on the source become holes on the targets (unless `skip_holes`,
-    /// for a fresh target that is all holes already). Returns bytes copied.
+    /// Holes on the source are deallocated on the targets too: a target may
+    /// hold old data there (a reused device, a discarded split-brain side, an
+    /// interrupted catch-up), and a hole must read back as zeroes everywhere.
+    /// Returns bytes of data copied.
     async fn copy_region(
         &self,
         region: u64,
         source: &Member,
         targets: &[Arc<Member>],
-        skip_holes: bool,
     ) -> Result<u64, CopyError> {
         let range = self.dirty.region_range(region);
         let _lock = self.lock_region(region).await;
@@ -282,7 +283,6 @@ impl Volume {
                 }
                 let r = match &data {
                     Some(d) => self.timed(t, t.backend.write(run.offset, d.clone())).await,
-                    None if skip_holes => Ok(()),
                     None => {
                         self.timed(t, t.backend.discard(run.offset, run.length))
                             .await
@@ -373,7 +373,7 @@ impl Volume {
                 error = Some("stopped".to_string());
                 break;
             }
-            match self.copy_region(r, &source, &targets, false).await {
+            match self.copy_region(r, &source, &targets).await {
                 Ok(_) => redirect.done(r),
                 Err(CopyError::Target(id, e)) => {
                     if let Some(m) = self.member(id) {
@@ -639,7 +639,6 @@ impl Volume {
             .copy_all(
                 &target,
                 regions.into_iter(),
-                false,
                 &mut tracker,
                 EventKind::ResyncProgress,
                 None,
@@ -701,7 +700,6 @@ impl Volume {
             .copy_all(
                 &target,
                 first..self.dirty.regions(),
-                first == 0,
                 &mut tracker,
                 EventKind::RebuildProgress,
                 Some(rs),
@@ -715,7 +713,6 @@ impl Volume {
         &self,
         target: &Arc<Member>,
         regions: impl Iterator<Item = u64>,
-        skip_holes: bool,
         tracker: &mut Tracker,
         progress: EventKind,
         checkpoint_region_size: Option<u64>,
@@ -733,7 +730,7 @@ impl Volume {
                 return Err("no in-sync source left".into());
             };
             match self
-                .copy_region(r, &source, std::slice::from_ref(target), skip_holes)
+                .copy_region(r, &source, std::slice::from_ref(target))
                 .await
             {
                 Ok(copied) => {
