@@ -371,6 +371,8 @@ fn fio_survives_erroring_replica() {
         "--output-format=json",
         &format!("--output={}", s(&json_path)),
     ])
+    // fio leaves a verify state file in its working directory.
+    .current_dir(setup.dir.path())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(File::create(&fio_err).expect("fio stderr file"));
