@@ -835,6 +835,7 @@ impl Volume {
         self.check_range(offset, len as u64)?;
         self.touch(false);
         let mut tried: Vec<Uuid> = Vec::new();
+        let mut hung: Vec<Arc<Member>> = Vec::new();
         let mut last_err = None;
         loop {
             let members: Vec<Arc<Member>> = self
@@ -857,8 +858,27 @@ impl Volume {
             match r {
                 Ok(data) => {
                     member.reads.fetch_add(1, Ordering::Relaxed);
-                    if !tried.is_empty() {
-                        self.repair_after_read_error(&tried, offset, &data).await;
+                    // A replica that hangs is failed out (it would stall every
+                    // read sent to it); one that returned an error is repaired
+                    // in place, as md does.
+                    for h in &hung {
+                        let _ = self
+                            .fail_member(
+                                h,
+                                format!(
+                                    "reads did not answer within {} s",
+                                    self.options.io_timeout.as_secs()
+                                ),
+                            )
+                            .await;
+                    }
+                    let errored: Vec<Uuid> = tried
+                        .iter()
+                        .filter(|id| !hung.iter().any(|h| h.id == **id))
+                        .copied()
+                        .collect();
+                    if !errored.is_empty() {
+                        self.repair_after_read_error(&errored, offset, &data).await;
                     }
                     return Ok(data);
                 }
@@ -866,6 +886,9 @@ impl Volume {
                     member.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(volume = %self.name, replica = %member.backend.location(), error = %e, "read failed, trying another replica");
                     tried.push(member.id);
+                    if matches!(e, BackendError::Timeout { .. }) {
+                        hung.push(member.clone());
+                    }
                     last_err = Some(e);
                 }
             }
@@ -1050,12 +1073,34 @@ impl Volume {
                 {
                     self.fail_member(&m, format!("cannot clear the dirty map: {e}"))
                         .await?;
+                    // Replicas already cleared must carry the map again: the
+                    // failed one needs every bit to catch up later.
+                    self.rewrite_dirty_map().await?;
                     return Ok(());
                 }
             }
         }
         self.dirty.clear();
         tracing::debug!(volume = %self.name, "dirty map cleared");
+        Ok(())
+    }
+
+    /// Write the whole in-memory map to every in-sync replica (with the map's
+    /// persist lock held), failing out those that cannot take it.
+    async fn rewrite_dirty_map(&self) -> Result<(), EngineError> {
+        let map = self.dirty.encoded();
+        for m in self.in_sync() {
+            if let Err(e) = self
+                .timed(&m, m.backend.write_dirty_map(0, map.clone()))
+                .await
+            {
+                self.fail_member(&m, format!("cannot restore the dirty map: {e}"))
+                    .await?;
+            }
+        }
+        if self.in_sync().is_empty() {
+            return Err(self.no_replicas());
+        }
         Ok(())
     }
 
