@@ -486,6 +486,9 @@ impl Volume {
             ReaddPlan::FullRebuild
         };
         let fresh = Arc::new(Member::new(id, member.label.clone(), backend));
+        if !covered {
+            self.mark_full_rebuild(&fresh).await?;
+        }
         self.queue_job(
             if covered {
                 JobKind::CatchUp
@@ -521,6 +524,7 @@ impl Volume {
         }
         let member = Arc::new(member);
         let location = member.backend.location().to_string();
+        self.mark_full_rebuild(&member).await?;
         {
             let m = member.clone();
             let list = self.member_list();
@@ -544,6 +548,18 @@ impl Volume {
             }
         });
         Ok(())
+    }
+
+    /// Record on the target, before it joins as rebuilding, that it needs a
+    /// full rebuild (cursor 0). A restart then resumes the right job: a
+    /// target without a cursor is a catch-up from the dirty map.
+    async fn mark_full_rebuild(&self, target: &Member) -> Result<(), EngineError> {
+        let mut sb = target.backend.superblock();
+        sb.rebuild_cursor = Some(sb.rebuild_cursor.unwrap_or(0));
+        sb.clean = false;
+        Ok(self
+            .timed(target, target.backend.write_superblock(sb))
+            .await?)
     }
 
     async fn replace_member(
@@ -610,7 +626,7 @@ impl Volume {
         Ok(m)
     }
 
-    async fn catch_up(self: Arc<Self>, target: Arc<Member>) -> Result<(), EngineError> {
+    pub(crate) async fn catch_up(self: Arc<Self>, target: Arc<Member>) -> Result<(), EngineError> {
         let _job = self.job_lock.lock().await;
         // Queued behind a close: the replicas are closed cleanly, touch nothing.
         if self.is_closed() {
@@ -734,7 +750,16 @@ impl Volume {
                 .await
             {
                 Ok(copied) => {
-                    tracker.add(self, copied, progress);
+                    // A rebuild's total is the allocated bytes, a catch-up's
+                    // the dirty regions (holes included): count in the same unit.
+                    let done = match checkpoint_region_size {
+                        Some(_) => copied,
+                        None => {
+                            let range = self.dirty.region_range(r);
+                            range.end - range.start
+                        }
+                    };
+                    tracker.add(self, done, progress);
                     pacer.account(self, copied.max(4096)).await;
                 }
                 Err(CopyError::Target(_, e)) => {

@@ -478,7 +478,13 @@ impl Volume {
                     v.clone().resync_after_crash().await;
                 }
                 for m in rebuilding {
-                    let cursor = m.backend.superblock().rebuild_cursor.unwrap_or(0);
+                    // A full rebuild always records a cursor before it starts;
+                    // without one this was a catch-up, and the dirty map (never
+                    // cleared while a member is rebuilding) still covers it.
+                    let Some(cursor) = m.backend.superblock().rebuild_cursor else {
+                        let _ = v.clone().catch_up(m).await;
+                        continue;
+                    };
                     // A crash may have left unacknowledged writes below the cursor.
                     let first_dirty = v
                         .dirty
