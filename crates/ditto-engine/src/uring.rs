@@ -787,9 +787,9 @@ impl Ring {
                     // by this much instead of hanging until the volume's I/O
                     // timeout fails the replica.
                     _ = tick.tick() => {
-                        ticks += 1;
                         // Once a second is enough for a report.
-                        if ticks % 10 == 0 {
+                        ticks = (ticks + 1) % 10;
+                        if ticks == 0 {
                             ring.report_stalls();
                         }
                     }
