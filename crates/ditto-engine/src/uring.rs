@@ -526,6 +526,8 @@ struct Ring {
     table: Mutex<Table>,
     /// Entries pushed since the last io_uring_enter (0: nothing to submit).
     queued: AtomicUsize,
+    /// Completions that named no operation: a bug if ever non-zero.
+    strays: AtomicUsize,
     /// One permit per operation in flight (see [`RING_ENTRIES`]).
     slots: Arc<Semaphore>,
     /// Whether a reaper task is running (it clears this when its runtime drops it).
@@ -576,6 +578,7 @@ impl Ring {
             uring,
             table: Mutex::new(Table::default()),
             queued: AtomicUsize::new(0),
+            strays: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(entries as usize)),
             reaper: AtomicBool::new(false),
             reaper_start: Mutex::new(()),
@@ -707,7 +710,9 @@ impl Ring {
                 for &(id, res) in &cqes[..n] {
                     let id = id as usize;
                     let Some(Some(op)) = table.ops.get_mut(id) else {
-                        tracing::warn!(user_data = id, "io_uring completion for no operation");
+                        // Never expected: every entry's user_data names a live op.
+                        self.strays.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(user_data = id, "io_uring completion for no operation");
                         continue;
                     };
                     match op.advance(res) {
@@ -816,14 +821,7 @@ impl Ring {
             }
         }
         if slow > 0 {
-            // SAFETY: the table lock is held, so no other queue view exists;
-            // both are only used to read their lengths.
-            let (cq, sq) = unsafe {
-                (
-                    self.uring.completion_shared().len(),
-                    self.uring.submission_shared().len(),
-                )
-            };
+            let (cq, sq) = self.queue_lengths(&table);
             tracing::warn!(
                 slow,
                 oldest_ms = oldest.as_millis() as u64,
@@ -837,15 +835,31 @@ impl Ring {
 
     /// Submits entries left queued by a submit that failed transiently.
     fn submit_pending(&self) {
-        // SAFETY: the table lock is held, so no other SubmissionQueue exists;
-        // the view is only used to read its length.
         let pending = {
-            let _table = self.lock();
-            !unsafe { self.uring.submission_shared() }.is_empty()
+            let table = self.lock();
+            self.queue_lengths(&table).1 > 0
         };
         if pending {
             self.enter();
         }
+    }
+
+    /// (unreaped completions, unsubmitted entries). Takes the guard to prove
+    /// the table lock is held; the queue views are locals, so they are gone
+    /// before the caller can release the lock. (A view dropped after the
+    /// guard, as a temporary in a block's tail expression is, stores its
+    /// stale tail outside the lock: the kernel then sees the tail behind its
+    /// head and re-submits old entries.)
+    fn queue_lengths(&self, _locked: &MutexGuard<'_, Table>) -> (usize, usize) {
+        // SAFETY: the table lock is held (the guard), so no other queue view
+        // exists; both views are only read and are dropped before returning.
+        let cq = unsafe { self.uring.completion_shared() };
+        // SAFETY: as above.
+        let sq = unsafe { self.uring.submission_shared() };
+        let lengths = (cq.len(), sq.len());
+        drop(sq);
+        drop(cq);
+        lengths
     }
 }
 
@@ -1027,8 +1041,16 @@ mod tests {
     async fn sustained_mixed_load_never_stalls() {
         let dir = tempfile::tempdir().unwrap();
         const BLOCKS: u64 = 4096;
-        let (_path, f) = sized_file(&dir, BLOCKS * 4096);
-        let f: Arc<dyn IoFile> = f;
+        let e = engine();
+        let ring = e.ring.as_ref().unwrap().clone();
+        let path = dir.path().join("f");
+        let f = e.open(&path, true).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(BLOCKS * 4096)
+            .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_millis(1500);
         let mut tasks = Vec::new();
         for t in 0..32u64 {
@@ -1058,11 +1080,32 @@ mod tests {
                 ops
             }));
         }
+        // Hammer the path the reaper takes after every wake-up, from another
+        // thread, so a queue view escaping the lock would show quickly.
+        let hammer = {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                while std::time::Instant::now() < deadline {
+                    ring.submit_pending();
+                }
+            })
+        };
         let mut total = 0;
         for t in tasks {
             total += t.await.unwrap();
         }
+        hammer.join().unwrap();
         assert!(total > 0);
+        // The reaper's submit_pending and the stall report took queue views
+        // all along: the tail must never have gone behind the kernel's head.
+        let table = ring.lock();
+        let (cq, sq) = ring.queue_lengths(&table);
+        assert!(sq <= RING_ENTRIES as usize, "submission queue length {sq}");
+        assert!(
+            cq <= 2 * RING_ENTRIES as usize,
+            "completion queue length {cq}"
+        );
+        assert_eq!(ring.strays.load(Ordering::Relaxed), 0, "stray completions");
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! `bench/run --smoke`: the benchmark script runs end to end against this
-//! build of `ditto` (raw file, qemu-nbd, qemu quorum, ditto 1- and 2-replica)
-//! and fails if any target fails.
+//! build of `ditto` (raw file, qemu-nbd, qemu quorum, ditto 1- and 2-replica
+//! volumes on both I/O engines) and fails if any target fails.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -79,15 +79,18 @@ fn bench_smoke_runs_every_target() {
     for target in ["raw", "qemu-nbd", "qemu-quorum", "ditto-1r", "ditto-2r"] {
         assert!(
             runs.iter()
-                .any(|r| r["target"] == target && r["iops"].as_f64().unwrap_or(0.0) > 0.0),
+                .any(|r| r["kind"] == target && r["iops"].as_f64().unwrap_or(0.0) > 0.0),
             "no measurement for {target}\n--- stdout ---\n{stdout}"
         );
     }
-    assert!(
-        doc["memory"]["threadpool"]["vm_hwm_kib"].as_u64().is_some(),
-        "memory check missing: {}",
-        doc["memory"]
-    );
+    // Both engines run by default; each has its daemon's memory check.
+    for engine in ["threadpool", "io_uring"] {
+        assert!(
+            doc["memory"][engine]["vm_hwm_kib"].as_u64().is_some(),
+            "memory check for {engine} missing: {}",
+            doc["memory"]
+        );
+    }
     assert!(stdout.contains("| memory"), "table has the memory row");
     assert!(stdout.contains("| rebuild"), "table has the rebuild row");
 }
