@@ -242,9 +242,13 @@ impl Node {
         (members, missing)
     }
 
-    /// Assemble a volume and publish it (or record why it is stopped).
-    async fn assemble(&self, record: &VolumeRecord, members: Vec<Member>) -> bool {
-        let opened = Volume::open(
+    /// Assemble the engine volume of a stored record from its members.
+    async fn open_record(
+        &self,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+    ) -> Result<Arc<Volume>, ditto_engine::EngineError> {
+        Volume::open(
             &record.name,
             record.uuid,
             record.size,
@@ -252,7 +256,12 @@ impl Node {
             self.volume_options.clone(),
             self.events.clone(),
         )
-        .await;
+        .await
+    }
+
+    /// Assemble a volume and publish it (or record why it is stopped).
+    async fn assemble(&self, record: &VolumeRecord, members: Vec<Member>) -> bool {
+        let opened = self.open_record(record, members).await;
         match opened {
             Ok(v) => {
                 tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
@@ -883,16 +892,10 @@ impl Node {
                 Arc::new(placeholder) as Arc<dyn ReplicaBackend>,
             ));
         }
-        let volume = Volume::open(
-            &record.name,
-            record.uuid,
-            record.size,
-            members,
-            self.volume_options.clone(),
-            self.events.clone(),
-        )
-        .await
-        .map_err(engine_err)?;
+        let volume = self
+            .open_record(&record, members)
+            .await
+            .map_err(engine_err)?;
         self.set_runtime(name, Some(VolumeRuntime::Running(volume.clone())));
         self.events.emit(Event {
             kind: EventKind::SplitBrainResolved,
