@@ -761,12 +761,9 @@ impl Volume {
                 self.member_list().len()
             ),
         );
-        if was == ReplicaState::InSync {
-            self.persist_membership(false).await
-        } else {
-            // A rebuilding member was never counted in sync; survivors still record it.
-            self.persist_membership(false).await
-        }
+        // A rebuilding member was never counted in sync, but the survivors
+        // still record that it failed.
+        self.persist_membership(false).await
     }
 
     /// Write the current generation and replica set to every in-sync member;
