@@ -37,6 +37,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use ditto_buf::{AlignedBuf, Filled};
+
 use crate::io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
 use crate::BoxFuture;
 
@@ -50,7 +52,7 @@ const RING_ENTRIES: u32 = 256;
 /// shows on that write (not at a later fsync), and small writes skip the
 /// buffered write path (whose cost grows with the page-cache folio size).
 /// 4 KiB suits every logical block size in use (512 B, 4 KiB).
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = ditto_buf::ALIGN;
 
 /// How often the reaper looks at the ring without a wake-up while operations
 /// are in flight (a safety net; see the reaper).
@@ -196,7 +198,7 @@ impl IoFile for UringFile {
                 return Ok(());
             }
             let (file, fallback) = self.route(offset, data.len());
-            let kind = if fallback.is_some() && data.as_ptr() as usize & (DIRECT_ALIGN - 1) != 0 {
+            let kind = if fallback.is_some() && !ditto_buf::is_aligned(&data) {
                 // O_DIRECT needs aligned memory too; copying 4 KiB costs far
                 // less than the page-cache write path it replaces.
                 Kind::WriteAligned {
@@ -235,128 +237,6 @@ impl IoFile for UringFile {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.buffered.metadata()?.len())
-    }
-}
-
-/// Heap memory aligned for O_DIRECT, not initialised until filled.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    /// Bytes asked for.
-    len: usize,
-    /// Bytes allocated (a pool size class, or `len`).
-    cap: usize,
-}
-
-// SAFETY: a uniquely owned heap allocation, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-
-/// Smallest pooled size is 2^12 = 4 KiB, largest 2^22 = 4 MiB.
-const POOL_MIN_SHIFT: u32 = 12;
-const POOL_CLASSES: usize = 11;
-/// Most memory the pool keeps for reuse (it counts in the daemon's RSS).
-const POOL_BYTES: usize = 16 << 20;
-
-/// Freed aligned buffers kept for reuse, by power-of-two size class. A fresh
-/// large allocation is an mmap whose pages fault in and are zeroed on first
-/// touch, then unmapped on free: for 1 MiB requests that cost more CPU than
-/// the I/O itself (see BENCHMARKS.md). Addresses are kept as integers.
-struct Pool {
-    free: [Vec<usize>; POOL_CLASSES],
-    bytes: usize,
-}
-
-static POOL: Mutex<Pool> = Mutex::new(Pool {
-    free: [const { Vec::new() }; POOL_CLASSES],
-    bytes: 0,
-});
-
-fn pool() -> MutexGuard<'static, Pool> {
-    // Each critical section is one push or pop: never left inconsistent.
-    POOL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The pool class and its size for a request of `len` bytes, if pooled.
-fn size_class(len: usize) -> Option<(usize, usize)> {
-    let shift = len
-        .max(1)
-        .next_power_of_two()
-        .trailing_zeros()
-        .max(POOL_MIN_SHIFT);
-    let class = (shift - POOL_MIN_SHIFT) as usize;
-    (class < POOL_CLASSES).then_some((class, 1 << shift))
-}
-
-impl AlignedBuf {
-    fn layout(cap: usize) -> io::Result<std::alloc::Layout> {
-        std::alloc::Layout::from_size_align(cap.max(1), DIRECT_ALIGN)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    }
-
-    fn new(len: usize) -> io::Result<Self> {
-        let class = size_class(len);
-        if let Some((c, cap)) = class {
-            let reused = {
-                let mut p = pool();
-                let addr = p.free[c].pop();
-                if addr.is_some() {
-                    p.bytes -= cap;
-                }
-                addr
-            };
-            if let Some(ptr) = reused.and_then(|a| std::ptr::NonNull::new(a as *mut u8)) {
-                return Ok(AlignedBuf { ptr, len, cap });
-            }
-        }
-        let cap = class.map_or(len, |(_, cap)| cap);
-        let layout = Self::layout(cap)?;
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = std::ptr::NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        Ok(AlignedBuf { ptr, len, cap })
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        if let Some((c, cap)) = size_class(self.len) {
-            let mut p = pool();
-            if cap == self.cap && p.bytes + cap <= POOL_BYTES {
-                p.free[c].push(self.ptr.as_ptr() as usize);
-                p.bytes += cap;
-                return;
-            }
-        }
-        if let Ok(layout) = Self::layout(self.cap) {
-            // SAFETY: allocated in `new` with this same layout (size `cap`,
-            // alignment DIRECT_ALIGN), here or by an earlier owner.
-            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
-        }
-    }
-}
-
-/// An aligned buffer every byte of which is initialised.
-struct Filled(AlignedBuf);
-
-impl Filled {
-    fn copy_of(data: &[u8]) -> io::Result<Self> {
-        let mut buf = AlignedBuf::new(data.len())?;
-        // SAFETY: `buf` has room for data.len() bytes and is a fresh
-        // allocation, so the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_mut_ptr(), data.len()) };
-        Ok(Filled(buf))
-    }
-}
-
-impl AsRef<[u8]> for Filled {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: a `Filled` is only made once all `len` bytes are written.
-        unsafe { std::slice::from_raw_parts(self.0.ptr.as_ptr(), self.0.len) }
     }
 }
 
@@ -405,7 +285,7 @@ impl Op {
         let done = self.done;
         let entry = match &mut self.kind {
             Kind::Read { buf } => {
-                let n = (buf.len - done).min(MAX_CHUNK) as u32;
+                let n = (buf.len() - done).min(MAX_CHUNK) as u32;
                 // In bounds: done < len whenever an entry is built.
                 let ptr = buf.as_mut_ptr().wrapping_add(done);
                 opcode::Read::new(fd, ptr, n).offset(at).build()
@@ -445,9 +325,9 @@ impl Op {
         }
         let n = res as usize;
         let len = match &self.kind {
-            Kind::Read { buf } => buf.len,
+            Kind::Read { buf } => buf.len(),
             Kind::Write { data } => data.len(),
-            Kind::WriteAligned { data } => data.0.len,
+            Kind::WriteAligned { data } => data.as_ref().len(),
             Kind::Fsync => return Some(Ok(Done::Unit)),
         };
         self.done += n;
@@ -472,12 +352,16 @@ impl Op {
     fn finish(&mut self) -> io::Result<Done> {
         match std::mem::replace(&mut self.kind, Kind::Fsync) {
             Kind::Read { mut buf } => {
-                let done = self.done.min(buf.len);
+                let len = buf.len();
+                let done = self.done.min(len);
                 // SAFETY: `done <= len`, so the range is inside the buffer;
                 // bytes before `done` were written by the kernel, the rest
                 // are zeroed here, so the whole buffer is initialised.
-                unsafe { std::ptr::write_bytes(buf.as_mut_ptr().add(done), 0, buf.len - done) };
-                Ok(Done::Read(Bytes::from_owner(Filled(buf))))
+                let filled = unsafe {
+                    std::ptr::write_bytes(buf.as_mut_ptr().add(done), 0, len - done);
+                    buf.assume_filled()
+                };
+                Ok(Done::Read(filled.into_bytes()))
             }
             _ => Ok(Done::Unit),
         }
@@ -965,26 +849,10 @@ mod tests {
         let back = f.read_at(8192 + 7, 100).await.unwrap();
         assert!(back.iter().all(|&b| b == 6));
         // Aligned memory goes straight to the kernel.
-        let aligned = Bytes::from_owner(Filled::copy_of(&[8u8; 4096]).unwrap());
+        let aligned = Filled::copy_of(&[8u8; 4096]).unwrap().into_bytes();
         f.write_at(4096, aligned).await.unwrap();
         assert!(f.read_at(4096, 4096).await.unwrap().iter().all(|&b| b == 8));
         f.sync_data().await.unwrap();
-    }
-
-    #[test]
-    fn pool_size_classes() {
-        assert_eq!(size_class(1), Some((0, 4096)));
-        assert_eq!(size_class(4096), Some((0, 4096)));
-        assert_eq!(size_class(4097), Some((1, 8192)));
-        assert_eq!(size_class(1 << 20), Some((8, 1 << 20)));
-        assert_eq!(size_class(4 << 20), Some((10, 4 << 20)));
-        assert_eq!(size_class((4 << 20) + 1), None);
-        // Reused or fresh, a buffer is aligned and as large as asked.
-        for len in [1, 4096, 5000, 1 << 20, 5 << 20] {
-            let mut b = AlignedBuf::new(len).unwrap();
-            assert_eq!(b.as_mut_ptr() as usize % DIRECT_ALIGN, 0);
-            assert!(b.cap >= len);
-        }
     }
 
     #[test]

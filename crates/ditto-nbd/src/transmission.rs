@@ -14,7 +14,7 @@ use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -266,16 +266,18 @@ fn encode_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<u8> {
     buf
 }
 
-/// Reads exactly `len` payload bytes without zero-filling a buffer first.
+/// Reads exactly `len` payload bytes, without zero-filling a buffer first,
+/// into page-aligned memory: an O_DIRECT disk write can then take the
+/// payload as it is, where heap memory would be copied once per replica.
 async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(len);
-    while buf.len() < len {
-        let want = (len - buf.len()) as u64;
-        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
+    let mut buf = ditto_buf::Filling::new(len)?;
+    while !buf.is_full() {
+        if r.read_buf(&mut buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok(buf.freeze())
+    buf.into_bytes()
+        .ok_or_else(|| io::Error::other("payload buffer not filled"))
 }
 
 /// Reads and drops `len` payload bytes (a WRITE we refuse) without allocating them.
