@@ -28,6 +28,9 @@ pub struct DaemonConfig {
     pub log: String,
     /// Disk I/O engine: "threadpool" (portable) or "io_uring".
     pub io_engine: String,
+    /// Threads that run the network and engine tasks; 0 picks half the CPUs
+    /// (at least one). See [`DaemonConfig::runtime_threads`].
+    pub worker_threads: usize,
     /// Absolute path of a program run for every event, as
     /// `PROGRAM EVENT VOLUME [REPLICA]` (like `mdadm --monitor --program`),
     /// so an administrator hears of a failure at once. See docs/events.md.
@@ -71,6 +74,7 @@ impl Default for DaemonConfig {
             io_timeout_secs: 30,
             log: "info".into(),
             io_engine: "threadpool".into(),
+            worker_threads: 0,
             event_program: None,
             start_degraded: false,
             degraded_wait_secs: 30,
@@ -138,6 +142,15 @@ impl DaemonConfig {
                 ),
             });
         }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "worker_threads = {} is more than {MAX_WORKER_THREADS}; use 0 to size it from the CPUs",
+                    self.worker_threads
+                ),
+            });
+        }
         if let Some(p) = &self.event_program {
             if !p.is_absolute() {
                 return Err(ControlError::Config {
@@ -151,6 +164,21 @@ impl DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// Worker threads for the daemon's runtime: `worker_threads`, or for 0
+    /// half the CPUs, at least one. Each request's task, its disk I/O
+    /// submission and its reply stay on one thread unless another is idle
+    /// and steals work; on a small machine every cross-thread wake-up costs
+    /// more than the I/O it hands over (BENCHMARKS.md measures it), and the
+    /// other half of the CPUs is left to the kernel and the clients.
+    pub fn runtime_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .max(1),
+            n => n,
+        }
+    }
+
     /// Whether volume `name` may start degraded, by its own setting or the global one.
     pub fn start_degraded_for(&self, name: &str) -> bool {
         self.volumes
@@ -180,6 +208,9 @@ impl DaemonConfig {
         (min, max.max(min))
     }
 }
+
+/// Most worker threads a config may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// The disk I/O engines a config may name.
 pub const IO_ENGINES: &[&str] = &["threadpool", "io_uring"];

@@ -32,6 +32,9 @@ pub struct DaemonArgs {
     /// Disk I/O engine: threadpool or io_uring [default: threadpool].
     #[arg(long)]
     pub io_engine: Option<String>,
+    /// Runtime worker threads; 0 = half the CPUs [default: from the config, else 0].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// For this start, let volumes with missing replicas start degraded (wins over the config).
     #[arg(long, conflicts_with = "no_degraded")]
     pub degraded: bool,
@@ -84,6 +87,15 @@ pub fn resolve_config(
             );
         }
         cfg.io_engine = e.clone();
+    }
+    if let Some(n) = args.worker_threads {
+        if n > ditto_control::config::MAX_WORKER_THREADS {
+            bail!(
+                "--worker-threads {n} is more than {}; use 0 to size it from the CPUs",
+                ditto_control::config::MAX_WORKER_THREADS
+            );
+        }
+        cfg.worker_threads = n;
     }
     if let Some(s) = &args.nbd_socket {
         cfg.nbd_socket = Some(s.clone());
@@ -238,8 +250,9 @@ pub async fn wait_for_signal() {
     }
 }
 
-pub async fn run(args: DaemonArgs) -> Result<()> {
-    let (cfg, data_dir) = resolve_config(&args, None)?;
+/// Runs the daemon until SIGTERM or SIGINT, with the configuration
+/// [`resolve_config`] gave (the caller sized the runtime from it).
+pub async fn run(args: DaemonArgs, cfg: DaemonConfig, data_dir: PathBuf) -> Result<()> {
     crate::init_logging(&cfg.log);
     let running = start(&cfg, &data_dir, args.degraded_override()).await?;
     wait_for_signal().await;

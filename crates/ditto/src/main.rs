@@ -12,6 +12,7 @@ mod quickstart;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ditto_control::config::DEFAULT_API_LISTEN;
+use ditto_control::DaemonConfig;
 
 #[derive(Parser)]
 #[command(
@@ -194,8 +195,14 @@ fn check_name(kind: &'static str, name: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     let client = || cli::Client::new(&cli.api);
     match cli.command {
-        Command::Daemon(args) => tokio_main(daemon::run(args)),
-        Command::Quickstart(args) => tokio_main(quickstart::run(args)),
+        Command::Daemon(args) => {
+            let (cfg, data_dir) = daemon::resolve_config(&args, None)?;
+            tokio_main(cfg.runtime_threads(), daemon::run(args, cfg, data_dir))
+        }
+        Command::Quickstart(args) => tokio_main(
+            DaemonConfig::default().runtime_threads(),
+            quickstart::run(args),
+        ),
         Command::Pool(PoolCommand::Create {
             name,
             path,
@@ -297,8 +304,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn tokio_main(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+fn tokio_main(
+    worker_threads: usize,
+    fut: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .build()?;
     rt.block_on(fut)
