@@ -14,13 +14,26 @@ use uuid::Uuid;
 
 const SIZE: u64 = 16 << 20;
 
-/// Delegates to a real replica, failing every data operation while `broken` is set.
+/// Delegates to a real replica, failing every data operation while `broken`
+/// is set, and reads (data and allocation) while `reads_broken` is.
 struct Faulty {
     inner: Arc<FileReplica>,
     broken: AtomicBool,
+    reads_broken: AtomicBool,
 }
 
 impl Faulty {
+    fn check_read(&self) -> Result<(), BackendError> {
+        if self.reads_broken.load(Ordering::SeqCst) {
+            return Err(BackendError::Io {
+                op: "injected read",
+                location: self.inner.location().to_string(),
+                source: std::io::Error::other("injected read fault"),
+            });
+        }
+        self.check()
+    }
+
     fn check(&self) -> Result<(), BackendError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(BackendError::Io {
@@ -48,7 +61,7 @@ impl ReplicaBackend for Faulty {
     }
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>> {
         Box::pin(async move {
-            self.check()?;
+            self.check_read()?;
             self.inner.read(offset, len).await
         })
     }
@@ -82,7 +95,7 @@ impl ReplicaBackend for Faulty {
         len: u64,
     ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>> {
         Box::pin(async move {
-            self.check()?;
+            self.check_read()?;
             self.inner.allocation(offset, len).await
         })
     }
@@ -144,6 +157,7 @@ async fn open_faulty(f: &Fixture) -> (Arc<Volume>, Vec<Arc<Faulty>>) {
         let faulty = Arc::new(Faulty {
             inner,
             broken: AtomicBool::new(false),
+            reads_broken: AtomicBool::new(false),
         });
         faults.push(faulty.clone());
         members.push(Member::new(*id, "pool", faulty as Arc<dyn ReplicaBackend>));
@@ -626,4 +640,55 @@ async fn missing_replica_starts_degraded_and_is_recorded() {
     for _ in 0..10 {
         assert_eq!(&v.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
     }
+}
+
+/// A rebuild whose source fails to read fails that source out and copies
+/// the same region from the next in-sync replica: the new replica must not
+/// join with any region missing.
+#[tokio::test]
+async fn rebuild_source_failing_midway_switches_source_without_skipping() {
+    let f = create(2).await;
+    let (v, faults) = open_faulty(&f).await;
+    let pattern: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
+    // Regions 0..3 hold data, region 8 too.
+    v.write(0, Bytes::from(pattern.clone()), false)
+        .await
+        .unwrap();
+    v.write(8 << 20, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .unwrap();
+    // The rebuild's first source cannot read; its writes (membership
+    // records) still work, so it is in sync when the rebuild starts.
+    faults[0].reads_broken.store(true, Ordering::SeqCst);
+    let new_id = Uuid::new_v4();
+    let new_path = f.paths[0].with_file_name("added");
+    let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
+    let backend = FileReplica::create(&ThreadPoolEngine, &new_path, f.vol_id, new_id, layout)
+        .await
+        .unwrap();
+    v.add_replica(Member::new(
+        new_id,
+        "pool3",
+        backend as Arc<dyn ReplicaBackend>,
+    ))
+    .await
+    .unwrap();
+    let job = wait_job(&v).await;
+    assert_eq!(job.kind, ditto_engine::JobKind::Rebuild);
+    let states: Vec<ReplicaState> = v.members().iter().map(|m| m.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            ReplicaState::Failed,
+            ReplicaState::InSync,
+            ReplicaState::InSync
+        ],
+        "the broken source is out, the new replica joined"
+    );
+    v.close().await.unwrap();
+    let survivor = data_area(&f.paths[1]);
+    let added = data_area(&new_path);
+    assert_eq!(&added[..pattern.len()], &pattern[..], "region data copied");
+    assert!(added[8 << 20..(8 << 20) + 4096].iter().all(|&b| b == 7));
+    assert_eq!(survivor, added);
 }
