@@ -26,7 +26,8 @@ pub struct DaemonConfig {
     pub io_timeout_secs: u64,
     /// Log filter, e.g. "info" or "ditto=debug".
     pub log: String,
-    /// Disk I/O engine: "threadpool" (portable) or "io_uring".
+    /// Disk I/O engine: "auto" (io_uring where the kernel allows it, else the
+    /// thread pool), "threadpool" (portable) or "io_uring" (fails if unusable).
     pub io_engine: String,
     /// Threads that run the network and engine tasks; 0 picks half the CPUs
     /// (at least one). See [`DaemonConfig::runtime_threads`].
@@ -73,7 +74,7 @@ impl Default for DaemonConfig {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 10810))),
             io_timeout_secs: 30,
             log: "info".into(),
-            io_engine: "threadpool".into(),
+            io_engine: "auto".into(),
             worker_threads: 0,
             event_program: None,
             start_degraded: false,
@@ -213,7 +214,7 @@ impl DaemonConfig {
 pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// The disk I/O engines a config may name.
-pub const IO_ENGINES: &[&str] = &["threadpool", "io_uring"];
+pub const IO_ENGINES: &[&str] = &["auto", "threadpool", "io_uring"];
 
 #[cfg(test)]
 mod tests {

@@ -45,11 +45,24 @@ pub trait IoEngine: Send + Sync + 'static {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn IoFile>>;
 }
 
-/// The engine called `name` ("threadpool" or "io_uring"), if this build has it.
+/// The engine called `name` ("auto", "threadpool" or "io_uring"), if this
+/// build has it. "auto" is io_uring where the kernel lets this process set up
+/// a ring (containers and hardened kernels often forbid it), else the thread
+/// pool; the fallback is logged with its reason so a slower node is explained.
 pub fn engine_by_name(name: &str) -> Option<std::sync::Arc<dyn IoEngine>> {
     match name {
         "threadpool" => Some(std::sync::Arc::new(ThreadPoolEngine)),
         "io_uring" => Some(std::sync::Arc::new(crate::uring::UringEngine::new())),
+        "auto" => {
+            let uring = crate::uring::UringEngine::new();
+            match uring.unavailable() {
+                None => Some(std::sync::Arc::new(uring)),
+                Some(why) => {
+                    tracing::warn!("io_engine = \"auto\" falls back to the thread pool: {why}");
+                    Some(std::sync::Arc::new(ThreadPoolEngine))
+                }
+            }
+        }
         _ => None,
     }
 }
@@ -283,5 +296,19 @@ mod tests {
         f.write_at(0, Bytes::from(vec![1u8; 8192])).await.unwrap();
         f.zero_range(0, 8192).await.unwrap();
         assert!(f.read_at(0, 8192).await.unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn engine_names_resolve_and_auto_always_yields_an_engine() {
+        assert_eq!(engine_by_name("threadpool").unwrap().name(), "threadpool");
+        assert_eq!(engine_by_name("io_uring").unwrap().name(), "io_uring");
+        let auto = engine_by_name("auto").expect("auto always picks an engine");
+        let expected = if crate::uring::UringEngine::new().unavailable().is_none() {
+            "io_uring"
+        } else {
+            "threadpool"
+        };
+        assert_eq!(auto.name(), expected);
+        assert!(engine_by_name("aio").is_none());
     }
 }

@@ -29,7 +29,7 @@ pub struct DaemonArgs {
     /// REST API listen address [default: 127.0.0.1:10810].
     #[arg(long)]
     pub api_listen: Option<SocketAddr>,
-    /// Disk I/O engine: threadpool or io_uring [default: threadpool].
+    /// Disk I/O engine: auto, threadpool or io_uring [default: auto = io_uring where usable].
     #[arg(long)]
     pub io_engine: Option<String>,
     /// Runtime worker threads; 0 = half the CPUs [default: from the config, else 0].
