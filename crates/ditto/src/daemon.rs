@@ -163,6 +163,7 @@ pub async fn start(
             cfg.io_engine
         )
     })?;
+    let node_engine = engine.name();
     // Open before the node, so the events of volumes starting are recorded.
     let event_log = crate::events::EventLog::open(&data_dir, cfg.event_program.clone())?;
     let events: ditto_engine::SharedSink = event_log.clone();
@@ -210,7 +211,7 @@ pub async fn start(
     let tmp = data_dir.join("daemon.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&addresses)?)?;
     std::fs::rename(&tmp, data_dir.join("daemon.json"))?;
-    tracing::info!(nbd = %addresses.nbd, api = %addresses.api, data_dir = %data_dir.display(), "ditto node running");
+    tracing::info!(nbd = %addresses.nbd, api = %addresses.api, data_dir = %data_dir.display(), io_engine = node_engine, "ditto node running");
     Ok(Running {
         node,
         nbd: server,
