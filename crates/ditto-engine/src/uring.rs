@@ -2,7 +2,10 @@
 //!
 //! How it works, and why:
 //! - The task that wants I/O pushes a submission entry under a short lock and
-//!   calls `io_uring_enter` itself. Reads served from the page cache complete
+//!   calls `io_uring_enter` itself, once per batch: the first entry of a
+//!   batch steps back to the end of the run queue (no system call) so that
+//!   runnable tasks and sibling futures (the replicas of one mirrored write)
+//!   add theirs, and one enter submits them all. Reads served from the page cache complete
 //!   inside that call, so the same task reaps them at once: no hop to another
 //!   thread and no wake-up, which is where the thread-pool engine spends its
 //!   time (see BENCHMARKS.md).
@@ -404,6 +407,42 @@ impl Table {
     }
 }
 
+/// Completes on its second poll, after waking its own task on the first:
+/// the task goes to the back of the run queue, behind the tasks already
+/// woken, and the rest of the current poll pass goes on. Unlike
+/// `tokio::task::yield_now`, which waits for the reactor to be polled, it
+/// costs no system call.
+#[derive(Default)]
+struct StepBack(bool);
+
+impl std::future::Future for StepBack {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// Submits if dropped while armed: operations queued behind a batch's first
+/// one rely on its submit, which must happen even if its future is dropped
+/// while stepping back.
+struct SubmitOnDrop<'a>(Option<&'a Ring>);
+
+impl Drop for SubmitOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(ring) = self.0 {
+            ring.submit();
+        }
+    }
+}
+
 struct Ring {
     uring: IoUring,
     /// The table, and the right to touch the submission and completion queues.
@@ -412,6 +451,8 @@ struct Ring {
     queued: AtomicUsize,
     /// Completions that named no operation: a bug if ever non-zero.
     strays: AtomicUsize,
+    /// io_uring_enter calls that submit (for tests and stall reports).
+    enters: AtomicUsize,
     /// One permit per operation in flight (see [`RING_ENTRIES`]).
     slots: Arc<Semaphore>,
     /// Whether a reaper task is running (it clears this when its runtime drops it).
@@ -463,6 +504,7 @@ impl Ring {
             table: Mutex::new(Table::default()),
             queued: AtomicUsize::new(0),
             strays: AtomicUsize::new(0),
+            enters: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(entries as usize)),
             reaper: AtomicBool::new(false),
             reaper_start: Mutex::new(()),
@@ -501,29 +543,35 @@ impl Ring {
             reply,
             _slot: slot,
         };
-        let busy = {
+        let queued_before = {
             let mut table = self.lock();
             let id = table.reserve();
             let entry = op.entry(id as u64);
             table.ops[id] = Some(op);
-            if let Err(e) = self.push(&entry) {
-                if let Some(op) = table.remove(id) {
-                    drop(table);
-                    drop(op);
+            match self.push(&entry) {
+                Ok(before) => before,
+                Err(e) => {
+                    if let Some(op) = table.remove(id) {
+                        drop(table);
+                        drop(op);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
-            table.in_flight() > 1
         };
-        if busy {
-            // Others are in flight, so more requests are likely ready (a
-            // client at queue depth N keeps N going): let them queue theirs
-            // first, and one io_uring_enter submits them all, so the block
-            // layer kicks the device once per batch. On a virtual disk each
-            // kick is a VM exit. Alone (queue depth 1) we submit at once.
-            tokio::task::yield_now().await;
+        // One io_uring_enter per batch, so the block layer kicks the device
+        // once per batch (on a virtual disk each kick is a VM exit): the
+        // first operation of a batch steps back once, letting the tasks that
+        // are already runnable (a client at queue depth N keeps N going) and
+        // the sibling operations polled in the same pass (the replicas of one
+        // mirrored write) queue theirs, then submits them all. Operations
+        // queued behind it leave the submission to it.
+        if queued_before == 0 {
+            let mut pending = SubmitOnDrop(Some(self));
+            StepBack::default().await;
+            pending.0 = None;
+            self.submit();
         }
-        self.submit();
         self.reap();
         match outcome.await {
             Ok(r) => r,
@@ -533,7 +581,8 @@ impl Ring {
 
     /// Queues an entry. The caller holds the table lock, which is what makes
     /// this the only submission queue view in existence.
-    fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
+    /// Returns how many entries were queued and not yet submitted before this one.
+    fn push(&self, entry: &squeue::Entry) -> io::Result<usize> {
         for _ in 0..2 {
             // SAFETY: (1) the table lock is held by the caller, so no other
             // SubmissionQueue exists. (2) The entry points at memory owned by
@@ -543,11 +592,13 @@ impl Ring {
             // alive until `reap` has taken the completion for it.
             let pushed = unsafe { self.uring.submission_shared().push(entry) };
             if pushed.is_ok() {
-                self.queued.fetch_add(1, Ordering::AcqRel);
-                return Ok(());
+                return Ok(self.queued.fetch_add(1, Ordering::AcqRel));
             }
-            // Full: hand the queued entries to the kernel to make room.
+            // Full: hand the queued entries to the kernel to make room. They
+            // are submitted now, so nobody is owed a submit for them.
+            self.enters.fetch_add(1, Ordering::Relaxed);
             self.uring.submitter().submit()?;
+            self.queued.store(0, Ordering::Release);
         }
         Err(io::Error::other("io_uring submission queue stays full"))
     }
@@ -564,6 +615,7 @@ impl Ring {
     }
 
     fn enter(&self) {
+        self.enters.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.uring.submitter().submit() {
             tracing::debug!(error = %e, "io_uring submit deferred");
             self.queued.fetch_add(1, Ordering::AcqRel);
@@ -603,7 +655,7 @@ impl Ring {
                         None => {
                             let entry = op.entry(id as u64);
                             match self.push(&entry) {
-                                Ok(()) => again = true,
+                                Ok(_) => again = true,
                                 Err(e) => {
                                     if let Some(op) = table.remove(id) {
                                         finished.push((op, Err(e)));
@@ -974,6 +1026,90 @@ mod tests {
             "completion queue length {cq}"
         );
         assert_eq!(ring.strays.load(Ordering::Relaxed), 0, "stray completions");
+    }
+
+    /// The replicas of one mirrored write are sibling futures of one task
+    /// (the volume joins them): they must reach the kernel in one
+    /// io_uring_enter, so the device is kicked once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn sibling_operations_share_one_submission() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine();
+        let open = |name: &str| {
+            let path = dir.path().join(name);
+            let f = e.open(&path, true).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+            f
+        };
+        let (a, b) = (open("a"), open("b"));
+        // Starts the reaper; then let everything settle.
+        a.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let ring = e.ring.as_ref().unwrap().clone();
+        for round in 0..4u64 {
+            let before = ring.enters.load(Ordering::Relaxed);
+            let (ra, rb) = tokio::join!(
+                a.write_at(round * 4096, Bytes::from(vec![10 + round as u8; 4096])),
+                b.write_at(round * 4096, Bytes::from(vec![20 + round as u8; 4096])),
+            );
+            ra.unwrap();
+            rb.unwrap();
+            let enters = ring.enters.load(Ordering::Relaxed) - before;
+            assert_eq!(
+                enters, 1,
+                "round {round}: two sibling writes took {enters} submissions"
+            );
+        }
+        for round in 0..4u64 {
+            let got_a = a.read_at(round * 4096, 4096).await.unwrap();
+            let got_b = b.read_at(round * 4096, 4096).await.unwrap();
+            assert!(
+                got_a.iter().all(|&x| x == 10 + round as u8),
+                "a round {round}"
+            );
+            assert!(
+                got_b.iter().all(|&x| x == 20 + round as u8),
+                "b round {round}"
+            );
+        }
+    }
+
+    /// An operation queued behind a batch's first one leaves the submission
+    /// to it; if the first one's future is dropped before submitting, the
+    /// drop submits, so the second is not left waiting for the reaper.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn dropping_a_batch_leader_still_submits_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine();
+        let path = dir.path().join("f");
+        let f = e.open(&path, true).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        f.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let ring = e.ring.as_ref().unwrap().clone();
+        let unsubmitted = || {
+            let table = ring.lock();
+            ring.queue_lengths(&table).1
+        };
+        let mut leader = Box::pin(f.write_at(0, Bytes::from(vec![7u8; 4096])));
+        assert!(futures::poll!(&mut leader).is_pending());
+        let mut follower = Box::pin(f.write_at(4096, Bytes::from(vec![8u8; 4096])));
+        assert!(futures::poll!(&mut follower).is_pending());
+        assert_eq!(unsubmitted(), 2, "both wait for the leader's submit");
+        drop(leader);
+        assert_eq!(unsubmitted(), 0, "the dropped leader submitted the batch");
+        follower.await.unwrap();
+        assert!(f.read_at(4096, 4096).await.unwrap().iter().all(|&x| x == 8));
     }
 
     #[tokio::test]
