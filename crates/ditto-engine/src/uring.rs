@@ -776,6 +776,9 @@ impl Ring {
             self.queue_lengths(&table).1 > 0
         };
         if pending {
+            // Everything queued goes in now: nobody is owed a submit for it,
+            // so a batch leader about to submit skips its (empty) enter.
+            self.queued.store(0, Ordering::Release);
             self.enter();
         }
     }
