@@ -430,16 +430,14 @@ impl std::future::Future for StepBack {
     }
 }
 
-/// Submits if dropped while armed: operations queued behind a batch's first
-/// one rely on its submit, which must happen even if its future is dropped
-/// while stepping back.
-struct SubmitOnDrop<'a>(Option<&'a Ring>);
+/// A batch leader's submit, done when it goes out of scope: operations
+/// queued behind the leader rely on it, so it must happen even if the
+/// leader's future is dropped while stepping back.
+struct SubmitOnDrop<'a>(&'a Ring);
 
 impl Drop for SubmitOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(ring) = self.0 {
-            ring.submit();
-        }
+        self.0.submit();
     }
 }
 
@@ -451,7 +449,7 @@ struct Ring {
     queued: AtomicUsize,
     /// Completions that named no operation: a bug if ever non-zero.
     strays: AtomicUsize,
-    /// io_uring_enter calls that submit (for tests and stall reports).
+    /// io_uring_enter calls made to submit (tests check batching with it).
     enters: AtomicUsize,
     /// One permit per operation in flight (see [`RING_ENTRIES`]).
     slots: Arc<Semaphore>,
@@ -567,10 +565,8 @@ impl Ring {
         // mirrored write) queue theirs, then submits them all. Operations
         // queued behind it leave the submission to it.
         if queued_before == 0 {
-            let mut pending = SubmitOnDrop(Some(self));
+            let _submit = SubmitOnDrop(self);
             StepBack::default().await;
-            pending.0 = None;
-            self.submit();
         }
         self.reap();
         match outcome.await {
@@ -833,8 +829,19 @@ mod tests {
     }
 
     fn sized_file(dir: &tempfile::TempDir, len: u64) -> (std::path::PathBuf, Arc<dyn IoFile>) {
-        let path = dir.path().join("f");
-        let f = engine().open(&path, true).unwrap();
+        sized_file_on(&engine(), dir, "f", len)
+    }
+
+    /// A new file `name` of `len` bytes opened on `engine` (files of one
+    /// engine share its ring).
+    fn sized_file_on(
+        engine: &UringEngine,
+        dir: &tempfile::TempDir,
+        name: &str,
+        len: u64,
+    ) -> (std::path::PathBuf, Arc<dyn IoFile>) {
+        let path = dir.path().join(name);
+        let f = engine.open(&path, true).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -1038,18 +1045,8 @@ mod tests {
     async fn sibling_operations_share_one_submission() {
         let dir = tempfile::tempdir().unwrap();
         let e = engine();
-        let open = |name: &str| {
-            let path = dir.path().join(name);
-            let f = e.open(&path, true).unwrap();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(1 << 20)
-                .unwrap();
-            f
-        };
-        let (a, b) = (open("a"), open("b"));
+        let (_, a) = sized_file_on(&e, &dir, "a", 1 << 20);
+        let (_, b) = sized_file_on(&e, &dir, "b", 1 << 20);
         // Starts the reaper; then let everything settle.
         a.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1089,14 +1086,7 @@ mod tests {
     async fn dropping_a_batch_leader_still_submits_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let e = engine();
-        let path = dir.path().join("f");
-        let f = e.open(&path, true).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        let (_, f) = sized_file_on(&e, &dir, "f", 1 << 20);
         f.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let ring = e.ring.as_ref().unwrap().clone();
