@@ -239,7 +239,7 @@ impl IoFile for UringFile {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.buffered.metadata()?.len())
+        crate::io::file_len(&self.buffered)
     }
 }
 
