@@ -315,8 +315,42 @@ fn tokio_main(
     rt.block_on(fut)
 }
 
+/// `--api` is the client's flag (where the daemon to talk to is). Given to
+/// `ditto daemon` or `ditto quickstart` it would be ignored, and the daemon
+/// would listen elsewhere than the user asked: refuse it, naming the flag
+/// that does it. Only a command-line `--api` counts: `DITTO_API` in the
+/// environment is for the clients and is left alone.
+fn refuse_api_on_daemon(matches: &clap::ArgMatches) -> Result<(), String> {
+    use clap::parser::ValueSource;
+    let Some((sub @ ("daemon" | "quickstart"), sub_matches)) = matches.subcommand() else {
+        return Ok(());
+    };
+    let given = |m: &clap::ArgMatches| m.value_source("api") == Some(ValueSource::CommandLine);
+    if !given(matches) && !given(sub_matches) {
+        return Ok(());
+    }
+    let addr = sub_matches
+        .get_one::<String>("api")
+        .or_else(|| matches.get_one::<String>("api"))
+        .map_or("ADDR", String::as_str);
+    Err(format!(
+        "`ditto {sub} --api` is the address a client uses to reach a daemon; \
+         the {sub} listens where --api-listen says: run `ditto {sub} --api-listen {addr}` \
+         (or set api_listen in the config file)"
+    ))
+}
+
 fn main() {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    if let Err(why) = refuse_api_on_daemon(&matches) {
+        eprintln!("error: {why}");
+        std::process::exit(2);
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -430,3 +430,37 @@ fn bad_config_value_is_rejected() {
     );
     assert!(!data.join("daemon.json").exists());
 }
+
+/// `--api` is the client's flag; given to `ditto daemon` (before or after the
+/// subcommand) it used to be ignored, and the daemon listened on its default
+/// API address instead. It must be refused at once, naming `--api-listen`,
+/// with nothing created in the data directory.
+#[test]
+fn daemon_refuses_the_clients_api_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let placements: [&[&str]; 2] = [
+        &["daemon", "--data-dir", s(&data), "--api", &addr],
+        &["--api", &addr, "daemon", "--data-dir", s(&data)],
+    ];
+    for args in placements {
+        let mut cmd = Command::new(DITTO);
+        cmd.env_remove("DITTO_API")
+            .args(args)
+            .args(["--nbd-listen", "127.0.0.1:0"]);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(10)).assert_failure();
+        assert!(
+            out.stderr.contains("--api-listen") && out.stderr.contains(&addr),
+            "the refusal should name --api-listen and the address: {}",
+            out.describe()
+        );
+        assert!(
+            !data.join("daemon.json").exists(),
+            "a refused start left state behind"
+        );
+    }
+}
