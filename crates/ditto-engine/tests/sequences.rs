@@ -1,0 +1,448 @@
+//! Regression tests for the event orders of issue 9 that lost acknowledged
+//! writes or let a replica holding wrong data count as in sync. Each test is
+//! named after its sequence number and fails on the engine before the fix.
+//! The same sequences run as scenarios in `ditto-sim`.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use ditto_engine::{EngineError, Member, ReaddPlan, ReplicaBackend, ReplicaState, VolumeOptions};
+
+fn states(v: &ditto_engine::Volume) -> Vec<ReplicaState> {
+    v.members().iter().map(|m| m.state).collect()
+}
+
+/// 1. A rebuild that was interrupted must be resumed or redone on re-add,
+/// never "caught up" from a dirty map that never covered it.
+#[tokio::test]
+async fn seq01_readd_after_interrupted_rebuild_rebuilds() {
+    let mut f = Fixture::new(1).await;
+    let (v, _) = f
+        .open(VolumeOptions {
+            dirty_clear_delay: Duration::from_millis(100),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    let pattern: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 241) as u8).collect();
+    v.write(0, Bytes::from(pattern.clone()), false)
+        .await
+        .unwrap();
+    wait_for("the dirty map to clear", || v.dirty_regions() == 0).await;
+    let (id, backend) = f.create_replica().await;
+    let target = Faulty::new(backend);
+    // The target fails after a few region writes.
+    target.writes_before_failure.store(3, Ordering::SeqCst);
+    v.add_replica(Member::new(
+        id,
+        "new",
+        target.clone() as Arc<dyn ReplicaBackend>,
+    ))
+    .await
+    .unwrap();
+    wait_idle(&v).await;
+    assert_eq!(states(&v)[1], ReplicaState::Failed, "rebuild target failed");
+    let plan = v.readd(id, f.backend(1).await, false).await.unwrap();
+    assert_eq!(
+        plan,
+        ReaddPlan::FullRebuild,
+        "an unfinished rebuild is redone"
+    );
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert!(
+        f.data_area(1)[..pattern.len()] == pattern[..],
+        "the re-added replica lacks data written before it was added"
+    );
+    assert_same_data(&f, 0, 1, "after the rebuild");
+}
+
+/// 2. A write that skipped a replica failed in memory must not be
+/// acknowledged before that failure is recorded on the survivors.
+#[tokio::test]
+async fn seq02_no_ack_before_failure_is_durable() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    // The survivor's membership record hangs; the other replica fails.
+    faults[0].superblock_gate.close();
+    faults[1].broken.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(0, block(2), false).await }
+    });
+    wait_for("the failure to start recording", || {
+        faults[0].superblock_gate.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let second = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(4096, block(3), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "a write was acknowledged while the failure of a replica it skipped was not yet durable"
+    );
+    faults[0].superblock_gate.open();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    let sb = f.superblock(0);
+    assert_eq!(sb.generation, v.generation());
+}
+
+/// 4. Stopping a volume while its post-crash resync is pending must not
+/// mark it clean: the next start resyncs what is left.
+#[tokio::test]
+async fn seq04_stop_during_resync_keeps_divergence() {
+    let f = Fixture::new(2).await;
+    {
+        let (v, _) = f.open(options()).await;
+        let v = v.unwrap();
+        for r in [2u64, 5, 6, 7] {
+            v.write(r << 20, block(r as u8), false).await.unwrap();
+        }
+        v.flush().await.unwrap();
+        // Crash: no close.
+    }
+    // Writes in flight at the crash reached one replica only.
+    for r in [2u64, 5, 6, 7] {
+        f.scribble(0, (r << 20) + 8192, &[0xaa; 4096]);
+    }
+    let slow = VolumeOptions {
+        resync_min_rate: 1,
+        resync_max_rate: 1,
+        ..options()
+    };
+    let (v, _) = f.open(slow).await;
+    let v = v.unwrap();
+    v.close().await.unwrap();
+    drop(v);
+    let (v, _) = f.open(options()).await;
+    let v = v.unwrap();
+    wait_idle(&v).await;
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "replicas differ after a stop during resync");
+}
+
+/// 5. When the resync source fails, the remaining replicas are still
+/// reconciled from a new source.
+#[tokio::test]
+async fn seq05_resync_source_failure_reconciles_the_rest() {
+    let f = Fixture::new(3).await;
+    {
+        let (v, _) = f.open(options()).await;
+        let v = v.unwrap();
+        v.write(5 << 20, block(5), false).await.unwrap();
+        v.flush().await.unwrap();
+    }
+    // Each replica holds a different in-flight write in region 5.
+    for i in 0..3 {
+        f.scribble(i, (5 << 20) + 4096, &[0x10 + i as u8; 4096]);
+    }
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    // The first in-sync replica is the source; it cannot read.
+    faults[0].reads_broken.store(true, Ordering::SeqCst);
+    wait_idle(&v).await;
+    faults[0].reads_broken.store(false, Ordering::SeqCst);
+    if states(&v)[0] != ReplicaState::InSync {
+        v.readd(f.ids[0], f.backend(0).await, false).await.unwrap();
+        wait_idle(&v).await;
+    }
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(&f, 1, 2, "replicas 1 and 2 differ");
+    assert_same_data(&f, 0, 1, "replicas 0 and 1 differ");
+}
+
+/// 6. `close` waits for requests in flight and refuses new ones.
+#[tokio::test]
+async fn seq06_close_stops_io() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    faults[1].write_delay_ms.store(400, Ordering::SeqCst);
+    let inflight = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(0, block(2), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    v.close().await.unwrap();
+    assert!(
+        inflight.is_finished(),
+        "close returned while a write was still running"
+    );
+    inflight.await.unwrap().unwrap();
+    let late = v.write(8192, block(3), false).await;
+    assert!(late.is_err(), "a write after close was accepted: {late:?}");
+    assert!(
+        v.read(0, 4096).await.is_err(),
+        "a read after close was served"
+    );
+    assert_eq!(&f.data_area(1)[..4096], &block(2)[..]);
+    assert!(f.superblock(0).clean && f.superblock(1).clean);
+}
+
+/// 8. A read-error repair must not write old data over a newer
+/// acknowledged write to the same block.
+#[tokio::test]
+async fn seq08_read_repair_does_not_overwrite_newer_write() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    // Idle reads go to the first replica: its next read fails, the read is
+    // answered from replica 1, and the repair's write to replica 0 pauses.
+    faults[0].read_failures.store(1, Ordering::SeqCst);
+    faults[0].pause_next_write.store(true, Ordering::SeqCst);
+    let reader = tokio::spawn({
+        let v = v.clone();
+        async move {
+            for _ in 0..16 {
+                v.read(0, 4096).await.unwrap();
+            }
+        }
+    });
+    wait_for("the repair to pause", || {
+        faults[0].held_write.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let writer = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(0, block(2), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    faults[0].held_write.open();
+    writer.await.unwrap().unwrap();
+    reader.await.unwrap();
+    v.close().await.unwrap();
+    assert_eq!(&f.data_area(1)[..4096], &block(2)[..]);
+    assert_eq!(
+        &f.data_area(0)[..4096],
+        &block(2)[..],
+        "the repair wrote old data over an acknowledged write"
+    );
+}
+
+/// 9. A transient error on the last in-sync replica fails that request
+/// only; the replica stays and the volume keeps serving.
+#[tokio::test]
+async fn seq09_last_leg_error_keeps_the_replica() {
+    let f = Fixture::new(1).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    faults[0].write_failures.store(1, Ordering::SeqCst);
+    faults[0]
+        .write_errno
+        .store(i64::from(libc::ENOSPC), Ordering::SeqCst);
+    let failed = v.write(4096, block(2), false).await;
+    assert!(failed.is_err(), "the failed write is reported");
+    assert_eq!(states(&v), vec![ReplicaState::InSync]);
+    assert_eq!(&v.read(0, 4096).await.unwrap()[..], &block(1)[..]);
+    v.write(8192, block(3), false).await.unwrap();
+    assert_eq!(&v.read(8192, 4096).await.unwrap()[..], &block(3)[..]);
+    let m = &v.members()[0];
+    assert!(
+        m.reason.as_deref().is_some_and(|r| r.contains("last")),
+        "status says what happened: {m:?}"
+    );
+}
+
+/// 10. The rebuild cursor is written only after the data below it is flushed.
+#[tokio::test]
+async fn seq10_rebuild_flushes_before_checkpoint() {
+    let mut f = Fixture::new(1).await;
+    // Slow enough (2 MiB/s, 6 s) that the rebuild checkpoints its cursor.
+    let (v, _) = f
+        .open(VolumeOptions {
+            resync_min_rate: 2 << 20,
+            resync_max_rate: 2 << 20,
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    v.write(0, Bytes::from(vec![7u8; 12 << 20]), false)
+        .await
+        .unwrap();
+    let (id, backend) = f.create_replica().await;
+    let target = Faulty::new(backend);
+    v.add_replica(Member::new(
+        id,
+        "new",
+        target.clone() as Arc<dyn ReplicaBackend>,
+    ))
+    .await
+    .unwrap();
+    wait_idle(&v).await;
+    assert!(v.fully_redundant());
+    let ops = target.ops();
+    let mut unflushed = false;
+    let mut checkpoints = 0;
+    for op in &ops {
+        match op {
+            Op::Write(..) => unflushed = true,
+            Op::Flush => unflushed = false,
+            Op::Superblock { cursor: Some(c) } if *c > 0 => {
+                checkpoints += 1;
+                assert!(
+                    !unflushed,
+                    "cursor {c} persisted before the data it vouches for: {ops:?}"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(checkpoints > 0, "no checkpoint happened: {ops:?}");
+}
+
+/// 13. A write abandoned at the timeout must not land on a replica after it
+/// was re-admitted.
+#[tokio::test]
+async fn seq13_abandoned_write_cannot_land_after_readd() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f
+        .open(VolumeOptions {
+            io_timeout: Duration::from_millis(300),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    // Replica 1 hangs: its write lands 1.5 s later, long after the timeout.
+    faults[1].write_delay_ms.store(1500, Ordering::SeqCst);
+    v.write(0, block(2), false).await.unwrap();
+    assert_eq!(states(&v)[1], ReplicaState::Failed);
+    faults[1].write_delay_ms.store(0, Ordering::SeqCst);
+    // Re-add as soon as the engine allows it.
+    let mut accepted = false;
+    for _ in 0..100 {
+        match v.readd(f.ids[1], faults[1].clone(), false).await {
+            Ok(_) => {
+                accepted = true;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(accepted, "re-add never accepted");
+    wait_idle(&v).await;
+    v.write(0, block(3), false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    v.close().await.unwrap();
+    assert_eq!(&f.data_area(0)[..4096], &block(3)[..]);
+    assert_eq!(
+        &f.data_area(1)[..4096],
+        &block(3)[..],
+        "a late write landed over newer data on the re-added replica"
+    );
+}
+
+/// 14. Dirty bits set while a rebuilt replica joins reach it too.
+#[tokio::test]
+async fn seq14_bits_set_while_joining_reach_the_new_member() {
+    let mut f = Fixture::new(1).await;
+    let (v, _) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    let (id, backend) = f.create_replica().await;
+    let target = Faulty::new(backend);
+    // finish_copy's map write to the new member pauses.
+    target.dirty_map_gate.close();
+    v.add_replica(Member::new(
+        id,
+        "new",
+        target.clone() as Arc<dyn ReplicaBackend>,
+    ))
+    .await
+    .unwrap();
+    wait_for("the join to pause", || {
+        target.dirty_map_gate.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let writer = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(9 << 20, block(9), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    target.dirty_map_gate.open();
+    writer.await.unwrap().unwrap();
+    wait_idle(&v).await;
+    assert!(v.fully_redundant());
+    assert_eq!(
+        f.map_bits(1)[1] & 0b10,
+        0b10,
+        "region 9's bit is missing on the new member: {:?}",
+        &f.map_bits(1)[..2]
+    );
+}
+
+/// 16. Dirty bits clear per region: a trickle of writes to one region does
+/// not keep every other region dirty.
+#[tokio::test]
+async fn seq16_dirty_bits_clear_per_region() {
+    let f = Fixture::new(2).await;
+    let (v, _) = f
+        .open(VolumeOptions {
+            dirty_clear_delay: Duration::from_millis(300),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    for r in 0..8u64 {
+        v.write(r << 20, block(r as u8), false).await.unwrap();
+    }
+    assert_eq!(v.dirty_regions(), 8);
+    for i in 0..30u8 {
+        v.write(0, block(i), false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        v.dirty_regions() <= 1,
+        "{} regions still dirty under a trickle to one region",
+        v.dirty_regions()
+    );
+    assert_eq!(f.map_bits(1)[0] & 0xfe, 0, "cleared on disk too");
+}
+
+/// 16b. The crash-resync work is bounded by the hot set, not by history.
+#[tokio::test]
+async fn seq16_hot_set_bounds_dirty_regions() {
+    let f = Fixture::new(2).await;
+    let (v, _) = f
+        .open(VolumeOptions {
+            hot_set_regions: 4,
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    for r in 0..12u64 {
+        v.write(r << 20, block(r as u8), false).await.unwrap();
+    }
+    wait_for("the hot set to shrink", || v.dirty_regions() <= 4).await;
+    assert_eq!(v.hot_set_limit(), 4);
+}
+
+/// A stopped volume answers with an error that says it is stopped.
+#[tokio::test]
+async fn closed_volume_refuses_io_with_a_clear_error() {
+    let f = Fixture::new(1).await;
+    let (v, _) = f.open(options()).await;
+    let v = v.unwrap();
+    v.close().await.unwrap();
+    match v.write(0, block(1), false).await {
+        Err(e @ EngineError::Closed { .. }) => {
+            assert!(e.to_string().contains("stopped"), "{e}")
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+}
