@@ -39,6 +39,8 @@ pub enum BackendError {
     },
     #[error("replica {location} did not answer within {seconds} s")]
     Timeout { location: String, seconds: u64 },
+    #[error("replica {location} still holds {pending} operation(s) given up at an earlier timeout; nothing more is written to it until they complete, so a late write cannot land over a newer one")]
+    Abandoned { location: String, pending: usize },
 }
 
 /// One copy of a volume. Offsets are volume offsets (the data area starts at 0).
@@ -70,6 +72,13 @@ pub trait ReplicaBackend: Send + Sync + 'static {
         first_block: u64,
         blocks: Bytes,
     ) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// True when `discard` (and so WRITE_ZEROES that may deallocate) is a
+    /// metadata operation on this replica, never a fall back to writing
+    /// zeroes: NBD fast-zero requests are honoured only then. A file replica
+    /// answers its [`crate::IoFile::fast_zero`]; the default claims nothing.
+    fn fast_zero(&self) -> bool {
+        false
+    }
     /// Why the replica is unavailable, for a placeholder standing in for one
     /// that could not be opened; None for a real replica.
     fn unavailable(&self) -> Option<String> {

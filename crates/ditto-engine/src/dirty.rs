@@ -6,7 +6,7 @@
 //! that find their bits already durable pay one atomic load per region.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use bytes::Bytes;
 use ditto_format::{decode_map_block, encode_map_block, Layout, MAP_BYTES_PER_BLOCK};
@@ -21,6 +21,9 @@ pub struct DirtyMap {
     /// Serialises persisting; a holder persists every bit requested so far (group commit).
     pub(crate) persist: tokio::sync::Mutex<()>,
     requested: Vec<AtomicU8>,
+    /// When each region was last written, in 10 ms ticks since the volume
+    /// started (wraps after 497 days; only decides when a bit is cleared).
+    last_write: Vec<AtomicU32>,
 }
 
 impl DirtyMap {
@@ -31,7 +34,25 @@ impl DirtyMap {
             durable: (0..bytes).map(|_| AtomicU8::new(0)).collect(),
             persist: tokio::sync::Mutex::new(()),
             requested: (0..bytes).map(|_| AtomicU8::new(0)).collect(),
+            last_write: (0..layout.regions()).map(|_| AtomicU32::new(0)).collect(),
         }
+    }
+
+    /// Note a write into `regions` at `now_ms`.
+    pub fn touch(&self, regions: Range<u64>, now_ms: u64) {
+        let tick = (now_ms / 10) as u32;
+        for r in regions {
+            if let Some(t) = self.last_write.get(r as usize) {
+                t.store(tick, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// When region `r` was last written (ms since the volume started).
+    pub fn last_write_ms(&self, r: u64) -> u64 {
+        self.last_write
+            .get(r as usize)
+            .map_or(0, |t| u64::from(t.load(Ordering::Relaxed)) * 10)
     }
 
     pub fn region_size(&self) -> u64 {
@@ -179,27 +200,44 @@ impl DirtyMap {
             .sum()
     }
 
-    /// Encoded blocks of an empty map for every block that has a bit set; call
-    /// with `persist` held and every writer stopped, then `clear` after writing.
-    pub fn clearing_blocks(&self) -> Vec<(u64, Bytes)> {
-        let mut blocks: Vec<u64> = self
-            .durable
+    /// The map blocks holding `regions`, encoded with those bits cleared
+    /// (every other durable bit kept). Call with `persist` held and no
+    /// writer in those regions, then `clear_regions` after writing them.
+    pub fn blocks_without(&self, regions: &[u64]) -> Vec<MapBlock> {
+        let mut blocks: Vec<usize> = regions
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.load(Ordering::SeqCst) != 0)
-            .map(|(i, _)| (i / MAP_BYTES_PER_BLOCK) as u64)
+            .map(|r| (*r / 8) as usize / MAP_BYTES_PER_BLOCK)
             .collect();
+        blocks.sort_unstable();
         blocks.dedup();
         blocks
             .into_iter()
-            .map(|b| (b, Bytes::from(encode_map_block(&[]))))
+            .map(|blk| {
+                let start = blk * MAP_BYTES_PER_BLOCK;
+                let end = (start + MAP_BYTES_PER_BLOCK).min(self.durable.len());
+                let mut bits: Vec<u8> = self.durable[start..end]
+                    .iter()
+                    .map(|b| b.load(Ordering::SeqCst))
+                    .collect();
+                for r in regions {
+                    let byte = (*r / 8) as usize;
+                    if (start..end).contains(&byte) {
+                        bits[byte - start] &= !(1 << (r % 8));
+                    }
+                }
+                (blk as u64, Bytes::from(encode_map_block(&bits)))
+            })
             .collect()
     }
 
-    pub fn clear(&self) {
-        for (d, r) in self.durable.iter().zip(&self.requested) {
-            d.store(0, Ordering::SeqCst);
-            r.store(0, Ordering::SeqCst);
+    /// Forget `regions` in memory, after `blocks_without` reached the disks.
+    pub fn clear_regions(&self, regions: &[u64]) {
+        for r in regions {
+            let (byte, bit) = ((*r / 8) as usize, 1u8 << (r % 8));
+            if let (Some(d), Some(q)) = (self.durable.get(byte), self.requested.get(byte)) {
+                d.fetch_and(!bit, Ordering::SeqCst);
+                q.fetch_and(!bit, Ordering::SeqCst);
+            }
         }
     }
 
@@ -242,7 +280,12 @@ mod tests {
         let other = DirtyMap::new(layout);
         other.load(&m.encoded());
         assert_eq!(other.dirty_regions(), vec![3, 4]);
-        m.clear();
+        let blocks = m.blocks_without(&[3]);
+        assert_eq!(blocks.len(), 1);
+        let after = DirtyMap::new(layout);
+        after.load(&blocks[0].1);
+        assert_eq!(after.dirty_regions(), vec![4], "only region 3 is cleared");
+        m.clear_regions(&[3, 4]);
         assert_eq!(m.dirty_count(), 0);
     }
 

@@ -28,6 +28,9 @@ pub enum EventKind {
     ScrubFinished,
     ScrubMismatch,
     ReadErrorRepaired,
+    /// The last in-sync replica failed a request: the request got the
+    /// error, the replica stays in service (md never fails its last leg).
+    LastReplicaError,
 }
 
 impl EventKind {
@@ -55,6 +58,7 @@ impl EventKind {
             EventKind::ScrubFinished => "scrub_finished",
             EventKind::ScrubMismatch => "scrub_mismatch",
             EventKind::ReadErrorRepaired => "read_error_repaired",
+            EventKind::LastReplicaError => "last_replica_error",
         }
     }
 

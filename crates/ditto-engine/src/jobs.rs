@@ -73,9 +73,10 @@ pub struct ScrubReport {
     pub error: Option<String>,
 }
 
-/// Regions still to be resynced after a crash, and the replica to read them from.
+/// Regions still to be resynced after a crash, and the replica to read them
+/// from (replaced by another in-sync replica if it fails).
 pub struct ResyncRedirect {
-    pub source: Uuid,
+    source: std::sync::Mutex<Uuid>,
     pending: Vec<AtomicU8>,
 }
 
@@ -87,7 +88,24 @@ impl ResyncRedirect {
                 b.fetch_or(1 << (r % 8), Ordering::SeqCst);
             }
         }
-        ResyncRedirect { source, pending }
+        ResyncRedirect {
+            source: std::sync::Mutex::new(source),
+            pending,
+        }
+    }
+
+    pub fn source(&self) -> Uuid {
+        match self.source.lock() {
+            Ok(s) => *s,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    pub(crate) fn set_source(&self, id: Uuid) {
+        match self.source.lock() {
+            Ok(mut s) => *s = id,
+            Err(p) => *p.into_inner() = id,
+        }
     }
 
     pub fn pending(&self, r: u64) -> bool {
@@ -138,10 +156,12 @@ impl Pacer {
         self.budget_secs += bytes as f64 / rate as f64;
         let elapsed = self.start.elapsed().as_secs_f64();
         if self.budget_secs > elapsed {
-            tokio::time::sleep(Duration::from_secs_f64(
-                (self.budget_secs - elapsed).min(5.0),
-            ))
-            .await;
+            // In slices, so a stop does not wait for a slow job's pause.
+            let until = Instant::now()
+                + Duration::from_secs_f64((self.budget_secs - elapsed).min(5.0));
+            while !v.is_closed() && Instant::now() < until {
+                tokio::time::sleep((until - Instant::now()).min(Duration::from_millis(50))).await;
+            }
         } else if elapsed - self.budget_secs > 1.0 {
             // Do not bank more than a second of unused budget (no burst after a slow phase).
             self.budget_secs = elapsed - 1.0;
@@ -267,22 +287,20 @@ impl Volume {
     ) -> Result<u64, CopyError> {
         let range = self.dirty.region_range(region);
         let _lock = self.lock_region(region).await;
+        let (start, len) = (range.start, range.end - range.start);
         let runs = self
-            .timed(
-                source,
-                source
-                    .backend
-                    .allocation(range.start, range.end - range.start),
-            )
+            .timed(source, move |b| async move { b.allocation(start, len).await })
             .await
             .map_err(CopyError::Source)?;
         let mut copied = 0;
         for run in runs {
             let data = if run.allocated {
                 Some(
-                    self.timed(source, source.backend.read(run.offset, run.length as usize))
-                        .await
-                        .map_err(CopyError::Source)?,
+                    self.timed(source, move |b| async move {
+                        b.read(run.offset, run.length as usize).await
+                    })
+                    .await
+                    .map_err(CopyError::Source)?,
                 )
             } else {
                 None
@@ -291,13 +309,15 @@ impl Volume {
                 if t.state() != ReplicaState::InSync && t.state() != ReplicaState::Rebuilding {
                     continue;
                 }
-                let r = match &data {
-                    Some(d) => self.timed(t, t.backend.write(run.offset, d.clone())).await,
-                    None => {
-                        self.timed(t, t.backend.discard(run.offset, run.length))
-                            .await
-                    }
-                };
+                let data = data.clone();
+                let r = self
+                    .timed_write(t, move |b| async move {
+                        match data {
+                            Some(d) => b.write(run.offset, d).await,
+                            None => b.discard(run.offset, run.length).await,
+                        }
+                    })
+                    .await;
                 if let Err(e) = r {
                     return Err(CopyError::Target(t.id, e));
                 }
@@ -310,10 +330,19 @@ impl Volume {
         Ok(copied)
     }
 
-    fn pick_source(&self, exclude: &[Uuid]) -> Option<Arc<Member>> {
-        self.in_sync()
-            .into_iter()
-            .find(|m| !exclude.contains(&m.id))
+    /// The replica to copy `region` from: while a post-crash resync has
+    /// not reached it, only the resync source holds the version reads see.
+    fn pick_source(&self, region: u64, exclude: &[Uuid]) -> Option<Arc<Member>> {
+        let in_sync = self.in_sync();
+        let redirected = self
+            .redirect
+            .read()
+            .ok()
+            .and_then(|r| r.as_ref().filter(|r| r.pending(region)).map(|r| r.source()));
+        if let Some(source) = redirected {
+            return in_sync.into_iter().find(|m| m.id == source);
+        }
+        in_sync.into_iter().find(|m| !exclude.contains(&m.id))
     }
 
     /// After an unclean shutdown: make the in-sync replicas equal again in
@@ -344,26 +373,15 @@ impl Volume {
 
     pub(crate) async fn resync_after_crash(self: Arc<Self>) {
         let _job = self.job_lock.lock().await;
-        // Queued behind a close: the replicas are closed cleanly, touch nothing.
+        // Queued behind a close: the replicas are closed, touch nothing.
         if self.is_closed() {
-            return Default::default();
+            return;
         }
         let Some(redirect) = self.redirect.read().ok().and_then(|r| r.clone()) else {
             return;
         };
         let regions: Vec<u64> = (0..self.dirty.regions())
             .filter(|r| redirect.pending(*r))
-            .collect();
-        let Some(source) = self
-            .member(redirect.source)
-            .filter(|m| m.state() == ReplicaState::InSync)
-        else {
-            return;
-        };
-        let targets: Vec<Arc<Member>> = self
-            .in_sync()
-            .into_iter()
-            .filter(|m| m.id != source.id)
             .collect();
         let total = regions.len() as u64 * self.dirty.region_size();
         self.emit(
@@ -372,7 +390,8 @@ impl Volume {
             format!(
                 "unclean shutdown: resyncing {} dirty regions ({total} bytes) from {}",
                 regions.len(),
-                source.label
+                self.member(redirect.source())
+                    .map_or_else(|| short(redirect.source()), |m| m.label.clone())
             ),
         );
         let mut tracker = Tracker::new(&self, JobKind::Resync, None, total);
@@ -380,36 +399,13 @@ impl Volume {
         let mut error = None;
         for r in regions {
             if self.is_closed() {
-                error = Some("stopped".to_string());
+                error = Some("stopped; it resumes when the volume starts again".to_string());
                 break;
             }
-            let outcome = loop {
-                match self.copy_region(r, &source, &targets).await {
-                    // The copy stopped at the failed target, so targets after
-                    // it lack this region: fail that one and copy again to the
-                    // ones still in the set (copy_region skips failed members).
-                    Err(CopyError::Target(id, e)) => match self.member(id) {
-                        Some(m) if m.state() != ReplicaState::Failed => {
-                            let _ = self
-                                .fail_member(&m, format!("resync write failed: {e}"))
-                                .await;
-                        }
-                        _ => break Err(CopyError::Target(id, e)),
-                    },
-                    other => break other,
-                }
-            };
-            match outcome {
-                Ok(_) => redirect.done(r),
-                Err(CopyError::Target(_, e)) => {
-                    error = Some(format!("a resync target could not be failed out: {e}"));
-                    break;
-                }
-                Err(CopyError::Source(e)) => {
-                    error = Some(format!("reading the resync source failed: {e}"));
-                    let _ = self
-                        .fail_member(&source, format!("resync read failed: {e}"))
-                        .await;
+            match self.resync_region(r, &redirect).await {
+                Ok(()) => redirect.done(r),
+                Err(e) => {
+                    error = Some(e);
                     break;
                 }
             }
@@ -437,6 +433,55 @@ impl Volume {
         );
     }
 
+    /// Copy one region from the resync source to every other in-sync
+    /// replica. A failed target is failed out and the region copied again
+    /// to the rest; a failed source is replaced (see
+    /// `Volume::redirect_after_failure`) and the region copied from the new
+    /// one. Done when fewer than two in-sync replicas are left.
+    async fn resync_region(&self, region: u64, redirect: &ResyncRedirect) -> Result<(), String> {
+        loop {
+            if !self.resync_pending() {
+                return Ok(());
+            }
+            let Some(source) = self
+                .member(redirect.source())
+                .filter(|m| m.state() == ReplicaState::InSync)
+            else {
+                return Err("the resync source left and no other in-sync replica took over".into());
+            };
+            let targets: Vec<Arc<Member>> = self
+                .in_sync()
+                .into_iter()
+                .filter(|m| m.id != source.id)
+                .collect();
+            if targets.is_empty() {
+                return Ok(());
+            }
+            match self.copy_region(region, &source, &targets).await {
+                Ok(_) => return Ok(()),
+                Err(CopyError::Target(id, e)) => {
+                    let Some(m) = self.member(id) else {
+                        return Err(format!("a resync target vanished: {e}"));
+                    };
+                    let _ = self
+                        .fail_member(&m, format!("resync write failed: {e}"))
+                        .await;
+                    if m.state() == ReplicaState::InSync {
+                        return Err(format!("a resync target could not be failed out: {e}"));
+                    }
+                }
+                Err(CopyError::Source(e)) => {
+                    let _ = self
+                        .fail_member(&source, format!("resync read failed: {e}"))
+                        .await;
+                    if source.state() == ReplicaState::InSync {
+                        return Err(format!("reading the resync source failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
     /// Bring a replica that left back: copy only the regions written since
     /// it left when its generation proves the dirty map covers the gap,
     /// otherwise rebuild it fully. Runs in the background; returns once started.
@@ -448,6 +493,7 @@ impl Volume {
         backend: Arc<dyn ReplicaBackend>,
         force_full: bool,
     ) -> Result<ReaddPlan, EngineError> {
+        self.refuse_if_closed()?;
         let member = self.member(id).ok_or_else(|| EngineError::Refused {
             volume: self.name().to_string(),
             why: format!(
@@ -467,6 +513,18 @@ impl Volume {
                 })
             }
             _ => {}
+        }
+        // Writes given up at a timeout may still land on the disk; re-admitted
+        // now, one could land over a newer write (the kernel still holds it).
+        if member.abandoned_ops() > 0 {
+            return Err(EngineError::Refused {
+                volume: self.name().to_string(),
+                why: format!(
+                    "replica {} still has {} operation(s) in flight from before it was failed (its disk hung); re-adding it now could let them land over newer data. Wait until the disk answers or is gone, then retry",
+                    short(id),
+                    member.abandoned_ops()
+                ),
+            });
         }
         let sb = backend.superblock();
         if sb.volume_uuid != self.uuid() || sb.replica_uuid != id {
@@ -496,10 +554,17 @@ impl Volume {
             });
         }
         let since = member_since(&member);
+        // A replica whose rebuild did not finish holds a cursor: the dirty
+        // map never covered what it lacks, so it is rebuilt (from the cursor).
         let covered = !force_full
+            && sb.rebuild_cursor.is_none()
             && sb.generation + 1 >= since
             && sb.generation <= self.generation()
             && since > 0;
+        let resume_at = match sb.rebuild_cursor {
+            Some(cursor) if !force_full => cursor,
+            _ => 0,
+        };
         let plan = if covered {
             ReaddPlan::CatchUp {
                 regions: self.dirty.dirty_count(),
@@ -526,7 +591,7 @@ impl Volume {
             let r = if covered {
                 me.clone().catch_up(fresh).await
             } else {
-                me.clone().rebuild(fresh, 0).await
+                me.clone().rebuild(fresh, resume_at).await
             };
             if let Err(e) = r {
                 tracing::warn!(volume = %me.name(), error = %e, "re-add did not finish");
@@ -538,6 +603,7 @@ impl Volume {
     /// Add a new replica (already created and formatted for this volume) and
     /// rebuild it in the background; it joins the in-sync set when complete.
     pub async fn add_replica(self: &Arc<Self>, member: Member) -> Result<(), EngineError> {
+        self.refuse_if_closed()?;
         if self.member(member.id).is_some() {
             return Err(EngineError::Refused {
                 volume: self.name().to_string(),
@@ -580,8 +646,17 @@ impl Volume {
         sb.rebuild_cursor = Some(sb.rebuild_cursor.unwrap_or(0));
         sb.clean = false;
         Ok(self
-            .timed(target, target.backend.write_superblock(sb))
+            .timed_write(target, move |b| async move { b.write_superblock(sb).await })
             .await?)
+    }
+
+    fn refuse_if_closed(&self) -> Result<(), EngineError> {
+        if self.is_closed() {
+            return Err(EngineError::Closed {
+                volume: self.name().to_string(),
+            });
+        }
+        Ok(())
     }
 
     async fn replace_member(
@@ -686,61 +761,73 @@ impl Volume {
             .await
     }
 
-    /// Full rebuild from `cursor` (bytes), copying only allocated data.
+    /// Full rebuild, copying only allocated data: the regions from `cursor`
+    /// (bytes) on, and the dirty ones below it (written while the target
+    /// was away, or unacknowledged at a crash).
     pub(crate) async fn rebuild(
         self: Arc<Self>,
         target: Arc<Member>,
         cursor: u64,
     ) -> Result<(), EngineError> {
         let _job = self.job_lock.lock().await;
-        // Queued behind a close: the replicas are closed cleanly, touch nothing.
+        // Queued behind a close: the replicas are closed, touch nothing.
         if self.is_closed() {
             return Ok(());
         }
         let location = target.backend.location().to_string();
         let rs = self.dirty.region_size();
-        let first = cursor / rs;
-        let Some(source) = self.pick_source(&[target.id]) else {
+        let first = (cursor / rs).min(self.dirty.regions());
+        let Some(source) = self.pick_source(first, &[target.id]) else {
             return Err(EngineError::NoReplicas {
                 volume: self.name().to_string(),
             });
         };
+        let below: Vec<u64> = self
+            .dirty
+            .dirty_regions()
+            .into_iter()
+            .filter(|r| *r < first)
+            .collect();
+        let (start, len) = (first * rs, self.size() - (first * rs).min(self.size()));
         let total = match self
-            .timed(
-                &source,
-                source
-                    .backend
-                    .allocation(first * rs, self.size() - first * rs),
-            )
+            .timed(&source, move |b| async move { b.allocation(start, len).await })
             .await
         {
             Ok(runs) => runs.iter().filter(|r| r.allocated).map(|r| r.length).sum(),
-            Err(_) => self.size() - first * rs,
-        };
+            Err(_) => len,
+        } + below.len() as u64 * rs;
         self.emit(
             EventKind::RebuildStarted,
             Some(location.clone()),
             format!(
-                "rebuilding replica on {} from {}: {total} allocated bytes",
-                target.label, source.label
+                "rebuilding replica on {} from {}: {total} allocated bytes{}",
+                target.label,
+                source.label,
+                if first > 0 {
+                    format!(", resuming at byte {}", first * rs)
+                } else {
+                    String::new()
+                }
             ),
         );
-        // Seed the target's superblock so a restart resumes instead of starting over.
+        // Seed the target's superblock so a restart resumes instead of
+        // starting over. It names the target as rebuilding, and its cursor
+        // keeps it from ever being taken as current or caught up.
         let mut sb = source.backend.superblock();
         sb.replica_uuid = target.id;
         sb.clean = false;
         sb.rebuild_cursor = Some(first * rs);
         let _ = self
-            .timed(&target, target.backend.write_superblock(sb))
+            .timed_write(&target, move |b| async move { b.write_superblock(sb).await })
             .await;
         let mut tracker = Tracker::new(&self, JobKind::Rebuild, Some(location), total);
         let result = self
             .copy_all(
                 &target,
-                first..self.dirty.regions(),
+                below.into_iter().chain(first..self.dirty.regions()),
                 &mut tracker,
                 EventKind::RebuildProgress,
-                Some(rs),
+                Some(first),
             )
             .await;
         self.finish_copy(target, tracker, result, EventKind::RebuildFinished)
@@ -749,27 +836,30 @@ impl Volume {
 
     /// Copies `regions` to `target`, a few regions at a time (see
     /// [`copy_window`]) so reading the source and writing the target overlap.
-    /// Results are taken in region order, so the checkpointed cursor never
-    /// passes a region that is not yet copied.
+    /// Results are taken in region order. A rebuild (`checkpoint_from`: the
+    /// first region of its cursor range) records its cursor now and then,
+    /// after flushing the target, so the cursor never vouches for a region
+    /// that is not copied and durable.
     async fn copy_all(
         &self,
         target: &Arc<Member>,
         regions: impl Iterator<Item = u64>,
         tracker: &mut Tracker,
         progress: EventKind,
-        checkpoint_region_size: Option<u64>,
+        checkpoint_from: Option<u64>,
     ) -> Result<(), String> {
         use futures::stream::StreamExt;
         let mut pacer = Pacer::new();
         let mut last_checkpoint = Instant::now();
+        let rs = self.dirty.region_size();
         let mut copies = futures::stream::iter(regions)
             .map(|r| async move { (r, self.copy_region_to(r, target).await) })
-            .buffered(copy_window(self.dirty.region_size()));
+            .buffered(copy_window(rs));
         while let Some((r, outcome)) = copies.next().await {
             let copied = outcome?;
             // A rebuild's total is the allocated bytes, a catch-up's the
             // dirty regions (holes included): count in the same unit.
-            let done = match checkpoint_region_size {
+            let done = match checkpoint_from {
                 Some(_) => copied,
                 None => {
                     let range = self.dirty.region_range(r);
@@ -778,13 +868,18 @@ impl Volume {
             };
             tracker.add(self, done, progress);
             pacer.account(self, copied.max(4096)).await;
-            if let Some(rs) = checkpoint_region_size {
-                if last_checkpoint.elapsed() > Duration::from_secs(2) {
-                    last_checkpoint = Instant::now();
+            let due = last_checkpoint.elapsed() > Duration::from_secs(2);
+            if checkpoint_from.is_some_and(|first| due && r >= first) {
+                last_checkpoint = Instant::now();
+                if self
+                    .timed(target, |b| async move { b.flush().await })
+                    .await
+                    .is_ok()
+                {
                     let mut sb = target.backend.superblock();
                     sb.rebuild_cursor = Some((r + 1) * rs);
                     let _ = self
-                        .timed(target, target.backend.write_superblock(sb))
+                        .timed_write(target, move |b| async move { b.write_superblock(sb).await })
                         .await;
                 }
             }
@@ -804,7 +899,7 @@ impl Volume {
             if target.state() != ReplicaState::Rebuilding {
                 return Err(format!("target is now {}", target.state().as_str()));
             }
-            let Some(source) = self.pick_source(&[target.id]) else {
+            let Some(source) = self.pick_source(region, &[target.id]) else {
                 return Err("no in-sync source left".into());
             };
             match self
@@ -822,6 +917,9 @@ impl Volume {
                     let _ = self
                         .fail_member(&source, format!("read failed during copy: {e}"))
                         .await;
+                    if source.state() == ReplicaState::InSync {
+                        return Err(format!("the last in-sync replica cannot be read: {e}"));
+                    }
                 }
             }
         }
@@ -848,15 +946,21 @@ impl Volume {
             );
             return Ok(());
         }
-        // Durable on the target, and its dirty map seeded, before it counts as in sync.
-        self.timed(&target, target.backend.flush()).await?;
-        self.timed(
-            &target,
-            target.backend.write_dirty_map(0, self.dirty.encoded()),
-        )
-        .await?;
-        self.change_membership(|g| target.set_state(ReplicaState::InSync, g, None))
+        // Durable on the target, and its dirty map seeded, before it counts
+        // as in sync. The map's persist lock is held until it does, so a bit
+        // set meanwhile is written to it too, not only to the old members.
+        self.timed(&target, |b| async move { b.flush().await })
             .await?;
+        {
+            let _persist = self.dirty.persist.lock().await;
+            let map = self.dirty.encoded();
+            self.timed_write(&target, move |b| async move {
+                b.write_dirty_map(0, map).await
+            })
+            .await?;
+            self.change_membership(|g| target.set_state(ReplicaState::InSync, g, None))
+                .await?;
+        }
         tracker.publish(self, true, None);
         self.emit(
             done,
@@ -952,7 +1056,11 @@ impl Volume {
             let mut sums = Vec::new();
             let mut datas: Vec<Option<Bytes>> = Vec::new();
             for m in &members {
-                match self.timed(m, m.backend.read(range.start, len)).await {
+                let start = range.start;
+                match self
+                    .timed(m, move |b| async move { b.read(start, len).await })
+                    .await
+                {
                     Ok(d) => {
                         sums.push(Some(crc32c::crc32c(&d)));
                         datas.push(Some(d));
@@ -984,8 +1092,9 @@ impl Volume {
                         report.source = Some(members[src_idx].backend.location().to_string());
                         for (i, m) in members.iter().enumerate() {
                             if i != src_idx && sums[i] != sums[src_idx] {
+                                let (start, good) = (range.start, good.clone());
                                 match self
-                                    .timed(m, m.backend.write(range.start, good.clone()))
+                                    .timed_write(m, move |b| async move { b.write(start, good).await })
                                     .await
                                 {
                                     Ok(()) => report.repaired += 1,

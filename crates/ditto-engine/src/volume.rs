@@ -8,6 +8,7 @@
 //! [`crate::read_policy`], and fall back to the others on error. Long jobs
 //! (resync, rebuild, scrub) live in [`crate::jobs`].
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -50,6 +51,14 @@ pub enum EngineError {
     },
     #[error("volume {volume}: {why}")]
     Refused { volume: String, why: String },
+    #[error("volume {volume} is stopped: it takes no I/O; start it again with `ditto volume start {volume}`")]
+    Closed { volume: String },
+    #[error("volume {volume}: the membership change at generation {generation} could not be recorded on any in-sync replica within {seconds} s, so the request is not acknowledged; check `ditto status {volume}` and the disks")]
+    MembershipNotDurable {
+        volume: String,
+        generation: u64,
+        seconds: u64,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -107,6 +116,10 @@ pub struct Member {
     pub(crate) reads: AtomicU64,
     writes: AtomicU64,
     errors: AtomicU64,
+    /// Operations given up at `io_timeout` that the disk may still carry
+    /// out (a write the kernel holds lands whenever the disk wakes).
+    abandoned: Arc<AtomicUsize>,
+    drained: Arc<tokio::sync::Notify>,
 }
 
 /// A snapshot of a member's state for status.
@@ -144,6 +157,45 @@ impl Member {
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            abandoned: Arc::new(AtomicUsize::new(0)),
+            drained: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Operations abandoned at the timeout that have not completed yet.
+    pub fn abandoned_ops(&self) -> usize {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Keep polling an operation the caller gave up on, so that its
+    /// completion is known: until then nothing may be written after it.
+    fn abandon<T: Send + 'static>(
+        &self,
+        op: std::pin::Pin<Box<dyn Future<Output = T> + Send>>,
+    ) {
+        self.abandoned.fetch_add(1, Ordering::AcqRel);
+        let (abandoned, drained) = (self.abandoned.clone(), self.drained.clone());
+        tokio::spawn(async move {
+            let _ = op.await;
+            if abandoned.fetch_sub(1, Ordering::AcqRel) == 1 {
+                drained.notify_waiters();
+            }
+        });
+    }
+
+    /// Wait up to `limit` for abandoned operations to complete.
+    async fn drain(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.abandoned_ops() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.abandoned_ops() == 0;
+            }
         }
     }
 
@@ -159,6 +211,10 @@ impl Member {
     pub(crate) fn set_state(&self, state: ReplicaState, since: u64, reason: Option<String>) {
         self.state.store(state as u8, Ordering::Release);
         self.since.store(since, Ordering::Release);
+        self.set_reason(reason);
+    }
+
+    fn set_reason(&self, reason: Option<String>) {
         if let Ok(mut r) = self.reason.lock() {
             *r = reason;
         }
@@ -192,8 +248,14 @@ pub struct VolumeOptions {
     pub resync_min_rate: u64,
     /// Resync/rebuild rate when clients are idle (bytes/s).
     pub resync_max_rate: u64,
-    /// Dirty bits are cleared once the volume has had no write for this long.
+    /// A region's dirty bit is cleared once that region has had no write
+    /// for this long (and every member is in sync).
     pub dirty_clear_delay: Duration,
+    /// Most regions kept dirty while the volume is fully redundant (the
+    /// hot set, like DRBD's activity log): beyond it the least recently
+    /// written regions are flushed and cleared early. A crash resync copies
+    /// at most this many regions (plus those written since the last sweep).
+    pub hot_set_regions: u64,
 }
 
 impl Default for VolumeOptions {
@@ -203,6 +265,7 @@ impl Default for VolumeOptions {
             resync_min_rate: 10 << 20,
             resync_max_rate: 1 << 30,
             dirty_clear_delay: Duration::from_secs(5),
+            hot_set_regions: 4096,
         }
     }
 }
@@ -238,6 +301,16 @@ pub struct Volume {
     /// Bytes copied by resync and rebuild since the volume started.
     pub(crate) copied_bytes: AtomicU64,
     pub(crate) closed: AtomicBool,
+    /// Client requests hold it shared; `close` takes it exclusively, so it
+    /// returns only once no request is running, and none starts after.
+    io_gate: tokio::sync::RwLock<()>,
+    /// Newest generation recorded on the in-sync replicas. A request that
+    /// ran against a newer membership (one that skipped a replica failed in
+    /// memory) waits for it before it is acknowledged.
+    durable_generation: AtomicU64,
+    durable_changed: tokio::sync::Notify,
+    /// Wakes the dirty-map sweeper early when the hot set overflows.
+    pub(crate) sweep: tokio::sync::Notify,
 }
 
 fn self_in_sync(sb: &Superblock) -> bool {
@@ -329,12 +402,14 @@ impl Volume {
                 }
             }
         }
-        // Current: newest generation, in sync by its own record, and not
-        // excluded by another current replica.
+        // Current: newest generation, in sync by its own record, not in the
+        // middle of a rebuild, and not excluded by another current replica.
         let candidates: Vec<Superblock> = present
             .iter()
             .map(|m| m.backend.superblock())
-            .filter(|sb| sb.generation == generation && self_in_sync(sb))
+            .filter(|sb| {
+                sb.generation == generation && self_in_sync(sb) && sb.rebuild_cursor.is_none()
+            })
             .collect();
         let current: Vec<Superblock> = candidates
             .iter()
@@ -407,6 +482,10 @@ impl Volume {
             last_scrub: Mutex::new(None),
             copied_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            io_gate: tokio::sync::RwLock::new(()),
+            durable_generation: AtomicU64::new(0),
+            durable_changed: tokio::sync::Notify::new(),
+            sweep: tokio::sync::Notify::new(),
         });
         for (replica, message) in stale_events {
             volume.emit(EventKind::StaleReplicaRefused, Some(replica), message);
@@ -423,7 +502,7 @@ impl Volume {
         for m in self.with_state(&[ReplicaState::InSync]) {
             let sb = m.backend.superblock();
             unclean |= !sb.clean;
-            match self.timed(&m, m.backend.read_dirty_map()).await {
+            match self.timed(&m, |b| async move { b.read_dirty_map().await }).await {
                 Ok(map) => self.dirty.load(&map),
                 Err(e) => {
                     let since = self.generation();
@@ -481,26 +560,38 @@ impl Volume {
                     // A full rebuild always records a cursor before it starts;
                     // without one this was a catch-up, and the dirty map (never
                     // cleared while a member is rebuilding) still covers it.
-                    let Some(cursor) = m.backend.superblock().rebuild_cursor else {
-                        let _ = v.clone().catch_up(m).await;
-                        continue;
-                    };
-                    // A crash may have left unacknowledged writes below the cursor.
-                    let first_dirty = v
-                        .dirty
-                        .dirty_regions()
-                        .first()
-                        .map_or(u64::MAX, |r| r * v.dirty.region_size());
-                    let _ = v.clone().rebuild(m, cursor.min(first_dirty)).await;
+                    match m.backend.superblock().rebuild_cursor {
+                        Some(cursor) => {
+                            let _ = v.clone().rebuild(m, cursor).await;
+                        }
+                        None => {
+                            let _ = v.clone().catch_up(m).await;
+                        }
+                    }
                 }
             }
+            let tick = weak.upgrade().map_or(Duration::from_millis(500), |v| {
+                (v.options.dirty_clear_delay / 2)
+                    .clamp(Duration::from_millis(20), Duration::from_millis(500))
+            });
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // Held for one tick at most: dropping the last other
+                // reference still frees the volume at the end of the tick.
                 let Some(v) = weak.upgrade() else { return };
+                {
+                    let woken = v.sweep.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    tokio::select! {
+                        _ = tokio::time::sleep(tick) => {}
+                        _ = woken => {}
+                    }
+                }
                 if v.closed.load(Ordering::Acquire) {
                     return;
                 }
-                v.maybe_clear_dirty_map().await;
+                v.retry_membership_record().await;
+                v.sweep_dirty_map().await;
             }
         });
     }
@@ -641,24 +732,60 @@ impl Volume {
             .saturating_sub(self.last_io_ms.load(Ordering::Relaxed))
     }
 
-    pub(crate) async fn timed<T>(
+    /// Run one backend operation under `io_timeout`. One that outlives it
+    /// fails for the caller but is kept running to its end (see
+    /// [`Member::abandon`]): the disk may still carry it out.
+    pub(crate) async fn timed<T, Fut>(
         &self,
         member: &Member,
-        fut: impl std::future::Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
-        match tokio::time::timeout(self.options.io_timeout, fut).await {
+        op: impl FnOnce(Arc<dyn ReplicaBackend>) -> Fut,
+    ) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, BackendError>> + Send + 'static,
+    {
+        let mut fut: std::pin::Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send>> =
+            Box::pin(op(member.backend.clone()));
+        match tokio::time::timeout(self.options.io_timeout, &mut fut).await {
             Ok(r) => r,
-            Err(_) => Err(BackendError::Timeout {
-                location: member.backend.location().to_string(),
-                seconds: self.options.io_timeout.as_secs(),
-            }),
+            Err(_) => {
+                member.abandon(fut);
+                Err(BackendError::Timeout {
+                    location: member.backend.location().to_string(),
+                    seconds: self.options.io_timeout.as_secs(),
+                })
+            }
         }
     }
 
+    /// [`Self::timed`] for operations that change a replica: they first
+    /// wait for the operations abandoned on it to complete, so a late write
+    /// can never land after, and over, a newer one.
+    pub(crate) async fn timed_write<T, Fut>(
+        &self,
+        member: &Member,
+        op: impl FnOnce(Arc<dyn ReplicaBackend>) -> Fut,
+    ) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, BackendError>> + Send + 'static,
+    {
+        if member.abandoned_ops() > 0 && !member.drain(self.options.io_timeout).await {
+            return Err(BackendError::Abandoned {
+                location: member.backend.location().to_string(),
+                pending: member.abandoned_ops(),
+            });
+        }
+        self.timed(member, op).await
+    }
+
     fn stripe_set(&self, offset: u64, len: u64) -> Vec<usize> {
-        let mut s: Vec<usize> = self
-            .dirty
-            .regions_of(offset, len)
+        self.stripes_of(self.dirty.regions_of(offset, len))
+    }
+
+    fn stripes_of(&self, regions: impl IntoIterator<Item = u64>) -> Vec<usize> {
+        let mut s: Vec<usize> = regions
+            .into_iter()
             .map(|r| (r % STRIPES as u64) as usize)
             .collect();
         s.sort_unstable();
@@ -672,9 +799,23 @@ impl Volume {
             .await
     }
 
+    /// Hold `stripes` (sorted, so lockers never deadlock) exclusively: no
+    /// write into their regions is running or can start.
+    async fn lock_stripes_exclusive(
+        &self,
+        stripes: &[usize],
+    ) -> Vec<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let mut guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            guards.push(self.stripes[*s].write().await);
+        }
+        guards
+    }
+
     /// Make the dirty bits of `[offset, offset+len)` durable on every in-sync replica.
     async fn mark_dirty(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let regions = self.dirty.regions_of(offset, len);
+        self.dirty.touch(regions.clone(), self.now_ms());
         if self.dirty.request(regions.clone()) {
             return Ok(());
         }
@@ -688,57 +829,120 @@ impl Volume {
             let blocks = blocks.clone();
             async move {
                 for (first, data) in blocks {
-                    self.timed(m, m.backend.write_dirty_map(first, data))
-                        .await?;
+                    self.timed_write(m, move |b| async move {
+                        b.write_dirty_map(first, data).await
+                    })
+                    .await?;
                 }
                 Ok::<(), BackendError>(())
             }
         });
         let results = join_all(writes).await;
-        for (m, r) in members.iter().zip(results) {
-            if let Err(e) = r {
-                self.fail_member(m, format!("cannot record the dirty map: {e}"))
-                    .await?;
-            }
-        }
-        if self.in_sync().is_empty() {
-            return Err(self.no_replicas());
-        }
+        self.settle(&members, results, "cannot record the dirty map")
+            .await?;
         self.dirty.commit(&newly);
+        if self.dirty.dirty_count() > self.options.hot_set_regions {
+            self.sweep.notify_one();
+        }
         Ok(())
     }
 
-    /// Run `op` on every in-sync and rebuilding replica; fail out those that
-    /// error. Succeeds when at least one in-sync replica completed and the
-    /// failures are durably recorded.
-    async fn fan_out<'a, F, Fut>(&'a self, op: F) -> Result<(), EngineError>
+    /// Run `op` on every in-sync and rebuilding replica, then [`Self::settle`]
+    /// the results. Succeeds when an in-sync replica completed it and the
+    /// membership it ran against is durable.
+    async fn fan_out<'a, F, Fut>(&'a self, what: &str, op: F) -> Result<(), EngineError>
     where
         F: Fn(Arc<Member>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), BackendError>> + 'a,
+        Fut: Future<Output = Result<(), BackendError>> + 'a,
     {
         let members = self.with_state(&[ReplicaState::InSync, ReplicaState::Rebuilding]);
         if !members.iter().any(|m| m.state() == ReplicaState::InSync) {
             return Err(self.no_replicas());
         }
+        // Read after the states: a member this request skips because it was
+        // failed in memory bumped the generation before its state changed.
+        let generation = self.generation();
         let results = join_all(members.iter().map(|m| op(m.clone()))).await;
+        self.settle(&members, results, what).await?;
+        self.await_durable(generation).await
+    }
+
+    /// After one operation ran on `members`: fail out those that erred (the
+    /// last in-sync one is kept, see [`Self::fail_member`]). It succeeded if
+    /// a member still in sync completed it. Otherwise the request gets the
+    /// error, and rebuilding members that took it are failed too: their copy
+    /// of the range now differs from the replica kept in service.
+    async fn settle(
+        &self,
+        members: &[Arc<Member>],
+        results: Vec<Result<(), BackendError>>,
+        what: &str,
+    ) -> Result<(), EngineError> {
+        let mut first_error = None;
+        let mut completed = Vec::new();
         for (m, r) in members.iter().zip(results) {
-            if let Err(e) = r {
-                m.errors.fetch_add(1, Ordering::Relaxed);
-                self.fail_member(m, e.to_string()).await?;
+            match r {
+                Ok(()) => completed.push(m.clone()),
+                Err(e) => {
+                    m.errors.fetch_add(1, Ordering::Relaxed);
+                    self.fail_member(m, format!("{what}: {e}")).await?;
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        if self.in_sync().is_empty() {
-            return Err(self.no_replicas());
+        if completed.iter().any(|m| m.state() == ReplicaState::InSync) {
+            return Ok(());
         }
-        Ok(())
+        for m in completed {
+            self.fail_member(
+                &m,
+                "it took a write that the last in-sync replica failed, so that region must be copied again".into(),
+            )
+            .await?;
+        }
+        Err(first_error
+            .map(EngineError::Backend)
+            .unwrap_or_else(|| self.no_replicas()))
+    }
+
+    /// Wait until `generation` is recorded on the in-sync replicas.
+    async fn await_durable(&self, generation: u64) -> Result<(), EngineError> {
+        if self.durable_generation.load(Ordering::Acquire) >= generation {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.options.io_timeout;
+        loop {
+            let changed = self.durable_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.durable_generation.load(Ordering::Acquire) >= generation {
+                return Ok(());
+            }
+            if self.in_sync().is_empty() {
+                return Err(self.no_replicas());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(EngineError::MembershipNotDurable {
+                    volume: self.name.clone(),
+                    generation,
+                    seconds: self.options.io_timeout.as_secs(),
+                });
+            }
+        }
     }
 
     /// Take a member out of the set and record the new generation on the
-    /// survivors. Returns only when that record is durable (or no survivor is left).
+    /// survivors. Returns only when that record is durable. The last in-sync
+    /// member is never failed (md never fails its last leg either): it stays
+    /// in service, the error goes to the request, and status and events say so.
     pub async fn fail_member(&self, member: &Member, reason: String) -> Result<(), EngineError> {
         let _guard = self.membership.lock().await;
         let was = member.state();
         if was != ReplicaState::InSync && was != ReplicaState::Rebuilding {
+            return Ok(());
+        }
+        if was == ReplicaState::InSync && self.in_sync().len() == 1 {
+            self.keep_last_leg(member, &reason);
             return Ok(());
         }
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -751,6 +955,7 @@ impl Volume {
                 short(member.id)
             )),
         );
+        self.redirect_after_failure(member.id);
         self.emit(
             EventKind::ReplicaFailed,
             Some(member.backend.location().to_string()),
@@ -766,8 +971,46 @@ impl Volume {
         self.persist_membership(false).await
     }
 
+    /// The last in-sync replica erred: keep it, and say so.
+    fn keep_last_leg(&self, member: &Member, reason: &str) {
+        let why = format!(
+            "last in-sync replica: {reason}; kept in service (failing it would stop all I/O), the request got the error"
+        );
+        tracing::error!(volume = %self.name, replica = %member.backend.location(), "{why}");
+        member.set_reason(Some(why.clone()));
+        self.emit(
+            EventKind::LastReplicaError,
+            Some(member.backend.location().to_string()),
+            format!(
+                "{why}. Check the disk; give the volume another replica with `ditto replica add {} --pool POOL` or `ditto replica readd`",
+                self.name
+            ),
+        );
+    }
+
+    /// A resync source that failed is replaced by another in-sync replica,
+    /// so reads of regions not yet resynced and the resync itself keep
+    /// using one source. With one in-sync replica left it is the truth and
+    /// there is nothing left to reconcile (the dirty map still covers the
+    /// failed ones for their catch-up).
+    fn redirect_after_failure(&self, failed: Uuid) {
+        let Ok(mut guard) = self.redirect.write() else {
+            return;
+        };
+        let Some(redirect) = guard.as_ref() else {
+            return;
+        };
+        let in_sync = self.in_sync();
+        if in_sync.len() < 2 {
+            *guard = None;
+        } else if redirect.source() == failed {
+            redirect.set_source(in_sync[0].id);
+        }
+    }
+
     /// Write the current generation and replica set to every in-sync member;
     /// a member that cannot record it is failed too (and the loop repeats).
+    /// When none can, the first is kept (the last leg) and the error returned.
     pub(crate) async fn persist_membership(&self, clean: bool) -> Result<(), EngineError> {
         loop {
             let members = self.in_sync();
@@ -795,31 +1038,66 @@ impl Volume {
                 sb.clean = clean;
                 sb.replica_set = set.clone();
                 sb.rebuild_cursor = None;
-                async move { self.timed(m, m.backend.write_superblock(sb)).await }
+                async move {
+                    self.timed_write(m, move |b| async move { b.write_superblock(sb).await })
+                        .await
+                }
             });
             let results = join_all(writes).await;
-            let mut failed_any = false;
+            let mut recorded = false;
+            let mut failed = Vec::new();
             for (m, r) in members.iter().zip(results) {
-                if let Err(e) = r {
-                    tracing::error!(volume = %self.name, replica = %m.backend.location(), error = %e, "cannot record membership");
-                    let g = self.generation() + 1;
-                    m.set_state(
-                        ReplicaState::Failed,
-                        g,
-                        Some(format!("cannot record membership: {e}")),
-                    );
-                    self.emit(
-                        EventKind::ReplicaFailed,
-                        Some(m.backend.location().to_string()),
-                        format!("replica failed while recording membership: {e}"),
-                    );
-                    failed_any = true;
+                match r {
+                    Ok(()) => recorded = true,
+                    Err(e) => failed.push((m.clone(), e)),
                 }
             }
-            if !failed_any {
+            if failed.is_empty() {
+                self.durable_generation
+                    .fetch_max(generation, Ordering::AcqRel);
+                self.durable_changed.notify_waiters();
                 return Ok(());
             }
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            let mut keep = None;
+            for (m, e) in failed {
+                tracing::error!(volume = %self.name, replica = %m.backend.location(), error = %e, "cannot record membership");
+                if !recorded && keep.is_none() {
+                    keep = Some((m, e));
+                    continue;
+                }
+                m.set_state(
+                    ReplicaState::Failed,
+                    g,
+                    Some(format!("cannot record membership: {e}")),
+                );
+                self.redirect_after_failure(m.id);
+                self.emit(
+                    EventKind::ReplicaFailed,
+                    Some(m.backend.location().to_string()),
+                    format!("replica failed while recording membership: {e}"),
+                );
+            }
+            if let Some((m, e)) = keep {
+                // Not durable anywhere: requests wait for it and fail after
+                // `io_timeout`; the background tick records it again.
+                self.keep_last_leg(&m, &format!("cannot record membership: {e}"));
+                return Err(EngineError::Backend(e));
+            }
+        }
+    }
+
+    /// A membership change that no replica could record is retried.
+    async fn retry_membership_record(&self) {
+        if self.durable_generation.load(Ordering::Acquire) >= self.generation() {
+            return;
+        }
+        let _guard = self.membership.lock().await;
+        if self.durable_generation.load(Ordering::Acquire) >= self.generation() {
+            return;
+        }
+        if let Err(e) = self.persist_membership(false).await {
+            tracing::warn!(volume = %self.name, error = %e, "membership still not recorded");
         }
     }
 
@@ -834,8 +1112,21 @@ impl Volume {
         self.persist_membership(false).await
     }
 
+    /// Admit a client request unless the volume is closed; `close` waits
+    /// for every admitted request.
+    async fn enter_io(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, EngineError> {
+        let guard = self.io_gate.read().await;
+        if self.is_closed() {
+            return Err(EngineError::Closed {
+                volume: self.name.clone(),
+            });
+        }
+        Ok(guard)
+    }
+
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, EngineError> {
         self.check_range(offset, len as u64)?;
+        let _io = self.enter_io().await?;
         self.touch(false);
         let mut tried: Vec<Uuid> = Vec::new();
         let mut hung: Vec<Arc<Member>> = Vec::new();
@@ -853,7 +1144,9 @@ impl Volume {
                     .unwrap_or_else(|| self.no_replicas()));
             };
             member.pending.fetch_add(1, Ordering::AcqRel);
-            let r = self.timed(&member, member.backend.read(offset, len)).await;
+            let r = self
+                .timed(&member, move |b| async move { b.read(offset, len).await })
+                .await;
             member.pending.fetch_sub(1, Ordering::AcqRel);
             member
                 .next_offset
@@ -881,7 +1174,7 @@ impl Volume {
                         .copied()
                         .collect();
                     if !errored.is_empty() {
-                        self.repair_after_read_error(&errored, offset, &data).await;
+                        self.repair_after_read_error(&errored, offset, len).await;
                     }
                     return Ok(data);
                 }
@@ -912,18 +1205,37 @@ impl Volume {
             .regions_of(offset, len)
             .any(|r| redirect.pending(r))
         {
-            return members.iter().find(|m| m.id == redirect.source).cloned();
+            let source = redirect.source();
+            return members.iter().find(|m| m.id == source).cloned();
         }
         None
     }
 
     /// After a read error was answered from another replica, write the good
-    /// data back over the bad region (as md does); a replica that cannot take
-    /// it is failed out.
-    async fn repair_after_read_error(&self, bad: &[Uuid], offset: u64, data: &Bytes) {
-        let _stripes = self.lock_stripes(offset, data.len() as u64).await;
+    /// data back over the bad range (as md does); a replica that cannot take
+    /// it is failed out. The range is held exclusively and read again: a
+    /// client write may have landed since the read, and must not be undone.
+    async fn repair_after_read_error(&self, bad: &[Uuid], offset: u64, len: usize) {
+        let stripes = self.stripe_set(offset, len as u64);
+        let _locks = self.lock_stripes_exclusive(&stripes).await;
+        let mut good = None;
+        for m in self.in_sync().into_iter().filter(|m| !bad.contains(&m.id)) {
+            if let Ok(data) = self
+                .timed(&m, move |b| async move { b.read(offset, len).await })
+                .await
+            {
+                good = Some(data);
+                break;
+            }
+        }
+        let Some(data) = good else {
+            return;
+        };
         for m in self.in_sync().into_iter().filter(|m| bad.contains(&m.id)) {
-            let r = self.timed(&m, m.backend.write(offset, data.clone())).await;
+            let data = data.clone();
+            let r = self
+                .timed_write(&m, move |b| async move { b.write(offset, data).await })
+                .await;
             if let Err(e) = r {
                 let _ = self
                     .fail_member(
@@ -955,41 +1267,51 @@ impl Volume {
         guards
     }
 
-    /// Common prologue of every modifying request: range check, stripe locks, dirty bits.
-    async fn begin_write(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<tokio::sync::RwLockReadGuard<'_, ()>>, EngineError> {
+    /// Common prologue of every modifying request: range check, admission,
+    /// stripe locks, dirty bits.
+    async fn begin_write(&self, offset: u64, len: u64) -> Result<WriteGuards<'_>, EngineError> {
         self.check_range(offset, len)?;
+        let io = self.enter_io().await?;
         self.touch(true);
-        let guards = self.lock_stripes(offset, len).await;
+        let stripes = self.lock_stripes(offset, len).await;
         self.mark_dirty(offset, len).await?;
-        Ok(guards)
+        Ok(WriteGuards {
+            _io: io,
+            _stripes: stripes,
+        })
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
-        let _stripes = self.begin_write(offset, data.len() as u64).await?;
-        self.fan_out(|m| {
+        let _guards = self.begin_write(offset, data.len() as u64).await?;
+        self.fan_out("write failed", |m| {
             let data = data.clone();
             async move {
-                self.timed(&m, async {
-                    m.backend.write(offset, data).await?;
+                self.timed_write(&m, move |b| async move {
+                    b.write(offset, data).await?;
                     if fua {
-                        m.backend.flush().await?;
+                        b.flush().await?;
                     }
-                    m.writes.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 })
-                .await
+                .await?;
+                m.writes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
         })
         .await
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
-        self.fan_out(|m| async move { self.timed(&m, m.backend.flush()).await })
-            .await
+        let _io = self.enter_io().await?;
+        self.flush_all().await
+    }
+
+    /// Flush every in-sync and rebuilding replica.
+    async fn flush_all(&self) -> Result<(), EngineError> {
+        self.fan_out("flush failed", |m| async move {
+            self.timed(&m, |b| async move { b.flush().await }).await
+        })
+        .await
     }
 
     /// Deallocate a range on every replica (it reads back as zeroes).
@@ -1005,16 +1327,16 @@ impl Volume {
         may_deallocate: bool,
         fua: bool,
     ) -> Result<(), EngineError> {
-        let _stripes = self.begin_write(offset, len).await?;
-        self.fan_out(|m| async move {
-            self.timed(&m, async {
+        let _guards = self.begin_write(offset, len).await?;
+        self.fan_out("zeroing failed", |m| async move {
+            self.timed_write(&m, move |b| async move {
                 if may_deallocate {
-                    m.backend.discard(offset, len).await?;
+                    b.discard(offset, len).await?;
                 } else {
-                    m.backend.write_zeroes(offset, len).await?;
+                    b.write_zeroes(offset, len).await?;
                 }
                 if fua {
-                    m.backend.flush().await?;
+                    b.flush().await?;
                 }
                 Ok(())
             })
@@ -1026,52 +1348,84 @@ impl Volume {
     /// Allocation of a range, from one in-sync replica.
     pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Allocation>, EngineError> {
         self.check_range(offset, len)?;
+        let _io = self.enter_io().await?;
         let members = self.in_sync();
         let member = read_policy::choose(&members, offset).ok_or_else(|| self.no_replicas())?;
         Ok(self
-            .timed(&member, member.backend.allocation(offset, len))
+            .timed(&member, move |b| async move { b.allocation(offset, len).await })
             .await?)
     }
 
-    /// Clear the dirty map once every member is in sync and writes have been
-    /// idle for `dirty_clear_delay` (md clears bits a few seconds after a
-    /// region is in sync everywhere). Never while any member is missing,
-    /// failed, stale or rebuilding: their catch-up depends on these bits.
-    pub(crate) async fn maybe_clear_dirty_map(&self) {
-        let idle = self
-            .now_ms()
-            .saturating_sub(self.last_write_ms.load(Ordering::Relaxed));
-        if self.dirty.dirty_count() == 0
-            || idle < self.options.dirty_clear_delay.as_millis() as u64
-            || !self.fully_redundant()
-        {
+    /// True when every member is in sync and no post-crash resync is pending:
+    /// only then may dirty bits be forgotten.
+    pub fn fully_reconciled(&self) -> bool {
+        self.fully_redundant() && !self.resync_pending()
+    }
+
+    /// Regions may still differ between in-sync replicas after a crash.
+    pub fn resync_pending(&self) -> bool {
+        self.redirect.read().map_or(true, |r| r.is_some())
+    }
+
+    /// Most regions the sweeper lets stay dirty (see `VolumeOptions::hot_set_regions`).
+    pub fn hot_set_limit(&self) -> u64 {
+        self.options.hot_set_regions
+    }
+
+    /// Clear the bits of regions idle for `dirty_clear_delay`, and of the
+    /// least recently written ones beyond the hot set, once every member is
+    /// in sync and reconciled (md clears a bitmap chunk once it is idle and
+    /// in sync everywhere; DRBD bounds its activity log the same way).
+    pub(crate) async fn sweep_dirty_map(&self) {
+        if self.dirty.dirty_count() == 0 || !self.fully_reconciled() {
+            return;
+        }
+        let now = self.now_ms();
+        let delay = self.options.dirty_clear_delay.as_millis() as u64;
+        let mut dirty: Vec<(u64, u64)> = self
+            .dirty
+            .dirty_regions()
+            .into_iter()
+            .map(|r| (self.dirty.last_write_ms(r), r))
+            .collect();
+        dirty.sort_unstable();
+        let over = (dirty.len() as u64).saturating_sub(self.options.hot_set_regions);
+        let regions: Vec<u64> = dirty
+            .iter()
+            .enumerate()
+            .filter(|(i, (last, _))| (*i as u64) < over || now.saturating_sub(*last) >= delay)
+            .map(|(_, (_, r))| *r)
+            .collect();
+        if regions.is_empty() {
             return;
         }
         let Ok(_job) = self.job_lock.try_lock() else {
             return;
         };
-        if let Err(e) = self.clear_dirty_map().await {
-            tracing::warn!(volume = %self.name, error = %e, "could not clear the dirty map");
+        if let Err(e) = self.clear_regions(&regions).await {
+            tracing::warn!(volume = %self.name, error = %e, "could not clear dirty bits");
         }
     }
 
-    async fn clear_dirty_map(&self) -> Result<(), EngineError> {
-        let mut guards = Vec::with_capacity(STRIPES);
-        for s in &self.stripes {
-            guards.push(s.write().await);
-        }
+    /// Flush every replica, then clear the bits of `regions` on every
+    /// in-sync replica and in memory. Holds the regions' stripes, so no
+    /// write into them runs meanwhile.
+    async fn clear_regions(&self, regions: &[u64]) -> Result<(), EngineError> {
+        let stripes = self.stripes_of(regions.iter().copied());
+        let _locks = self.lock_stripes_exclusive(&stripes).await;
         let _persist = self.dirty.persist.lock().await;
-        if !self.fully_redundant() {
+        if !self.fully_reconciled() {
             return Ok(());
         }
-        // Every write so far is complete; make it durable everywhere before forgetting it.
-        self.fan_out(|m| async move { self.timed(&m, m.backend.flush()).await })
-            .await?;
-        let blocks = self.dirty.clearing_blocks();
+        // Every write into these regions has completed; make them durable
+        // everywhere before forgetting that they may differ.
+        self.flush_all().await?;
+        let blocks = self.dirty.blocks_without(regions);
         for m in self.in_sync() {
             for (first, data) in &blocks {
+                let (first, data) = (*first, data.clone());
                 if let Err(e) = self
-                    .timed(&m, m.backend.write_dirty_map(*first, data.clone()))
+                    .timed_write(&m, move |b| async move { b.write_dirty_map(first, data).await })
                     .await
                 {
                     self.fail_member(&m, format!("cannot clear the dirty map: {e}"))
@@ -1083,8 +1437,8 @@ impl Volume {
                 }
             }
         }
-        self.dirty.clear();
-        tracing::debug!(volume = %self.name, "dirty map cleared");
+        self.dirty.clear_regions(regions);
+        tracing::debug!(volume = %self.name, regions = regions.len(), "dirty bits cleared");
         Ok(())
     }
 
@@ -1093,8 +1447,9 @@ impl Volume {
     async fn rewrite_dirty_map(&self) -> Result<(), EngineError> {
         let map = self.dirty.encoded();
         for m in self.in_sync() {
+            let map = map.clone();
             if let Err(e) = self
-                .timed(&m, m.backend.write_dirty_map(0, map.clone()))
+                .timed_write(&m, move |b| async move { b.write_dirty_map(0, map).await })
                 .await
             {
                 self.fail_member(&m, format!("cannot restore the dirty map: {e}"))
@@ -1107,24 +1462,34 @@ impl Volume {
         Ok(())
     }
 
-    /// Flush everything and mark the in-sync replicas clean: the next start
-    /// knows they are equal and needs no resync. The dirty map is kept while
-    /// any member is out of sync, so it can still catch up later.
+    /// Stop taking I/O, wait for requests and jobs in flight, flush, and
+    /// mark the in-sync replicas clean: the next start knows they are equal
+    /// and needs no resync. The dirty map is kept while any member is out
+    /// of sync, so it can still catch up later; and while a post-crash
+    /// resync is unfinished the replicas are not clean, so it runs again.
     pub async fn close(&self) -> Result<(), EngineError> {
         self.closed.store(true, Ordering::Release);
+        self.sweep.notify_waiters();
+        let _quiesced = self.io_gate.write().await;
         let _job = self.job_lock.lock().await;
-        if self.fully_redundant() && self.dirty.dirty_count() > 0 {
-            self.clear_dirty_map().await?;
+        if self.fully_reconciled() && self.dirty.dirty_count() > 0 {
+            self.clear_regions(&self.dirty.dirty_regions()).await?;
         } else {
-            self.flush().await?;
+            self.flush_all().await?;
         }
         let _guard = self.membership.lock().await;
-        self.persist_membership(true).await
+        self.persist_membership(!self.resync_pending()).await
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+}
+
+/// What a modifying request holds while it runs.
+struct WriteGuards<'a> {
+    _io: tokio::sync::RwLockReadGuard<'a, ()>,
+    _stripes: Vec<tokio::sync::RwLockReadGuard<'a, ()>>,
 }
 
 /// First 8 hex digits of a replica id, as the CLI shows it.
