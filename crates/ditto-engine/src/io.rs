@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -37,6 +38,12 @@ pub trait IoFile: Send + Sync + 'static {
     /// Allocation map of `[offset, offset+len)`, as runs covering the range.
     fn allocation(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Vec<Allocation>>>;
     fn len(&self) -> io::Result<u64>;
+    /// True when [`IoFile::punch_hole`] is a metadata operation here, so
+    /// zeroing by deallocation is fast (NBD_CMD_FLAG_FAST_ZERO). False when
+    /// it would fall back to writing zeroes, or when nobody knows.
+    fn fast_zero(&self) -> bool {
+        false
+    }
 }
 
 /// Opens files for one kind of I/O engine.
@@ -84,14 +91,145 @@ impl IoEngine for ThreadPoolEngine {
             .create_new(create)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
+        let punch = probe_punch_hole(&file);
         Ok(Arc::new(ThreadPoolFile {
             file: Arc::new(file),
+            punch: Arc::new(AtomicU8::new(punch as u8)),
         }))
     }
 }
 
 struct ThreadPoolFile {
     file: Arc<File>,
+    /// What is known of hole punching on this file ([`Punch`]); learnt at
+    /// open and again from the first EOPNOTSUPP.
+    punch: Arc<AtomicU8>,
+}
+
+/// Whether `FALLOC_FL_PUNCH_HOLE` works on a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Punch {
+    /// Not known yet: tried, and learnt from the first refusal.
+    Unknown = 0,
+    Works = 1,
+    /// The filesystem or device cannot (EOPNOTSUPP): zeroing falls back to
+    /// FALLOC_FL_ZERO_RANGE, then to writing zeroes.
+    Unsupported = 2,
+}
+
+impl Punch {
+    fn from_u8(v: u8) -> Punch {
+        match v {
+            1 => Punch::Works,
+            2 => Punch::Unsupported,
+            _ => Punch::Unknown,
+        }
+    }
+}
+
+/// Finds out whether hole punching works without touching any data. A
+/// regular file is punched past its end with KEEP_SIZE (nothing lives there;
+/// filesystems check the mode before the range). A block device punches by
+/// write-zeroes offload without fallback (`blkdev_fallocate`), which it has
+/// when its queue's `write_zeroes_max_bytes` is not 0.
+fn probe_punch_hole(file: &File) -> Punch {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = file.metadata() else {
+        return Punch::Unknown;
+    };
+    if meta.file_type().is_block_device() {
+        let rdev = meta.rdev();
+        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+        let dev = format!("/sys/dev/block/{major}:{minor}");
+        // A partition's queue is its disk's.
+        for queue in [format!("{dev}/queue"), format!("{dev}/../queue")] {
+            if let Ok(v) = std::fs::read_to_string(format!("{queue}/write_zeroes_max_bytes")) {
+                return match v.trim().parse::<u64>() {
+                    Ok(0) => Punch::Unsupported,
+                    Ok(_) => Punch::Works,
+                    Err(_) => Punch::Unknown,
+                };
+            }
+        }
+        return Punch::Unknown;
+    }
+    if !meta.is_file() {
+        return Punch::Unknown;
+    }
+    let past_end = meta.len().div_ceil(4096) * 4096;
+    match fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        past_end,
+        4096,
+    ) {
+        Ok(()) => Punch::Works,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Punch::Unsupported,
+        Err(_) => Punch::Unknown,
+    }
+}
+
+/// Zeroes a range keeping it allocated: FALLOC_FL_ZERO_RANGE, or, where the
+/// filesystem lacks it, writing the zeroes.
+fn zero_range_or_write(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    match fallocate(
+        file,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeroes(file, offset, len),
+        other => other,
+    }
+}
+
+fn write_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = CHUNK.min(offset + len - pos) as usize;
+        file.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Deallocates a range so it reads back as zeroes; where hole punching is
+/// unsupported (EOPNOTSUPP: vfat, some devices), zeroes it instead, and
+/// remembers that in `punch` so [`IoFile::fast_zero`] stops claiming speed.
+fn punch_or_zero(file: &File, punch: &AtomicU8, offset: u64, len: u64) -> io::Result<()> {
+    if Punch::from_u8(punch.load(Ordering::Relaxed)) != Punch::Unsupported {
+        match fallocate(
+            file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                if punch.swap(Punch::Unsupported as u8, Ordering::Relaxed)
+                    != Punch::Unsupported as u8
+                {
+                    tracing::warn!(
+                        "hole punching is not supported here ({e}); discard and write-zeroes \
+                         fall back to zeroing, and NBD fast-zero requests are refused"
+                    );
+                }
+            }
+            Ok(()) => {
+                let _ = punch.compare_exchange(
+                    Punch::Unknown as u8,
+                    Punch::Works as u8,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    zero_range_or_write(file, offset, len)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -204,41 +342,13 @@ impl IoFile for ThreadPoolFile {
 
     fn punch_hole(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<()>> {
         let file = self.file.clone();
-        Box::pin(blocking(move || {
-            fallocate(
-                &file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-        }))
+        let punch = self.punch.clone();
+        Box::pin(blocking(move || punch_or_zero(&file, &punch, offset, len)))
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<()>> {
         let file = self.file.clone();
-        Box::pin(blocking(move || {
-            match fallocate(
-                &file,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ) {
-                Ok(()) => Ok(()),
-                // Filesystems without ZERO_RANGE: write the zeroes.
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    const CHUNK: u64 = 1 << 20;
-                    let zeroes = vec![0u8; CHUNK.min(len) as usize];
-                    let mut pos = offset;
-                    while pos < offset + len {
-                        let n = CHUNK.min(offset + len - pos) as usize;
-                        file.write_all_at(&zeroes[..n], pos)?;
-                        pos += n as u64;
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        }))
+        Box::pin(blocking(move || zero_range_or_write(&file, offset, len)))
     }
 
     fn allocation(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Vec<Allocation>>> {
@@ -248,6 +358,10 @@ impl IoFile for ThreadPoolFile {
 
     fn len(&self) -> io::Result<u64> {
         file_len(&self.file)
+    }
+
+    fn fast_zero(&self) -> bool {
+        Punch::from_u8(self.punch.load(Ordering::Relaxed)) == Punch::Works
     }
 }
 

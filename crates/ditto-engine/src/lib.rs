@@ -10,6 +10,7 @@ use std::pin::Pin;
 pub mod backend;
 pub mod dirty;
 pub mod events;
+mod fast_zero;
 pub mod io;
 pub mod jobs;
 pub mod nbd_file;

@@ -241,6 +241,10 @@ impl IoFile for UringFile {
     fn len(&self) -> io::Result<u64> {
         crate::io::file_len(&self.buffered)
     }
+
+    fn fast_zero(&self) -> bool {
+        self.slow.fast_zero()
+    }
 }
 
 /// What an operation does, with the memory the kernel reads or writes.

@@ -31,7 +31,9 @@ impl Export for VolumeExport {
         true
     }
 
-    /// Zeroing by deallocation (hole punching) is a metadata operation.
+    /// Offered always: whether a given fast-zero request is fast depends on
+    /// the replicas it reaches at that moment (see `write_zeroes`), and a
+    /// refused one costs the client one round trip.
     fn can_fast_zero(&self) -> bool {
         true
     }
@@ -67,10 +69,17 @@ impl Export for VolumeExport {
     ) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(async move {
             // Zeroing while keeping the blocks allocated may fall back to writing
-            // zeroes, which is not fast: say so instead of pretending.
+            // zeroes, and so does deallocation on a replica that cannot punch
+            // holes: not fast. Say so at once, before doing anything, as
+            // NBD_CMD_FLAG_FAST_ZERO asks, instead of pretending.
             if fast_only && !may_trim {
                 return Err(ExportError::NotSupported(
                     "fast zero without deallocation".into(),
+                ));
+            }
+            if fast_only && !self.0.fast_zero() {
+                return Err(ExportError::NotSupported(
+                    "fast zero: a replica cannot punch holes, so zeroing would write zeroes".into(),
                 ));
             }
             self.0
@@ -105,5 +114,106 @@ impl Export for VolumeExport {
             }
             Ok(extents)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ditto_engine::{FileReplica, LogSink, Member, ReplicaState, VolumeOptions};
+    use ditto_format::{Layout, DEFAULT_REGION_SIZE};
+    use uuid::Uuid;
+
+    /// ramfs has no fallocate at all: hole punching falls back to writing
+    /// zeroes there. Needs root; None (with the reason printed) otherwise.
+    fn ramfs() -> Option<(tempfile::TempDir, impl Drop)> {
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount ramfs here (needs root)");
+            return None;
+        }
+        let guard = Unmount(dir.path().to_path_buf());
+        Some((dir, guard))
+    }
+
+    /// NBD_CMD_FLAG_FAST_ZERO on replicas that cannot punch holes must be
+    /// refused with ENOTSUP at once, before anything is written (it used to
+    /// run, and on such a filesystem fail every replica); without the flag
+    /// the same request zeroes, by writing zeroes.
+    #[tokio::test]
+    async fn fast_zero_is_refused_where_zeroing_would_write_zeroes() {
+        let Some((dir, _mount)) = ramfs() else {
+            return;
+        };
+        const SIZE: u64 = 4 << 20;
+        let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
+        let vol = Uuid::new_v4();
+        let mut members = Vec::new();
+        for i in 0..2 {
+            let id = Uuid::new_v4();
+            let r = FileReplica::create(
+                &ditto_engine::ThreadPoolEngine,
+                &dir.path().join(format!("r{i}")),
+                vol,
+                id,
+                layout,
+            )
+            .await
+            .unwrap();
+            members.push(Member::new(id, format!("p{i}"), r));
+        }
+        let v = Volume::open(
+            "fz",
+            vol,
+            SIZE,
+            members,
+            VolumeOptions::default(),
+            Arc::new(LogSink),
+        )
+        .await
+        .unwrap();
+        let export = VolumeExport(v.clone());
+        let data = Bytes::from(vec![0x5au8; 1 << 20]);
+        export.write(0, data.clone(), false).await.unwrap();
+
+        let r = export.write_zeroes(0, 1 << 20, false, true, true).await;
+        assert!(
+            matches!(r, Err(ExportError::NotSupported(_))),
+            "fast zero on ramfs: {r:?}"
+        );
+        assert_eq!(
+            r.unwrap_err().nbd_errno(),
+            ditto_nbd::proto::NBD_ENOTSUP,
+            "sent as ENOTSUP"
+        );
+        assert_eq!(
+            export.read(0, 1 << 20).await.unwrap(),
+            data,
+            "a refused fast zero changes nothing"
+        );
+
+        export
+            .write_zeroes(0, 1 << 20, false, true, false)
+            .await
+            .expect("a plain write-zeroes zeroes by writing zeroes");
+        assert!(export
+            .read(0, 1 << 20)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+        assert!(v.members().iter().all(|m| m.state == ReplicaState::InSync));
+        v.close().await.unwrap();
     }
 }
