@@ -67,6 +67,18 @@ pub struct VolumeRecord {
     pub created_unix: u64,
 }
 
+/// The membership a volume last recorded (generation and in-sync replicas),
+/// kept by the node so a replica that returns alone can be judged stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipRecord {
+    pub version: u32,
+    pub volume: Uuid,
+    pub generation: u64,
+    pub in_sync: Vec<Uuid>,
+    pub updated_unix: u64,
+}
+
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

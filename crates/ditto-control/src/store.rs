@@ -8,13 +8,16 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::error::ControlError;
-use crate::model::{PoolRecord, VolumeRecord, RECORD_VERSION};
+use crate::model::{MembershipRecord, PoolRecord, VolumeRecord, RECORD_VERSION};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+/// Keyed by volume uuid: a name reused after a delete never inherits a record.
+const MEMBERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("membership");
 const SCHEMA_KEY: &str = "schema_version";
 /// Version of the store's table layout.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -59,6 +62,7 @@ impl Store {
             }
             tx.open_table(POOLS).map_err(store_err)?;
             tx.open_table(VOLUMES).map_err(store_err)?;
+            tx.open_table(MEMBERSHIP).map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
         Ok(Store { db })
@@ -141,6 +145,36 @@ impl Store {
         tx.commit().map_err(store_err)
     }
 
+    /// The membership record of volume `uuid`, if one was written.
+    pub fn membership(&self, uuid: Uuid) -> Result<Option<MembershipRecord>, ControlError> {
+        let key = uuid.to_string();
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(MEMBERSHIP).map_err(store_err)?;
+        let Some(v) = table.get(key.as_str()).map_err(store_err)? else {
+            return Ok(None);
+        };
+        let record: MembershipRecord = decode("membership", &key, v.value())?;
+        check_versions(std::iter::once((key.as_str(), record.version)))?;
+        Ok(Some(record))
+    }
+
+    /// Replace the membership record of its volume (durable on return).
+    pub fn set_membership(&self, record: &MembershipRecord) -> Result<(), ControlError> {
+        let (key, value) = (record.volume.to_string(), encode(record)?);
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = tx.open_table(MEMBERSHIP).map_err(store_err)?;
+            table
+                .insert(key.as_str(), value.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    pub fn delete_membership(&self, uuid: Uuid) -> Result<bool, ControlError> {
+        self.delete(MEMBERSHIP, &uuid.to_string())
+    }
+
     pub fn delete_pool(&self, name: &str) -> Result<bool, ControlError> {
         self.delete(POOLS, name)
     }
@@ -176,7 +210,6 @@ fn check_versions<'a>(records: impl Iterator<Item = (&'a str, u32)>) -> Result<(
 mod tests {
     use super::*;
     use crate::model::{now_unix, PoolKind, ReplicaRecord};
-    use uuid::Uuid;
 
     #[test]
     fn survives_reopen_and_refuses_duplicates() {
@@ -218,5 +251,18 @@ mod tests {
         assert!(s.delete_volume("v").unwrap());
         assert!(!s.delete_volume("v").unwrap());
         assert!(s.volumes().unwrap().is_empty());
+        let m = MembershipRecord {
+            version: RECORD_VERSION,
+            volume: vol.uuid,
+            generation: 7,
+            in_sync: vec![vol.replicas[0].id],
+            updated_unix: now_unix(),
+        };
+        assert_eq!(s.membership(vol.uuid).unwrap(), None);
+        s.set_membership(&m).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.membership(vol.uuid).unwrap(), Some(m));
+        assert!(s.delete_membership(vol.uuid).unwrap());
     }
 }

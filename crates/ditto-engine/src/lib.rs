@@ -13,6 +13,7 @@ pub mod events;
 mod fast_zero;
 pub mod io;
 pub mod jobs;
+pub mod membership;
 pub mod nbd_file;
 pub mod read_policy;
 pub mod uring;
@@ -22,6 +23,7 @@ pub use backend::{BackendError, FileReplica, MissingReplica, ReplicaBackend};
 pub use events::{Event, EventKind, EventSink, LogSink, SharedSink};
 pub use io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
 pub use jobs::{JobKind, JobProgress, ReaddPlan, ScrubReport};
+pub use membership::{KnownMembership, MembershipLog, MembershipLogRef};
 pub use volume::{EngineError, Member, MemberStatus, ReplicaState, Volume, VolumeOptions};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -23,6 +23,7 @@ use crate::dirty::DirtyMap;
 use crate::events::{Event, EventKind, SharedSink};
 use crate::io::Allocation;
 use crate::jobs::{JobProgress, ResyncRedirect, ScrubReport};
+use crate::membership::{KnownMembership, MembershipLogRef};
 use crate::read_policy;
 
 /// Why a volume operation failed.
@@ -51,6 +52,13 @@ pub enum EngineError {
     },
     #[error("volume {volume}: {why}")]
     Refused { volume: String, why: String },
+    #[error("volume {volume}: the replicas present ({present}) are stale: this node recorded generation {known_generation} with {missing} in sync, and they hold writes the present ones never saw. Bring one of those back and start again; if they are lost for good, `ditto volume start {volume} --force-stale` starts from the stale copy and loses the writes made after it left")]
+    StaleOnly {
+        volume: String,
+        present: String,
+        known_generation: u64,
+        missing: String,
+    },
     #[error("volume {volume} is stopped: it takes no I/O; start it again with `ditto volume start {volume}`")]
     Closed { volume: String },
     #[error("volume {volume}: the membership change at generation {generation} could not be recorded on any in-sync replica within {seconds} s, so the request is not acknowledged; check `ditto status {volume}` and the disks")]
@@ -169,10 +177,7 @@ impl Member {
 
     /// Keep polling an operation the caller gave up on, so that its
     /// completion is known: until then nothing may be written after it.
-    fn abandon<T: Send + 'static>(
-        &self,
-        op: std::pin::Pin<Box<dyn Future<Output = T> + Send>>,
-    ) {
+    fn abandon<T: Send + 'static>(&self, op: std::pin::Pin<Box<dyn Future<Output = T> + Send>>) {
         self.abandoned.fetch_add(1, Ordering::AcqRel);
         let (abandoned, drained) = (self.abandoned.clone(), self.drained.clone());
         tokio::spawn(async move {
@@ -256,6 +261,12 @@ pub struct VolumeOptions {
     /// written regions are flushed and cleared early. A crash resync copies
     /// at most this many regions (plus those written since the last sweep).
     pub hot_set_regions: u64,
+    /// The node's record of this volume's membership: judges a replica that
+    /// returns alone, and is updated on every membership change.
+    pub membership_log: Option<MembershipLogRef>,
+    /// Start even if the only replicas present are older than the node's
+    /// record (the operator accepts losing the writes they missed).
+    pub accept_stale: bool,
 }
 
 impl Default for VolumeOptions {
@@ -266,6 +277,8 @@ impl Default for VolumeOptions {
             resync_max_rate: 1 << 30,
             dirty_clear_delay: Duration::from_secs(5),
             hot_set_regions: 4096,
+            membership_log: None,
+            accept_stale: false,
         }
     }
 }
@@ -420,6 +433,56 @@ impl Volume {
             })
             .cloned()
             .collect();
+        // The node's record judges replicas whose own superblocks cannot
+        // know they were failed out (they were gone when it happened).
+        let known = options.membership_log.as_ref().and_then(|l| l.0.last(uuid));
+        let mut current = current;
+        let mut forced_past = None;
+        if let Some(known) = &known {
+            let vouched: Vec<Superblock> = current
+                .iter()
+                .filter(|sb| known.vouches_for(sb.replica_uuid, sb.generation))
+                .cloned()
+                .collect();
+            if vouched.is_empty() && !current.is_empty() {
+                if !options.accept_stale {
+                    let e = EngineError::StaleOnly {
+                        volume: name.clone(),
+                        present: current
+                            .iter()
+                            .map(|sb| {
+                                format!(
+                                    "{} at generation {}",
+                                    short(sb.replica_uuid),
+                                    sb.generation
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        known_generation: known.generation,
+                        missing: known
+                            .in_sync
+                            .iter()
+                            .map(|id| short(*id))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    };
+                    events.emit(Event {
+                        kind: EventKind::StaleReplicaRefused,
+                        volume: name.clone(),
+                        replica: None,
+                        message: e.to_string(),
+                        progress: None,
+                    });
+                    return Err(e);
+                }
+                // Forced: go on from the stale copy, at a generation past the
+                // record, so the replicas it lost to are told apart later.
+                forced_past = Some(known.generation);
+            } else {
+                current = vouched;
+            }
+        }
         let Some(view) = current.first().cloned() else {
             return Err(EngineError::Refused {
                 volume: name,
@@ -427,6 +490,7 @@ impl Volume {
                     .into(),
             });
         };
+        let generation = forced_past.map_or(generation, |g| generation.max(g));
         let mut stale_events = Vec::new();
         for m in &members {
             let since = view
@@ -490,6 +554,14 @@ impl Volume {
         for (replica, message) in stale_events {
             volume.emit(EventKind::StaleReplicaRefused, Some(replica), message);
         }
+        if let Some(past) = forced_past {
+            volume.generation.store(past + 1, Ordering::Release);
+            volume.emit(
+                EventKind::StaleReplicaRefused,
+                None,
+                format!("started from stale replica(s) by the operator's --force-stale: writes made after generation {} are lost", view.generation),
+            );
+        }
         let unclean = volume.assemble(&view).await?;
         volume.clone().start_background(unclean);
         Ok(volume)
@@ -502,7 +574,10 @@ impl Volume {
         for m in self.with_state(&[ReplicaState::InSync]) {
             let sb = m.backend.superblock();
             unclean |= !sb.clean;
-            match self.timed(&m, |b| async move { b.read_dirty_map().await }).await {
+            match self
+                .timed(&m, |b| async move { b.read_dirty_map().await })
+                .await
+            {
                 Ok(map) => self.dirty.load(&map),
                 Err(e) => {
                     let since = self.generation();
@@ -829,9 +904,10 @@ impl Volume {
             let blocks = blocks.clone();
             async move {
                 for (first, data) in blocks {
-                    self.timed_write(m, move |b| async move {
-                        b.write_dirty_map(first, data).await
-                    })
+                    self.timed_write(
+                        m,
+                        move |b| async move { b.write_dirty_map(first, data).await },
+                    )
                     .await?;
                 }
                 Ok::<(), BackendError>(())
@@ -1053,6 +1129,7 @@ impl Volume {
                 }
             }
             if failed.is_empty() {
+                self.record_membership(generation, &members).await;
                 self.durable_generation
                     .fetch_max(generation, Ordering::AcqRel);
                 self.durable_changed.notify_waiters();
@@ -1084,6 +1161,22 @@ impl Volume {
                 self.keep_last_leg(&m, &format!("cannot record membership: {e}"));
                 return Err(EngineError::Backend(e));
             }
+        }
+    }
+
+    /// Tell the node's log (if any) which replicas are in sync at `generation`.
+    /// A log that cannot record it is reported, not fatal: the replicas'
+    /// superblocks stay the authority, the log only judges a lone returner.
+    async fn record_membership(&self, generation: u64, in_sync: &[Arc<Member>]) {
+        let Some(log) = &self.options.membership_log else {
+            return;
+        };
+        let known = KnownMembership {
+            generation,
+            in_sync: in_sync.iter().map(|m| m.id).collect(),
+        };
+        if let Err(e) = log.0.record(self.uuid, known).await {
+            tracing::error!(volume = %self.name, error = %e, "cannot record the membership in the node's store; a replica returning alone could not be judged stale");
         }
     }
 
@@ -1352,7 +1445,10 @@ impl Volume {
         let members = self.in_sync();
         let member = read_policy::choose(&members, offset).ok_or_else(|| self.no_replicas())?;
         Ok(self
-            .timed(&member, move |b| async move { b.allocation(offset, len).await })
+            .timed(
+                &member,
+                move |b| async move { b.allocation(offset, len).await },
+            )
             .await?)
     }
 
@@ -1425,7 +1521,10 @@ impl Volume {
             for (first, data) in &blocks {
                 let (first, data) = (*first, data.clone());
                 if let Err(e) = self
-                    .timed_write(&m, move |b| async move { b.write_dirty_map(first, data).await })
+                    .timed_write(
+                        &m,
+                        move |b| async move { b.write_dirty_map(first, data).await },
+                    )
                     .await
                 {
                     self.fail_member(&m, format!("cannot clear the dirty map: {e}"))

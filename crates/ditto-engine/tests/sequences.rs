@@ -446,3 +446,85 @@ async fn closed_volume_refuses_io_with_a_clear_error() {
         other => panic!("expected Closed, got {other:?}"),
     }
 }
+
+/// The node's membership record, in memory.
+#[derive(Default)]
+struct MemLog(
+    std::sync::Mutex<std::collections::HashMap<uuid::Uuid, ditto_engine::KnownMembership>>,
+);
+
+impl ditto_engine::MembershipLog for MemLog {
+    fn last(&self, volume: uuid::Uuid) -> Option<ditto_engine::KnownMembership> {
+        self.0.lock().unwrap().get(&volume).cloned()
+    }
+    fn record(
+        &self,
+        volume: uuid::Uuid,
+        m: ditto_engine::KnownMembership,
+    ) -> ditto_engine::BoxFuture<'_, Result<(), String>> {
+        self.0.lock().unwrap().insert(volume, m);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// 7. A replica that was failed out and returns alone is stale even though
+/// its own superblock never learnt it: it is refused unless forced.
+#[tokio::test]
+async fn seq07_lone_stale_replica_is_refused() {
+    let f = Fixture::new(2).await;
+    let log = Arc::new(MemLog::default());
+    let with_log = |accept_stale| VolumeOptions {
+        membership_log: Some(ditto_engine::MembershipLogRef(log.clone())),
+        accept_stale,
+        ..options()
+    };
+    {
+        let (v, _) = f.open(with_log(false)).await;
+        let v = v.unwrap();
+        v.write(0, block(1), false).await.unwrap();
+        v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+        v.write(0, block(2), true).await.unwrap();
+        v.close().await.unwrap();
+    }
+    // Next start: only the stale replica is present (degraded start allowed).
+    let open_lone = |options| async {
+        let missing =
+            ditto_engine::MissingReplica::new("gone", "disk missing", f.vol_id, f.ids[0], layout());
+        let members = vec![
+            Member::new(f.ids[0], "a", Arc::new(missing) as Arc<dyn ReplicaBackend>),
+            Member::new(f.ids[1], "b", f.backend(1).await as Arc<dyn ReplicaBackend>),
+        ];
+        ditto_engine::Volume::open(
+            "v",
+            f.vol_id,
+            SIZE,
+            members,
+            options,
+            Arc::new(ditto_engine::LogSink),
+        )
+        .await
+    };
+    match open_lone(with_log(false)).await {
+        Err(e @ EngineError::StaleOnly { .. }) => {
+            assert!(e.to_string().contains("--force-stale"), "{e}")
+        }
+        Err(e) => panic!("expected a stale refusal, got {e}"),
+        Ok(v) => panic!(
+            "a lone stale replica started and serves {:?}",
+            &v.read(0, 4).await.unwrap()[..]
+        ),
+    }
+    // The operator accepts the loss: it starts, past the recorded generation.
+    let known = log.0.lock().unwrap().get(&f.vol_id).cloned().unwrap();
+    let v = open_lone(with_log(true)).await.unwrap();
+    assert!(v.generation() > known.generation);
+    assert_eq!(&v.read(0, 4096).await.unwrap()[..], &block(1)[..]);
+    v.close().await.unwrap();
+    drop(v);
+    // When the replica it lost to returns, that is a split brain, not a merge.
+    match f.open(with_log(false)).await.0 {
+        Err(EngineError::SplitBrain { .. }) => {}
+        Err(e) => panic!("expected split brain, got {e}"),
+        Ok(_) => panic!("the two sides were merged silently"),
+    }
+}

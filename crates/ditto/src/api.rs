@@ -204,7 +204,10 @@ async fn start_volume(
     b: Result<Json<StartVolume>, JsonRejection>,
 ) -> ApiResult<VolumeInfo> {
     let req = body(b)?;
-    Ok(Json(node.start_volume(&name, req.degraded).await?))
+    Ok(Json(
+        node.start_volume(&name, req.degraded, req.force_stale)
+            .await?,
+    ))
 }
 
 async fn stop_volume(
@@ -325,7 +328,7 @@ pub fn openapi_document() -> serde_json::Value {
                 {"name": "volume", "in": "query", "required": false, "schema": {"type": "string"}, "description": "only events of this volume"}],
                 "responses": {"200": {"description": "events", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EventsPage"}}}}, "400": err}}},
             "/v1/volumes/{name}/start": {"post": {"summary": "Start a stopped volume", "parameters": [name_param],
-                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"degraded": {"type": ["boolean", "null"]}}}}}},
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"degraded": {"type": ["boolean", "null"]}, "force_stale": {"type": "boolean"}}}}}},
                 "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "404": err}}},
             "/v1/volumes/{name}/stop": {"post": {"summary": "Stop serving a volume", "parameters": [name_param],
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"force": {"type": "boolean"}}}}}},

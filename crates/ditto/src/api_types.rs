@@ -24,6 +24,10 @@ pub struct StartVolume {
     /// Start even with replicas missing (true) or never (false); absent: the config decides.
     #[serde(default)]
     pub degraded: Option<bool>,
+    /// Start even if the only replicas present are stale by the node's
+    /// membership record, losing the writes they missed.
+    #[serde(default)]
+    pub force_stale: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -536,10 +536,19 @@ pub fn job_line(j: &JobInfo) -> String {
     )
 }
 
-pub fn volume_start(c: &Client, name: &str, degraded: Option<bool>, json: bool) -> Result<()> {
+pub fn volume_start(
+    c: &Client,
+    name: &str,
+    degraded: Option<bool>,
+    force_stale: bool,
+    json: bool,
+) -> Result<()> {
     let v: VolumeInfo = c.post(
         &format!("/v1/volumes/{name}/start"),
-        &StartVolume { degraded },
+        &StartVolume {
+            degraded,
+            force_stale,
+        },
     )?;
     if json {
         return print_json(&v);

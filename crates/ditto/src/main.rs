@@ -124,6 +124,10 @@ enum VolumeCommand {
         /// Never start with replicas missing (wins over the config).
         #[arg(long)]
         no_degraded: bool,
+        /// Start even if the only replicas present are stale (failed out
+        /// earlier, by this node's record): the writes they missed are lost.
+        #[arg(long)]
+        force_stale: bool,
     },
     /// Stop serving a volume and close its replicas cleanly.
     Stop {
@@ -235,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             degraded,
             no_degraded,
+            force_stale,
         }) => {
             check_name("volume", &name)?;
             let degraded = if degraded {
@@ -244,7 +249,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 None
             };
-            cli::volume_start(&client(), &name, degraded, cli.json)
+            cli::volume_start(&client(), &name, degraded, force_stale, cli.json)
         }
         Command::Volume(VolumeCommand::Stop { name, force }) => {
             check_name("volume", &name)?;

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use ditto_control::model::{now_unix, PoolKind, RECORD_VERSION};
+use ditto_control::model::{now_unix, MembershipRecord, PoolKind, RECORD_VERSION};
 use ditto_control::placement::{self, PoolUsage};
 use ditto_control::{
     validate, ControlError, DaemonConfig, PoolRecord, ReplicaRecord, Store, VolumeRecord,
 };
 use ditto_engine::{
-    BackendError, Event, EventKind, FileReplica, IoEngine, IoFile, JobProgress, Member,
-    MissingReplica, ReaddPlan, ReplicaBackend, ReplicaState, ScrubReport, SharedSink, Volume,
-    VolumeOptions,
+    BackendError, BoxFuture, Event, EventKind, FileReplica, IoEngine, IoFile, JobProgress,
+    KnownMembership, Member, MembershipLog, MembershipLogRef, MissingReplica, ReaddPlan,
+    ReplicaBackend, ReplicaState, ScrubReport, SharedSink, Volume, VolumeOptions,
 };
 use ditto_format::{Layout, DEFAULT_REGION_SIZE};
 use uuid::Uuid;
@@ -38,7 +38,7 @@ pub enum VolumeRuntime {
 }
 
 pub struct Node {
-    store: Store,
+    store: Arc<Store>,
     engine: Arc<dyn IoEngine>,
     volumes: RwLock<BTreeMap<String, Arc<VolumeRuntime>>>,
     /// Serialises control operations.
@@ -80,7 +80,8 @@ impl Node {
         degraded_override: Option<bool>,
         events: SharedSink,
     ) -> Result<Arc<Self>, ControlError> {
-        let store = Store::open(&data_dir.join("state.redb"))?;
+        let store = Arc::new(Store::open(&data_dir.join("state.redb"))?);
+        let membership_log = MembershipLogRef(Arc::new(StoreMembershipLog(store.clone())));
         let (resync_min_rate, resync_max_rate) = config.resync_rates();
         let node = Arc::new(Node {
             store,
@@ -95,6 +96,7 @@ impl Node {
                 io_timeout: Duration::from_secs(config.io_timeout_secs),
                 resync_min_rate,
                 resync_max_rate,
+                membership_log: Some(membership_log),
                 ..VolumeOptions::default()
             },
             events,
@@ -104,14 +106,16 @@ impl Node {
         for record in node.store.volumes()? {
             let (members, missing) = node.open_members(&record).await;
             if missing.is_empty() {
-                node.assemble(&record, members).await;
+                node.assemble(&record, members, false).await;
             } else {
                 node.set_runtime(
                     &record.name,
                     Some(VolumeRuntime::Starting("waiting for replicas".into())),
                 );
                 let n = node.clone();
-                tokio::spawn(async move { n.start_with_policy(record.name, None, None).await });
+                tokio::spawn(
+                    async move { n.start_with_policy(record.name, None, None, false).await },
+                );
             }
         }
         node.clone().spawn_scrub_schedule();
@@ -243,25 +247,36 @@ impl Node {
     }
 
     /// Assemble the engine volume of a stored record from its members.
+    /// `accept_stale`: the operator accepts starting from replicas older
+    /// than the node's membership record (`--force-stale`, `resolve --keep`).
     async fn open_record(
         &self,
         record: &VolumeRecord,
         members: Vec<Member>,
+        accept_stale: bool,
     ) -> Result<Arc<Volume>, ditto_engine::EngineError> {
         Volume::open(
             &record.name,
             record.uuid,
             record.size,
             members,
-            self.volume_options.clone(),
+            VolumeOptions {
+                accept_stale,
+                ..self.volume_options.clone()
+            },
             self.events.clone(),
         )
         .await
     }
 
     /// Assemble a volume and publish it (or record why it is stopped).
-    async fn assemble(&self, record: &VolumeRecord, members: Vec<Member>) -> bool {
-        let opened = self.open_record(record, members).await;
+    async fn assemble(
+        &self,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+        accept_stale: bool,
+    ) -> bool {
+        let opened = self.open_record(record, members, accept_stale).await;
         match opened {
             Ok(v) => {
                 tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
@@ -290,6 +305,7 @@ impl Node {
         name: String,
         degraded: Option<bool>,
         wait: Option<u64>,
+        force_stale: bool,
     ) -> bool {
         let Ok(record) = self.record(&name) else {
             return false;
@@ -302,13 +318,13 @@ impl Node {
         loop {
             let (members, missing) = self.open_members(&record).await;
             if missing.is_empty() {
-                return self.assemble(&record, members).await;
+                return self.assemble(&record, members, force_stale).await;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 if allow {
                     tracing::warn!(volume = %name, missing = ?missing, "starting degraded by policy");
-                    return self.assemble(&record, members).await;
+                    return self.assemble(&record, members, force_stale).await;
                 }
                 let why = format!(
                     "replica(s) missing: {}. Not started degraded (policy: start_degraded = false). Bring the disk back and run `ditto volume start {name}`, or start without it: `ditto volume start {name} --degraded`",
@@ -349,12 +365,13 @@ impl Node {
         self: &Arc<Self>,
         name: &str,
         degraded: Option<bool>,
+        force_stale: bool,
     ) -> Result<VolumeInfo, ControlError> {
         let record = self.record(name)?;
         self.refuse_if_running(name, "it is already running")?;
         let _guard = self.ops.lock().await;
         self.clone()
-            .start_with_policy(name.to_string(), degraded, Some(0))
+            .start_with_policy(name.to_string(), degraded, Some(0), force_stale)
             .await;
         self.volume_info(&record)
     }
@@ -704,6 +721,7 @@ impl Node {
             let _ = v.close().await;
         }
         self.store.delete_volume(name)?;
+        let _ = self.store.delete_membership(record.uuid);
         for r in &record.replicas {
             self.discard_replica(r);
         }
@@ -892,8 +910,9 @@ impl Node {
                 Arc::new(placeholder) as Arc<dyn ReplicaBackend>,
             ));
         }
+        // The operator chose the side to keep: that is the override.
         let volume = self
-            .open_record(&record, members)
+            .open_record(&record, members, true)
             .await
             .map_err(engine_err)?;
         self.set_runtime(name, Some(VolumeRuntime::Running(volume.clone())));
@@ -1118,6 +1137,46 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// The node's store as the engine's membership log.
+struct StoreMembershipLog(Arc<Store>);
+
+impl MembershipLog for StoreMembershipLog {
+    fn last(&self, volume: Uuid) -> Option<KnownMembership> {
+        match self.0.membership(volume) {
+            Ok(r) => r.map(|r| KnownMembership {
+                generation: r.generation,
+                in_sync: r.in_sync,
+            }),
+            Err(e) => {
+                tracing::error!(%volume, error = %e, "cannot read the membership record");
+                None
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        volume: Uuid,
+        membership: KnownMembership,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let store = self.0.clone();
+        Box::pin(async move {
+            let record = MembershipRecord {
+                version: RECORD_VERSION,
+                volume,
+                generation: membership.generation,
+                in_sync: membership.in_sync,
+                updated_unix: now_unix(),
+            };
+            // redb commits with an fsync: keep it off the I/O threads.
+            tokio::task::spawn_blocking(move || store.set_membership(&record))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -1603,3 +1603,53 @@ fn catch_up_killed_midway_does_not_resurrect_discarded_data() {
     node.daemon.cli_ok(&["volume", "stop", "cd"]);
     assert_replicas_identical(&v);
 }
+
+/// Issue 9, sequence 7: b is failed out, writes go on to a; at the next
+/// start only b is present and the config allows degraded starts. b's own
+/// superblock never learnt it was failed, but the node's record did: b is
+/// refused, the reason names --force-stale, and forcing it starts from b.
+#[test]
+fn lone_stale_replica_is_refused_even_when_degraded_starts_are_allowed() {
+    let mut node = node_with(&["a", "b"]);
+    let v0 = create_on(&node, "ls", SIZE, &["a", "b"]);
+    let uri = node.uri("ls");
+    qemu_io_ok(&uri, &writes(&[(0, MIB, 0x21)]));
+    node.daemon.cli_ok(&["replica", "fail", "ls", "b"]);
+    qemu_io_ok(&uri, &writes(&[(0, MIB, 0x22)]));
+    node.daemon.stop();
+    take_away(&replica_in(&v0, "a").path);
+    let cfg = config(
+        &node,
+        "ditto.toml",
+        "start_degraded = true\ndegraded_wait_secs = 0\n",
+    );
+    restart(&mut node, &["--config", s(&cfg)]);
+    let v = wait_volume(
+        &node.daemon,
+        "ls",
+        "the start decision",
+        Duration::from_secs(30),
+        |v| v["state"] != "starting",
+    );
+    assert_eq!(
+        v["state"], "stopped",
+        "a lone stale replica must not be served: {v:#}"
+    );
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("stale") && reason.contains("--force-stale"),
+        "the refusal says why and how to override: {v:#}"
+    );
+    let out = qemu_io(&node.uri("ls"), &[format!("read 0 {MIB}")]);
+    assert!(
+        qemu_io_failed(&out),
+        "a refused volume is not served: {}",
+        out.describe()
+    );
+    // Plain `volume start` is refused the same way; --force-stale starts from b.
+    let out = node.daemon.cli(&["volume", "start", "ls"]).assert_failure();
+    assert!(out.stderr.contains("--force-stale"), "{}", out.describe());
+    node.daemon
+        .cli_json(&["volume", "start", "ls", "--force-stale"]);
+    qemu_io_ok(&node.uri("ls"), &reads(&[(0, MIB, 0x21)]));
+}
