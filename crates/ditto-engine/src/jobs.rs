@@ -157,8 +157,8 @@ impl Pacer {
         let elapsed = self.start.elapsed().as_secs_f64();
         if self.budget_secs > elapsed {
             // In slices, so a stop does not wait for a slow job's pause.
-            let until = Instant::now()
-                + Duration::from_secs_f64((self.budget_secs - elapsed).min(5.0));
+            let until =
+                Instant::now() + Duration::from_secs_f64((self.budget_secs - elapsed).min(5.0));
             while !v.is_closed() && Instant::now() < until {
                 tokio::time::sleep((until - Instant::now()).min(Duration::from_millis(50))).await;
             }
@@ -289,7 +289,10 @@ impl Volume {
         let _lock = self.lock_region(region).await;
         let (start, len) = (range.start, range.end - range.start);
         let runs = self
-            .timed(source, move |b| async move { b.allocation(start, len).await })
+            .timed(
+                source,
+                move |b| async move { b.allocation(start, len).await },
+            )
             .await
             .map_err(CopyError::Source)?;
         let mut copied = 0;
@@ -790,7 +793,10 @@ impl Volume {
             .collect();
         let (start, len) = (first * rs, self.size() - (first * rs).min(self.size()));
         let total = match self
-            .timed(&source, move |b| async move { b.allocation(start, len).await })
+            .timed(
+                &source,
+                move |b| async move { b.allocation(start, len).await },
+            )
             .await
         {
             Ok(runs) => runs.iter().filter(|r| r.allocated).map(|r| r.length).sum(),
@@ -818,7 +824,10 @@ impl Volume {
         sb.clean = false;
         sb.rebuild_cursor = Some(first * rs);
         let _ = self
-            .timed_write(&target, move |b| async move { b.write_superblock(sb).await })
+            .timed_write(
+                &target,
+                move |b| async move { b.write_superblock(sb).await },
+            )
             .await;
         let mut tracker = Tracker::new(&self, JobKind::Rebuild, Some(location), total);
         let result = self
@@ -954,9 +963,10 @@ impl Volume {
         {
             let _persist = self.dirty.persist.lock().await;
             let map = self.dirty.encoded();
-            self.timed_write(&target, move |b| async move {
-                b.write_dirty_map(0, map).await
-            })
+            self.timed_write(
+                &target,
+                move |b| async move { b.write_dirty_map(0, map).await },
+            )
             .await?;
             self.change_membership(|g| target.set_state(ReplicaState::InSync, g, None))
                 .await?;
@@ -1094,7 +1104,10 @@ impl Volume {
                             if i != src_idx && sums[i] != sums[src_idx] {
                                 let (start, good) = (range.start, good.clone());
                                 match self
-                                    .timed_write(m, move |b| async move { b.write(start, good).await })
+                                    .timed_write(
+                                        m,
+                                        move |b| async move { b.write(start, good).await },
+                                    )
                                     .await
                                 {
                                     Ok(()) => report.repaired += 1,
