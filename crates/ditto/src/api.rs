@@ -382,7 +382,9 @@ pub fn openapi_document() -> serde_json::Value {
                 "state": {"type": "string", "enum": ["healthy", "degraded", "failed", "stopped"]}, "reason": {"type": ["string", "null"]},
                 "generation": {"type": "integer"}, "export": {"type": "string"},
                 "replicas": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}},
-                "clients": {"type": "array", "items": {"$ref": "#/components/schemas/Client"}}}},
+                "clients": {"type": "array", "items": {"$ref": "#/components/schemas/Client"}},
+                "dirty_regions": {"type": "integer"}, "hot_set_regions": {"type": "integer"}, "region_size": {"type": "integer"},
+                "copied_bytes": {"type": "integer"}}},
             "Status": {"type": "object", "properties": {"node": {"type": "object"},
                 "volumes": {"type": "array", "items": {"$ref": "#/components/schemas/Volume"}},
                 "pools": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}}}}

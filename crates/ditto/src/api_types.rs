@@ -182,6 +182,14 @@ pub struct VolumeInfo {
     pub last_scrub: Option<ScrubInfo>,
     /// Regions that may differ between replicas (write-intent map).
     pub dirty_regions: u64,
+    /// Most regions kept dirty while every replica is in sync (the hot set):
+    /// what a crash resync copies at most. While a replica is out, every
+    /// region written since it left stays dirty for its catch-up.
+    #[serde(default)]
+    pub hot_set_regions: u64,
+    /// Region size of the dirty map, bytes.
+    #[serde(default)]
+    pub region_size: u64,
     /// Bytes copied by resync and rebuild since the volume started.
     pub copied_bytes: u64,
     /// Commands that would fix what is wrong, if anything.

@@ -343,7 +343,14 @@ pub fn render_status(s: &StatusInfo) -> String {
             ));
         }
         if v.dirty_regions > 0 {
-            out.push_str(&format!("  dirty regions: {}\n", v.dirty_regions));
+            let mib = |regions: u64| (regions * v.region_size) >> 20;
+            out.push_str(&format!(
+                "  dirty regions: {} ({} MiB; a crash resync copies at most the hot set of {} regions, {} MiB, while all replicas are in sync)\n",
+                v.dirty_regions,
+                mib(v.dirty_regions),
+                v.hot_set_regions,
+                mib(v.hot_set_regions)
+            ));
         }
         for a in &v.actions {
             out.push_str(&format!("  action: {a}\n"));

@@ -979,6 +979,8 @@ impl Node {
             job: None,
             last_scrub: None,
             dirty_regions: 0,
+            hot_set_regions: self.volume_options.hot_set_regions,
+            region_size: u64::from(record.region_size),
             copied_bytes: 0,
             actions: Vec::new(),
         };
@@ -1020,6 +1022,7 @@ impl Node {
                 info.job = v.job().map(job_info);
                 info.last_scrub = v.last_scrub().map(scrub_info);
                 info.dirty_regions = v.dirty_regions();
+                info.hot_set_regions = v.hot_set_limit();
                 info.copied_bytes = v.copied_bytes();
                 for m in &members {
                     let id = &m.id.simple().to_string()[..8];
