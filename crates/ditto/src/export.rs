@@ -11,6 +11,9 @@ pub struct VolumeExport(pub Arc<Volume>);
 fn map_err(e: EngineError) -> ExportError {
     match e {
         EngineError::OutOfRange { .. } => ExportError::Invalid(e.to_string()),
+        // The volume is being stopped: NBD_ESHUTDOWN tells the client to
+        // disconnect instead of retrying.
+        EngineError::Closed { .. } => ExportError::Shutdown,
         EngineError::Backend(BackendError::Io { ref source, .. })
             if source.raw_os_error() == Some(libc::ENOSPC) =>
         {
