@@ -48,9 +48,26 @@ pub struct DaemonConfig {
     pub resync_max_rate: String,
     /// Scrub every volume this often (hours); 0 disables the schedule.
     pub scrub_interval_hours: u64,
+    /// NBD connections open at once; more are refused (and logged).
+    pub nbd_max_connections: usize,
+    /// Seconds an NBD client may take to finish the handshake before it is closed.
+    pub nbd_handshake_timeout_secs: u64,
+    /// READ/WRITE payload bytes all NBD connections together may hold in
+    /// flight, e.g. "256M"; a connection waits for room before reading more.
+    pub nbd_in_flight_bytes: String,
     /// Per-volume overrides, `[volumes.NAME]`.
     pub volumes: std::collections::BTreeMap<String, VolumeConfig>,
 }
+
+/// Default `nbd_max_connections`.
+pub const DEFAULT_NBD_MAX_CONNECTIONS: usize = 512;
+/// Default `nbd_handshake_timeout_secs`.
+pub const DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+/// Default `nbd_in_flight_bytes`.
+pub const DEFAULT_NBD_IN_FLIGHT_BYTES: &str = "256M";
+/// `nbd_in_flight_bytes` must hold one request of the largest size the
+/// server accepts (32 MiB).
+pub const MIN_NBD_IN_FLIGHT_BYTES: u64 = 32 << 20;
 
 /// `[volumes.NAME]`: settings of one volume that override the global ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +99,9 @@ impl Default for DaemonConfig {
             resync_min_rate: "10M".into(),
             resync_max_rate: "1G".into(),
             scrub_interval_hours: 0,
+            nbd_max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
+            nbd_handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
+            nbd_in_flight_bytes: DEFAULT_NBD_IN_FLIGHT_BYTES.into(),
             volumes: Default::default(),
         }
     }
@@ -152,6 +172,39 @@ impl DaemonConfig {
                 ),
             });
         }
+        if self.nbd_max_connections == 0 || self.nbd_max_connections > 1_000_000 {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "nbd_max_connections = {} must be between 1 and 1000000",
+                    self.nbd_max_connections
+                ),
+            });
+        }
+        if self.nbd_handshake_timeout_secs == 0 || self.nbd_handshake_timeout_secs > 3600 {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "nbd_handshake_timeout_secs = {} must be between 1 and 3600",
+                    self.nbd_handshake_timeout_secs
+                ),
+            });
+        }
+        let budget = crate::validate::parse_size(&self.nbd_in_flight_bytes).map_err(|e| {
+            ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!("nbd_in_flight_bytes: {e}"),
+            }
+        })?;
+        if budget < MIN_NBD_IN_FLIGHT_BYTES {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "nbd_in_flight_bytes = {:?} is less than one request of the largest size (32M); give at least \"32M\"",
+                    self.nbd_in_flight_bytes
+                ),
+            });
+        }
         if let Some(p) = &self.event_program {
             if !p.is_absolute() {
                 return Err(ControlError::Config {
@@ -200,6 +253,13 @@ impl DaemonConfig {
             .get(name)
             .and_then(|v| v.scrub_interval_hours)
             .unwrap_or(self.scrub_interval_hours)
+    }
+
+    /// `nbd_in_flight_bytes` in bytes (validated at load).
+    pub fn nbd_in_flight_bytes(&self) -> u64 {
+        crate::validate::parse_size(&self.nbd_in_flight_bytes)
+            .unwrap_or(256 << 20)
+            .max(MIN_NBD_IN_FLIGHT_BYTES)
     }
 
     /// (min, max) resync rates in bytes per second (validated at load).
@@ -281,5 +341,33 @@ mod tests {
         assert!(DaemonConfig::parse("nbd_listen = \"nope\"", Path::new("x")).is_err());
         assert!(DaemonConfig::parse("io_timeout_secs = 0", Path::new("x")).is_err());
         assert!(DaemonConfig::parse("event_program = \"notify.sh\"", Path::new("x")).is_err());
+        for bad in [
+            "nbd_max_connections = 0",
+            "nbd_handshake_timeout_secs = 0",
+            "nbd_in_flight_bytes = \"lots\"",
+            "nbd_in_flight_bytes = \"1M\"",
+        ] {
+            let err = DaemonConfig::parse(bad, Path::new("x"))
+                .unwrap_err()
+                .to_string();
+            let field = bad.split(' ').next().unwrap();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn nbd_limits_parse_and_default() {
+        let d = DaemonConfig::default();
+        assert_eq!(d.nbd_max_connections, 512);
+        assert_eq!(d.nbd_handshake_timeout_secs, 10);
+        assert_eq!(d.nbd_in_flight_bytes(), 256 << 20);
+        let c = DaemonConfig::parse(
+            "nbd_max_connections = 4\nnbd_handshake_timeout_secs = 3\nnbd_in_flight_bytes = \"1G\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.nbd_max_connections, 4);
+        assert_eq!(c.nbd_handshake_timeout_secs, 3);
+        assert_eq!(c.nbd_in_flight_bytes(), 1 << 30);
     }
 }

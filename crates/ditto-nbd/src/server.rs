@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::handshake;
@@ -27,7 +27,26 @@ pub struct ServerConfig {
     pub min_block: u32,
     /// Requests one connection may have in flight at once.
     pub max_in_flight: usize,
+    /// Connections open at once (handshaking or transmitting); more are
+    /// closed as soon as they are accepted, with a log line.
+    pub max_connections: usize,
+    /// A connection that has not finished the handshake in this time is
+    /// closed, so idle or slow sockets cannot pile up descriptors.
+    pub handshake_timeout: Duration,
+    /// READ/WRITE payload bytes held by the requests of all connections
+    /// together, from the WRITE payload being read (or the READ starting) to
+    /// the reply being written. A connection waits for budget before it
+    /// reads the next payload: back-pressure, never unbounded memory. At
+    /// least `max_payload`.
+    pub max_in_flight_bytes_total: usize,
 }
+
+/// Default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default [`ServerConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ServerConfig::max_in_flight_bytes_total`]: 256 MiB.
+pub const DEFAULT_IN_FLIGHT_BYTES_TOTAL: usize = 256 * 1024 * 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -36,6 +55,9 @@ impl Default for ServerConfig {
             preferred_block: 4096,
             min_block: 1,
             max_in_flight: 64,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_in_flight_bytes_total: DEFAULT_IN_FLIGHT_BYTES_TOTAL,
         }
     }
 }
@@ -71,12 +93,24 @@ impl ServerConfig {
             .clamp(self.preferred_block, MAX_PAYLOAD_CAP);
         self.max_payload = max - max % self.min_block;
         self.max_in_flight = self.max_in_flight.clamp(1, 65536);
+        self.max_connections = self.max_connections.max(1);
+        if self.handshake_timeout.is_zero() {
+            self.handshake_timeout = d.handshake_timeout;
+        }
+        // Every single payload must fit, or its request would wait forever;
+        // the semaphore's own limit caps it from above.
+        self.max_in_flight_bytes_total = self
+            .max_in_flight_bytes_total
+            .clamp(self.max_payload as usize, Semaphore::MAX_PERMITS);
         self
     }
 
-    /// Payload bytes one connection may hold in flight.
+    /// Payload bytes one connection may hold in flight: a share of the
+    /// total, so one connection cannot take all of it.
     fn max_in_flight_bytes(&self) -> usize {
-        (self.max_payload as usize).max(128 * 1024 * 1024)
+        (self.max_payload as usize)
+            .max(128 * 1024 * 1024)
+            .min(self.max_in_flight_bytes_total)
     }
 }
 
@@ -111,6 +145,22 @@ pub struct Server {
     next_id: AtomicU64,
     conns: Mutex<Conns>,
     shutdown: watch::Sender<bool>,
+    /// Connections open now, reserved before their task starts.
+    open: AtomicUsize,
+    /// Connections refused for `max_connections`, and when that was last logged.
+    refused: AtomicU64,
+    refused_logged: Mutex<Option<std::time::Instant>>,
+    /// The payload byte budget shared by every connection.
+    budget: Arc<Semaphore>,
+}
+
+/// One of the `max_connections`, given back when the connection ends.
+struct ConnPermit<'a>(&'a AtomicUsize);
+
+impl Drop for ConnPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Removes a connection from the table however its task ends.
@@ -188,16 +238,68 @@ fn now_unix() -> u64 {
 impl Server {
     pub fn new(registry: Arc<dyn ExportRegistry>, config: ServerConfig) -> Arc<Server> {
         let (shutdown, _) = watch::channel(false);
+        let config = config.sanitized();
         Arc::new(Server {
             registry,
-            config: config.sanitized(),
+            budget: Arc::new(Semaphore::new(config.max_in_flight_bytes_total)),
+            config,
             next_id: AtomicU64::new(1),
             conns: Mutex::new(Conns {
                 shutting_down: false,
                 slots: HashMap::new(),
             }),
             shutdown,
+            open: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            refused_logged: Mutex::new(None),
         })
+    }
+
+    /// Connections open now (handshaking or transmitting).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Payload bytes held by requests in flight on all connections; never
+    /// more than [`ServerConfig::max_in_flight_bytes_total`].
+    pub fn in_flight_bytes(&self) -> usize {
+        self.config
+            .max_in_flight_bytes_total
+            .saturating_sub(self.budget.available_permits())
+    }
+
+    /// Connections refused so far because `max_connections` were open.
+    pub fn refused_connections(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Takes one of the `max_connections`, or says (in the log, at most
+    /// once a second) that the limit refused one.
+    fn reserve_connection(&self, peer: &str) -> Option<ConnPermit<'_>> {
+        let max = self.config.max_connections;
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_ok() {
+            return Some(ConnPermit(&self.open));
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self
+            .refused_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(
+                %peer,
+                refused_so_far = refused,
+                "NBD connection refused: {max} connections are open, the limit \
+                 (nbd_max_connections in the daemon config; raise it there, or close idle clients)"
+            );
+        }
+        None
     }
 
     /// The configuration in force (after bending invalid values into range).
@@ -277,6 +379,10 @@ impl Server {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        // Dropping the stream halves on return closes the socket at once.
+        let Some(_permit) = self.reserve_connection(&peer) else {
+            return;
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let connected_at_unix = now_unix();
         let (close_tx, mut close_rx) = watch::channel(false);
@@ -302,12 +408,26 @@ impl Server {
         tracing::debug!(parent: &span, "connected");
 
         let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+        let handshake = tokio::time::timeout(
+            self.config.handshake_timeout,
+            handshake::negotiate(&mut reader, &mut w, self.registry.as_ref(), &self.config),
+        );
         let negotiated = tokio::select! {
             _ = &mut close => {
                 tracing::debug!(parent: &span, "closed during handshake");
                 return;
             }
-            res = handshake::negotiate(&mut reader, &mut w, self.registry.as_ref(), &self.config) => res,
+            res = handshake => match res {
+                Ok(res) => res,
+                Err(_) => {
+                    tracing::info!(
+                        parent: &span,
+                        "handshake not finished within {:?}; closed (nbd_handshake_timeout_secs in the daemon config)",
+                        self.config.handshake_timeout
+                    );
+                    return;
+                }
+            },
         };
         let n = match negotiated {
             Ok(Some(n)) => n,
@@ -347,6 +467,7 @@ impl Server {
             min_block: self.config.min_block,
             max_in_flight: self.config.max_in_flight,
             max_in_flight_bytes: self.config.max_in_flight_bytes(),
+            budget: self.budget.clone(),
         };
         let end = transmission::run(session, &mut reader, w, &mut close).await;
         match end {

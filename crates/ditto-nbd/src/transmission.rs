@@ -43,8 +43,11 @@ pub struct Session {
     pub max_payload: u32,
     pub min_block: u32,
     pub max_in_flight: usize,
-    /// Bound on READ/WRITE payload bytes held by requests in flight.
+    /// Bound on READ/WRITE payload bytes held by this connection's requests in flight.
     pub max_in_flight_bytes: usize,
+    /// The same bytes counted against the budget all connections share
+    /// (permits of at least `max_payload`).
+    pub budget: Arc<Semaphore>,
 }
 
 /// Why the transmission phase ended.
@@ -81,7 +84,14 @@ struct Reply {
     body: Body,
     /// Released when the reply has been written (see module docs).
     _slot: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<BytePermits>,
+}
+
+/// Payload bytes of one request, held against the connection's bound and
+/// the server-wide budget until its reply is written.
+struct BytePermits {
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
 }
 
 /// Maps an export error to the wire error for command `kind` with `flags`.
@@ -368,13 +378,23 @@ where
             _ => 0,
         };
         let byte_permit = if payload_len > 0 {
-            // payload_len <= max_payload <= max_in_flight_bytes, so this
-            // always completes once earlier replies are written.
+            // payload_len <= max_payload <= both bounds, so this always
+            // completes once earlier replies (of this connection, or of
+            // others for the shared budget) are written. The connection's
+            // own share first: one connection never waits on the shared
+            // budget for more than it may hold.
             let n = u32::try_from(payload_len).unwrap_or(u32::MAX);
             let p = tokio::select! {
                 biased;
                 _ = &mut *close => break End::Closed,
-                p = bytes.clone().acquire_many_owned(n) => p,
+                p = async {
+                    let connection = bytes.clone().acquire_many_owned(n).await?;
+                    let server = session.budget.clone().acquire_many_owned(n).await?;
+                    Ok::<_, tokio::sync::AcquireError>(BytePermits {
+                        _connection: connection,
+                        _server: server,
+                    })
+                } => p,
             };
             match p {
                 Ok(p) => Some(p),

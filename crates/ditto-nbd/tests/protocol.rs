@@ -917,6 +917,9 @@ async fn config_is_sanitized() {
             preferred_block: 3000,
             min_block: 1024,
             max_in_flight: 0,
+            max_connections: 0,
+            handshake_timeout: Duration::ZERO,
+            max_in_flight_bytes_total: 0,
         },
     );
     let c = s.config();
@@ -924,6 +927,10 @@ async fn config_is_sanitized() {
     assert_eq!(c.preferred_block, 4096);
     assert_eq!(c.max_payload, 4096);
     assert_eq!(c.max_in_flight, 1);
+    assert_eq!(c.max_connections, 1);
+    assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+    // Room for at least one request of the largest size.
+    assert_eq!(c.max_in_flight_bytes_total, 4096);
     let s = Server::new(
         Arc::new(ditto_nbd::memory::MemRegistry::new()),
         ServerConfig {
@@ -931,6 +938,9 @@ async fn config_is_sanitized() {
             preferred_block: 1 << 31,
             min_block: 3,
             max_in_flight: usize::MAX,
+            max_connections: usize::MAX,
+            handshake_timeout: Duration::MAX,
+            max_in_flight_bytes_total: usize::MAX,
         },
     );
     let c = s.config();
@@ -938,6 +948,10 @@ async fn config_is_sanitized() {
     assert_eq!(c.preferred_block, 4096);
     assert_eq!(c.max_payload, 1 << 30);
     assert_eq!(c.max_in_flight, 65536);
+    assert_eq!(
+        c.max_in_flight_bytes_total,
+        tokio::sync::Semaphore::MAX_PERMITS
+    );
     assert_eq!(
         Server::new(
             Arc::new(ditto_nbd::memory::MemRegistry::new()),

@@ -175,7 +175,13 @@ pub async fn start(
 
     let server = ditto_nbd::Server::new(
         Arc::new(Registry(Arc::downgrade(&node))),
-        ditto_nbd::ServerConfig::default(),
+        ditto_nbd::ServerConfig {
+            max_connections: cfg.nbd_max_connections,
+            handshake_timeout: Duration::from_secs(cfg.nbd_handshake_timeout_secs),
+            max_in_flight_bytes_total: usize::try_from(cfg.nbd_in_flight_bytes())
+                .unwrap_or(usize::MAX),
+            ..ditto_nbd::ServerConfig::default()
+        },
     );
     node.set_nbd_server(server.clone());
     tokio::spawn({
