@@ -697,14 +697,26 @@ fn split_brain_is_refused_until_resolved() {
     qemu_io_ok(&node.uri("sb"), &writes(x));
     node.daemon.stop();
 
-    // Only b: write Y, over X's place and where a has nothing.
+    // Only b: write Y, over X's place and where a has nothing. b alone is
+    // stale by the node's record, so even a degraded start refuses it; the
+    // operator forces it, which is how a split brain is made.
     take_away(&ra.path);
     bring_back(&rb.path);
     restart(&mut node, &["--config", &cfg, "--degraded"]);
     let v = wait_volume(
         &node.daemon,
         "sb",
-        "a degraded start on b",
+        "the start decision on b",
+        Duration::from_secs(30),
+        |v| v["state"] != "starting",
+    );
+    assert_eq!(v["state"], "stopped", "b alone is stale: {v:#}");
+    node.daemon
+        .cli_json(&["volume", "start", "sb", "--degraded", "--force-stale"]);
+    let v = wait_volume(
+        &node.daemon,
+        "sb",
+        "a forced degraded start on b",
         Duration::from_secs(30),
         |v| v["state"] == "degraded",
     );
