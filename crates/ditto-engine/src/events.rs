@@ -72,6 +72,7 @@ impl EventKind {
                 | EventKind::StaleReplicaRefused
                 | EventKind::SplitBrain
                 | EventKind::ScrubMismatch
+                | EventKind::LastReplicaError
         )
     }
 }
