@@ -2,14 +2,13 @@
 //!
 //! The export is given by URI (`nbd://HOST[:PORT]/EXPORT`,
 //! `nbd+unix:///EXPORT?socket=PATH`) and served by anything that speaks NBD:
-//! qemu-nbd, nbdkit, nbd-server, another ditto. A request in flight when the
-//! connection drops fails (the volume then fails the replica out); the next
-//! operation reconnects once, so a disk that comes back can be re-added
-//! without restarting the daemon. See docs/nbd-client.md.
+//! qemu-nbd, nbdkit, nbd-server, another ditto. When the connection drops,
+//! the request in flight and every later one fail, so the volume fails the
+//! replica out; nothing reconnects behind its back. Re-adding the replica
+//! opens a new connection and checks its superblock. See docs/nbd-client.md.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use ditto_nbd::client::{Client, ClientError};
@@ -29,22 +28,17 @@ pub async fn open_nbd(uri: &str) -> io::Result<Arc<dyn IoFile>> {
     Ok(file)
 }
 
-/// One remote export, reconnecting on demand.
+/// One remote export over one connection. It never reconnects: once the
+/// connection is lost, every operation fails (see [`NbdFile::client`]).
 pub struct NbdFile {
     uri: String,
-    /// Export size when first opened; a reconnect must find the same.
+    /// Export size when opened.
     size: u64,
-    current: Mutex<Arc<Client>>,
-    /// Serialises reconnect attempts; holds the last failed attempt's error.
-    reconnect: tokio::sync::Mutex<Option<String>>,
-    /// Reconnect attempts started, so callers queued behind a failed
-    /// attempt share its result instead of each trying again.
-    attempts: AtomicU64,
-    reconnects: AtomicU64,
+    client: Client,
 }
 
 /// Connects and checks that the export can hold a replica.
-async fn connect_checked(uri: &str, expect_size: Option<u64>) -> io::Result<Client> {
+async fn connect_checked(uri: &str) -> io::Result<Client> {
     let client = Client::connect(uri).await?;
     let info = client.info();
     if info.read_only() {
@@ -61,28 +55,17 @@ async fn connect_checked(uri: &str, expect_size: Option<u64>) -> io::Result<Clie
             format!("NBD export {uri} does not support FLUSH, so writes to it could not be made durable; export it with flush support (qemu-nbd and nbdkit's file and memory plugins have it)"),
         ));
     }
-    if let Some(size) = expect_size {
-        if info.size != size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("NBD export {uri} came back with {} bytes instead of {size}; refusing it: is it still the same disk?", info.size),
-            ));
-        }
-    }
     Ok(client)
 }
 
 impl NbdFile {
     /// Connects to `uri`; refuses read-only exports and those without FLUSH.
     pub async fn open(uri: &str) -> io::Result<Arc<NbdFile>> {
-        let client = connect_checked(uri, None).await?;
+        let client = connect_checked(uri).await?;
         Ok(Arc::new(NbdFile {
             uri: uri.to_string(),
             size: client.size(),
-            current: Mutex::new(Arc::new(client)),
-            reconnect: tokio::sync::Mutex::new(None),
-            attempts: AtomicU64::new(0),
-            reconnects: AtomicU64::new(0),
+            client,
         }))
     }
 
@@ -90,68 +73,61 @@ impl NbdFile {
         &self.uri
     }
 
-    /// Successful reconnects since opening.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    /// True while the current connection is usable (no reconnect needed).
+    /// True while the connection is usable. Once false it stays false: a
+    /// lost connection is never resumed by this `NbdFile`.
     pub fn is_connected(&self) -> bool {
-        !self.current_client().is_closed()
+        !self.client.is_closed()
     }
 
-    fn current_client(&self) -> Arc<Client> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The connection, or an error once it was lost. Resuming silently on a
+    /// new connection would trust whatever answers there now: a server
+    /// restarted blank, or another disk of the same size, would be read as
+    /// this replica's data and written to as if it were in sync. So the
+    /// replica fails out, and `ditto replica readd` opens a new `NbdFile`,
+    /// whose superblock (identity, generation) is checked before it rejoins.
+    fn client(&self) -> io::Result<&Client> {
+        match self.client.closed_reason() {
+            None => Ok(&self.client),
+            Some(lost) => Err(self.lost(&lost)),
+        }
     }
 
-    /// The live connection, reconnecting once if the last one was lost.
-    async fn client(&self) -> io::Result<Arc<Client>> {
-        let c = self.current_client();
-        let Some(lost) = c.closed_reason() else {
-            return Ok(c);
-        };
-        let seen = self.attempts.load(Ordering::Acquire);
-        let mut last_error = self.reconnect.lock().await;
-        let c = self.current_client();
-        if !c.is_closed() {
-            return Ok(c);
-        }
-        if self.attempts.load(Ordering::Acquire) != seen {
-            if let Some(e) = last_error.as_ref() {
-                // Someone tried while we waited and failed: share that answer.
-                return Err(io::Error::new(io::ErrorKind::NotConnected, e.clone()));
-            }
-        }
-        self.attempts.fetch_add(1, Ordering::AcqRel);
-        match connect_checked(&self.uri, Some(self.size)).await {
-            Ok(new) => {
-                let new = Arc::new(new);
-                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
-                *last_error = None;
-                self.reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(uri = %self.uri, after = %lost, "reconnected to NBD export");
-                Ok(new)
-            }
-            Err(e) => {
-                let msg = format!(
-                    "connection to NBD export {} was lost ({lost}) and reconnecting failed: {e}",
-                    self.uri
-                );
-                *last_error = Some(msg.clone());
-                Err(io::Error::new(e.kind(), msg))
-            }
+    fn lost(&self, why: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            format!(
+                "connection to NBD export {} was lost ({why}); the replica is failed out; \
+                 `ditto replica readd VOLUME REPLICA` reconnects and verifies its superblock",
+                self.uri
+            ),
+        )
+    }
+
+    /// Runs `op` on the connection; an error caused by the connection going
+    /// away says so, with the way back.
+    async fn run<'a, T, F>(&'a self, op: impl FnOnce(&'a Client) -> F) -> io::Result<T>
+    where
+        F: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let c = self.client()?;
+        match op(c).await {
+            Ok(v) => Ok(v),
+            Err(e) => match c.closed_reason() {
+                Some(lost) => Err(self.lost(&lost)),
+                None => Err(e.into()),
+            },
         }
     }
 
     async fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> io::Result<()> {
-        let c = self.client().await?;
-        if c.info().can_write_zeroes() {
-            return Ok(c.write_zeroes(offset, len, keep_allocated).await?);
-        }
-        Ok(write_zero_buffers(&c, offset, len).await?)
+        self.run(|c| async move {
+            if c.info().can_write_zeroes() {
+                c.write_zeroes(offset, len, keep_allocated).await
+            } else {
+                write_zero_buffers(c, offset, len).await
+            }
+        })
+        .await
     }
 }
 
@@ -176,15 +152,15 @@ async fn write_zero_buffers(c: &Client, offset: u64, len: u64) -> Result<(), Cli
 
 impl IoFile for NbdFile {
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {
-        Box::pin(async move { Ok(self.client().await?.read(offset, len).await?) })
+        Box::pin(self.run(move |c| c.read(offset, len)))
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
-        Box::pin(async move { Ok(self.client().await?.write(offset, data, false).await?) })
+        Box::pin(self.run(move |c| c.write(offset, data, false)))
     }
 
     fn sync_data(&self) -> BoxFuture<'_, io::Result<()>> {
-        Box::pin(async move { Ok(self.client().await?.flush().await?) })
+        Box::pin(self.run(|c| c.flush()))
     }
 
     /// WRITE_ZEROES without NO_HOLE: the server may deallocate, and the range
