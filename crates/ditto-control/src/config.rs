@@ -48,6 +48,12 @@ pub struct DaemonConfig {
     pub resync_max_rate: String,
     /// Scrub every volume this often (hours); 0 disables the schedule.
     pub scrub_interval_hours: u64,
+    /// Most dirty-map regions kept dirty while every replica is in sync
+    /// (the hot set): bounds what a crash resync copies.
+    pub dirty_hot_set_regions: u64,
+    /// A region's dirty bit is cleared once the region had no write for
+    /// this long (milliseconds).
+    pub dirty_clear_delay_ms: u64,
     /// NBD connections open at once; more are refused (and logged).
     pub nbd_max_connections: usize,
     /// Seconds an NBD client may take to finish the handshake before it is closed.
@@ -99,6 +105,8 @@ impl Default for DaemonConfig {
             resync_min_rate: "10M".into(),
             resync_max_rate: "1G".into(),
             scrub_interval_hours: 0,
+            dirty_hot_set_regions: 4096,
+            dirty_clear_delay_ms: 5000,
             nbd_max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
             nbd_handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
             nbd_in_flight_bytes: DEFAULT_NBD_IN_FLIGHT_BYTES.into(),
@@ -127,6 +135,21 @@ impl DaemonConfig {
     }
 
     fn check(&self, path: &Path) -> Result<(), ControlError> {
+        if self.dirty_hot_set_regions == 0 {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: "dirty_hot_set_regions = 0 would flush and clear on every write; use at least 1 (default 4096)".into(),
+            });
+        }
+        if self.dirty_clear_delay_ms > 3_600_000 {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "dirty_clear_delay_ms = {} must be at most 3600000 (an hour)",
+                    self.dirty_clear_delay_ms
+                ),
+            });
+        }
         if self.io_timeout_secs == 0 || self.io_timeout_secs > 3600 {
             return Err(ControlError::Config {
                 path: path.to_path_buf(),
@@ -340,6 +363,17 @@ mod tests {
     fn bad_values_are_refused() {
         assert!(DaemonConfig::parse("nbd_listen = \"nope\"", Path::new("x")).is_err());
         assert!(DaemonConfig::parse("io_timeout_secs = 0", Path::new("x")).is_err());
+        let e = DaemonConfig::parse("dirty_hot_set_regions = 0", Path::new("x"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("dirty_hot_set_regions"), "{e}");
+        let c = DaemonConfig::parse(
+            "dirty_hot_set_regions = 64\ndirty_clear_delay_ms = 250",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!((c.dirty_hot_set_regions, c.dirty_clear_delay_ms), (64, 250));
         assert!(DaemonConfig::parse("event_program = \"notify.sh\"", Path::new("x")).is_err());
         for bad in [
             "nbd_max_connections = 0",

@@ -247,7 +247,7 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.pools().unwrap(), vec![pool]);
-        assert_eq!(s.volumes().unwrap(), vec![vol]);
+        assert_eq!(s.volumes().unwrap(), vec![vol.clone()]);
         assert!(s.delete_volume("v").unwrap());
         assert!(!s.delete_volume("v").unwrap());
         assert!(s.volumes().unwrap().is_empty());

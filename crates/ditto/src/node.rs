@@ -96,6 +96,8 @@ impl Node {
                 io_timeout: Duration::from_secs(config.io_timeout_secs),
                 resync_min_rate,
                 resync_max_rate,
+                hot_set_regions: config.dirty_hot_set_regions,
+                dirty_clear_delay: Duration::from_millis(config.dirty_clear_delay_ms),
                 membership_log: Some(membership_log),
                 ..VolumeOptions::default()
             },
