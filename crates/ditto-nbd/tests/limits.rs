@@ -190,7 +190,7 @@ async fn ten_connections_that_never_read_replies_stay_within_the_byte_budget() {
     let growth = peak_rss.saturating_sub(rss_before);
     eprintln!(
         "memory growth with {CONNECTIONS} connections pushing {} MiB: {} MiB (budget {} MiB, {} MiB in flight)",
-        CONNECTIONS * WRITES_EACH * WRITE_LEN >> 20,
+        (CONNECTIONS * WRITES_EACH * WRITE_LEN) >> 20,
         growth >> 20,
         BUDGET >> 20,
         server.in_flight_bytes() >> 20
