@@ -7,7 +7,10 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the real one in the daemon, the simulated one under ditto-sim.
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use uuid::Uuid;

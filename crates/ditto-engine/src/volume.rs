@@ -11,7 +11,10 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the real one in the daemon, the simulated one under ditto-sim.
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use ditto_format::{Layout, MemberState, ReplicaSetEntry, Superblock};
