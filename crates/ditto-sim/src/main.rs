@@ -1,0 +1,338 @@
+//! `ditto-sim`: run simulator campaigns, replay and shrink failing seeds.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ditto_sim::trace::{format_trace, parse_trace};
+use ditto_sim::world::Checks;
+use ditto_sim::{generate, replay, shrink, Check, Outcome, SimConfig, Stats};
+
+#[derive(Parser)]
+#[command(about = "Deterministic fault simulator for the ditto volume engine")]
+struct Args {
+    /// Number of seeds to run.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// First seed of the campaign.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Client requests per seed.
+    #[arg(long, default_value_t = 2000)]
+    ops: u64,
+    /// Run this one seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// With --seed: print the full trace of events and outcomes.
+    #[arg(long)]
+    replay: bool,
+    /// Replay a trace file (as written for a failing seed).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// The seed a --trace file belongs to.
+    #[arg(long, default_value_t = 0)]
+    trace_seed: u64,
+    /// Shrink failing seeds to a shorter trace.
+    #[arg(long)]
+    shrink: bool,
+    /// Wall-clock budget for shrinking one seed, seconds.
+    #[arg(long, default_value_t = 120)]
+    shrink_secs: u64,
+    /// Checks to turn off (comma-separated: lost-write, bad-read, garbage,
+    /// diverged, stale-in-sync, needless-eio, last-leg, liveness, panic).
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// Let starts pick throttled resync rates (not exactly replayable until
+    /// the engine paces by tokio time).
+    #[arg(long)]
+    throttle: bool,
+    /// Play a node with its own membership record, refusing to start a lone
+    /// stale replica (the node-level half of issue 9 item 7).
+    #[arg(long)]
+    node_record: bool,
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Stop the campaign at the first failing seed.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Where failing seeds' traces and logs are written.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    out: PathBuf,
+}
+
+fn config(args: &Args) -> Result<SimConfig, String> {
+    let mut checks = Checks::default();
+    for name in &args.skip {
+        let c = Check::from_name(name).ok_or_else(|| format!("unknown check {name:?}"))?;
+        checks = checks.without(c);
+    }
+    Ok(SimConfig {
+        checks,
+        throttle: args.throttle,
+        node_record: args.node_record,
+        ..SimConfig::default()
+    })
+}
+
+fn command_for(args: &Args, seed: u64) -> String {
+    let mut cmd = format!("scripts/sim --seed {seed} --ops {} --replay", args.ops);
+    if args.throttle {
+        cmd.push_str(" --throttle");
+    }
+    if args.node_record {
+        cmd.push_str(" --node-record");
+    }
+    if !args.skip.is_empty() {
+        cmd.push_str(&format!(" --skip {}", args.skip.join(",")));
+    }
+    cmd
+}
+
+fn print_log(log: &[String], tail: usize) {
+    let from = log.len().saturating_sub(tail);
+    if from > 0 {
+        println!("   ... {from} earlier lines ...");
+    }
+    for line in &log[from..] {
+        println!("{line}");
+    }
+}
+
+fn report_failure(args: &Args, cfg: &SimConfig, o: &Outcome) {
+    let Some(v) = &o.violation else { return };
+    println!("\nFAILED seed {}: {v}", o.seed);
+    println!("replay: {}", command_for(args, o.seed));
+    let verbose = SimConfig {
+        verbose: true,
+        ..cfg.clone()
+    };
+    let mut trace = o.trace.clone();
+    if args.shrink {
+        let budget = Duration::from_secs(args.shrink_secs);
+        let t = Instant::now();
+        trace = shrink(o.seed, o.replicas, &trace, cfg, v.check, budget);
+        println!(
+            "shrunk {} events to {} in {:.1}s",
+            o.trace.len(),
+            trace.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let again = replay(o.seed, o.replicas, &trace, verbose, true);
+    let name = format!("ditto-sim-seed-{}", o.seed);
+    let trace_path = args.out.join(format!("{name}.trace"));
+    let log_path = args.out.join(format!("{name}.log"));
+    let text = format!(
+        "# seed {} ({})\nreplicas {}\n{}",
+        o.seed,
+        v,
+        o.replicas,
+        format_trace(&trace)
+    );
+    if let Err(e) = std::fs::write(&trace_path, text) {
+        println!("(could not write {}: {e})", trace_path.display());
+    }
+    if let Err(e) = std::fs::write(&log_path, again.log.join("\n")) {
+        println!("(could not write {}: {e})", log_path.display());
+    }
+    println!(
+        "trace of events (last lines; full log in {}):",
+        log_path.display()
+    );
+    print_log(&again.log, if args.shrink { 400 } else { 80 });
+    match &again.violation {
+        Some(v2) => println!("replayed: {v2}"),
+        None => println!(
+            "replayed trace did not fail (it is the {} one)",
+            if args.shrink { "shrunk" } else { "recorded" }
+        ),
+    }
+    println!(
+        "replay the trace: cargo run --release -p ditto-sim -- --trace {} --trace-seed {}",
+        trace_path.display(),
+        o.seed
+    );
+}
+
+fn run() -> Result<bool, String> {
+    let args = Args::parse();
+    let cfg = config(&args)?;
+    if let Some(path) = &args.trace {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (replicas, steps) = parse_trace(&text)?;
+        let verbose = SimConfig {
+            verbose: true,
+            ..cfg
+        };
+        let o = replay(args.trace_seed, replicas, &steps, verbose, true);
+        print_log(&o.log, usize::MAX);
+        return Ok(match o.violation {
+            Some(v) => {
+                println!("FAILED: {v}");
+                false
+            }
+            None => {
+                println!(
+                    "passed: {} events, {} requests",
+                    o.stats.events, o.stats.ops
+                );
+                true
+            }
+        });
+    }
+    if let Some(seed) = args.seed {
+        let run_cfg = SimConfig {
+            verbose: args.replay,
+            ..cfg.clone()
+        };
+        let t = Instant::now();
+        let o = generate_with(seed, &args, run_cfg);
+        if args.replay {
+            print_log(&o.log, usize::MAX);
+        }
+        println!(
+            "seed {seed}: {} requests, {} events, {:.1}s simulated, {:.2}s wall, trace hash {:016x}",
+            o.stats.ops,
+            o.stats.events,
+            o.stats.sim_nanos as f64 / 1e9,
+            t.elapsed().as_secs_f64(),
+            o.hash
+        );
+        if o.violation.is_some() {
+            if args.replay {
+                println!(
+                    "FAILED: {}",
+                    o.violation
+                        .as_ref()
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                );
+            } else {
+                report_failure(&args, &cfg, &o);
+            }
+            return Ok(false);
+        }
+        println!("passed");
+        return Ok(true);
+    }
+    campaign(&args, &cfg)
+}
+
+fn generate_with(seed: u64, args: &Args, cfg: SimConfig) -> Outcome {
+    generate(seed, args.ops, cfg)
+}
+
+fn campaign(args: &Args, cfg: &SimConfig) -> Result<bool, String> {
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let next = Arc::new(AtomicU64::new(args.start));
+    let end = args.start + args.seeds;
+    let totals = Arc::new(Mutex::new((Stats::default(), Vec::<Outcome>::new(), 0u64)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let (next, totals, stop) = (next.clone(), totals.clone(), stop.clone());
+            scope.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    return;
+                }
+                let o = generate_with(seed, args, cfg.clone());
+                let mut g = match totals.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                g.0.add(&o.stats);
+                g.2 += 1;
+                if let Some(v) = &o.violation {
+                    println!("seed {seed}: {v}");
+                    if args.fail_fast {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    g.1.push(o);
+                }
+                if g.2 % 100 == 0 {
+                    let secs = t.elapsed().as_secs_f64();
+                    println!(
+                        "{} seeds, {} requests, {:.0} requests/s, {} failing",
+                        g.2,
+                        g.0.ops,
+                        g.0.ops as f64 / secs,
+                        g.1.len()
+                    );
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let (stats, mut failures, seeds) = match Arc::try_unwrap(totals) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
+        Err(_) => return Err("campaign threads still hold the totals".into()),
+    };
+    failures.sort_by_key(|o| o.seed);
+    println!(
+        "\ncampaign: seeds {}..{} ({seeds} run), {} client requests + {} events, {:.1}s wall, {:.0} requests/s ({:.0} incl. events), {:.0}s simulated",
+        args.start,
+        args.start + seeds,
+        stats.ops,
+        stats.events,
+        secs,
+        stats.ops as f64 / secs,
+        (stats.ops + stats.events) as f64 / secs,
+        stats.sim_nanos as f64 / 1e9
+    );
+    println!(
+        "  reads {}, writes {}, flushes {}, I/O errors {}, crashes {}, starts {} ({} refused), settles {}, replica checks {}, late landings {}",
+        stats.reads,
+        stats.writes,
+        stats.flushes,
+        stats.io_errors,
+        stats.crashes,
+        stats.starts,
+        stats.start_refusals,
+        stats.settles,
+        stats.replica_checks,
+        stats.late_landed
+    );
+    println!("  violations: {}", failures.len());
+    let mut by_check: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    for o in &failures {
+        if let Some(v) = &o.violation {
+            by_check.entry(v.check.name()).or_default().push(o.seed);
+        }
+    }
+    for (check, seeds) in &by_check {
+        let shown: Vec<String> = seeds.iter().take(12).map(|s| s.to_string()).collect();
+        println!(
+            "    {check}: {} seeds ({}{})",
+            seeds.len(),
+            shown.join(", "),
+            if seeds.len() > 12 { ", ..." } else { "" }
+        );
+    }
+    if let Some(first) = failures.first() {
+        report_failure(args, cfg, first);
+    }
+    Ok(failures.is_empty())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
