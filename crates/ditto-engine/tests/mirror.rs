@@ -1,178 +1,27 @@
 //! Mirror behaviour over real replica files, with injected backend faults.
 
+mod common;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::{data_area, Faulty, Fixture, SIZE};
 use ditto_engine::{
-    Allocation, BackendError, BoxFuture, EngineError, FileReplica, LogSink, Member, ReplicaBackend,
-    ReplicaState, ThreadPoolEngine, Volume, VolumeOptions,
+    EngineError, FileReplica, LogSink, Member, ReplicaBackend, ReplicaState, ThreadPoolEngine,
+    Volume, VolumeOptions,
 };
 use ditto_format::{Layout, Superblock, DEFAULT_REGION_SIZE};
 use uuid::Uuid;
 
-const SIZE: u64 = 16 << 20;
-
-/// Delegates to a real replica, failing every data operation while `broken`
-/// is set, and reads (data and allocation) while `reads_broken` is.
-struct Faulty {
-    inner: Arc<FileReplica>,
-    broken: AtomicBool,
-    reads_broken: AtomicBool,
-}
-
-impl Faulty {
-    fn check_read(&self) -> Result<(), BackendError> {
-        if self.reads_broken.load(Ordering::SeqCst) {
-            return Err(BackendError::Io {
-                op: "injected read",
-                location: self.inner.location().to_string(),
-                source: std::io::Error::other("injected read fault"),
-            });
-        }
-        self.check()
-    }
-
-    fn check(&self) -> Result<(), BackendError> {
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(BackendError::Io {
-                op: "injected",
-                location: self.inner.location().to_string(),
-                source: std::io::Error::other("injected fault"),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl ReplicaBackend for Faulty {
-    fn location(&self) -> &str {
-        self.inner.location()
-    }
-    fn superblock(&self) -> Superblock {
-        self.inner.superblock()
-    }
-    fn write_superblock(&self, sb: Superblock) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.write_superblock(sb).await
-        })
-    }
-    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>> {
-        Box::pin(async move {
-            self.check_read()?;
-            self.inner.read(offset, len).await
-        })
-    }
-    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.write(offset, data).await
-        })
-    }
-    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.flush().await
-        })
-    }
-    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.discard(offset, len).await
-        })
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.write_zeroes(offset, len).await
-        })
-    }
-    fn allocation(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>> {
-        Box::pin(async move {
-            self.check_read()?;
-            self.inner.allocation(offset, len).await
-        })
-    }
-    fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.read_dirty_map().await
-        })
-    }
-    fn write_dirty_map(
-        &self,
-        first: u64,
-        blocks: Bytes,
-    ) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.write_dirty_map(first, blocks).await
-        })
-    }
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    vol_id: Uuid,
-    ids: Vec<Uuid>,
-    paths: Vec<std::path::PathBuf>,
-}
-
 async fn create(n: usize) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let vol_id = Uuid::new_v4();
-    let layout = Layout::new(SIZE, DEFAULT_REGION_SIZE).unwrap();
-    let mut ids = Vec::new();
-    let mut paths = Vec::new();
-    for i in 0..n {
-        let id = Uuid::new_v4();
-        let path = dir.path().join(format!("r{i}"));
-        FileReplica::create(&ThreadPoolEngine, &path, vol_id, id, layout)
-            .await
-            .unwrap();
-        ids.push(id);
-        paths.push(path);
-    }
-    Fixture {
-        _dir: dir,
-        vol_id,
-        ids,
-        paths,
-    }
+    Fixture::new(n).await
 }
 
 async fn open_faulty(f: &Fixture) -> (Arc<Volume>, Vec<Arc<Faulty>>) {
-    let mut members = Vec::new();
-    let mut faults = Vec::new();
-    for (id, path) in f.ids.iter().zip(&f.paths) {
-        let inner = FileReplica::open(&ThreadPoolEngine, path, f.vol_id)
-            .await
-            .unwrap();
-        let faulty = Arc::new(Faulty {
-            inner,
-            broken: AtomicBool::new(false),
-            reads_broken: AtomicBool::new(false),
-        });
-        faults.push(faulty.clone());
-        members.push(Member::new(*id, "pool", faulty as Arc<dyn ReplicaBackend>));
-    }
-    let v = Volume::open(
-        "v",
-        f.vol_id,
-        SIZE,
-        members,
-        VolumeOptions::default(),
-        Arc::new(LogSink),
-    )
-    .await
-    .unwrap();
-    (v, faults)
+    let (v, faults) = f.open(VolumeOptions::default()).await;
+    (v.unwrap(), faults)
 }
 
 async fn open_plain(f: &Fixture) -> Result<Arc<Volume>, EngineError> {
@@ -189,20 +38,7 @@ fn fast_options() -> VolumeOptions {
 }
 
 async fn open_with(f: &Fixture, options: VolumeOptions) -> Result<Arc<Volume>, EngineError> {
-    let mut members = Vec::new();
-    for (id, path) in f.ids.iter().zip(&f.paths) {
-        let inner = FileReplica::open(&ThreadPoolEngine, path, f.vol_id)
-            .await
-            .unwrap();
-        members.push(Member::new(*id, "pool", inner as Arc<dyn ReplicaBackend>));
-    }
-    Volume::open("v", f.vol_id, SIZE, members, options, Arc::new(LogSink)).await
-}
-
-fn data_area(path: &Path) -> Vec<u8> {
-    let all = std::fs::read(path).unwrap();
-    let sb = Superblock::decode_slots(&all).unwrap();
-    all[sb.layout.data_offset as usize..].to_vec()
+    f.open(options).await.0
 }
 
 #[tokio::test]
