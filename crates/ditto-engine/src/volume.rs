@@ -1580,7 +1580,19 @@ impl Volume {
             self.flush_all().await?;
         }
         let _guard = self.membership.lock().await;
-        self.persist_membership(!self.resync_pending()).await
+        let recorded = self.persist_membership(!self.resync_pending()).await;
+        // Operations given up at a timeout may still land; give them the
+        // same time again, so a new instance on these files starts after
+        // them (the node refuses to start one while any is pending).
+        for m in self.member_list().iter() {
+            m.drain(self.options.io_timeout).await;
+        }
+        recorded
+    }
+
+    /// Operations given up at a timeout, on any member, not yet completed.
+    pub fn abandoned_ops(&self) -> usize {
+        self.member_list().iter().map(|m| m.abandoned_ops()).sum()
     }
 
     pub fn is_closed(&self) -> bool {

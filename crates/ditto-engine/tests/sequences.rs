@@ -528,3 +528,45 @@ async fn seq07_lone_stale_replica_is_refused() {
         Ok(_) => panic!("the two sides were merged silently"),
     }
 }
+
+/// 6b. A write given up at the timeout still lands when the disk wakes:
+/// `close` waits for it (for another `io_timeout`), so nothing lands on the
+/// files after it returns, and says when some is still pending.
+#[tokio::test]
+async fn seq06_close_waits_for_abandoned_writes() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f
+        .open(VolumeOptions {
+            io_timeout: Duration::from_millis(300),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    faults[1].write_delay_ms.store(500, Ordering::SeqCst);
+    v.write(0, block(7), false).await.unwrap();
+    assert_eq!(states(&v)[1], ReplicaState::Failed);
+    v.close().await.unwrap();
+    let at_close = f.data_area(1)[..4096].to_vec();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        f.data_area(1)[..4096] == at_close[..],
+        "a write landed on a replica after close returned"
+    );
+    assert_eq!(v.abandoned_ops(), 0);
+
+    // The last replica hangs longer: its write fails (the replica is kept),
+    // close returns without waiting forever, and says what is pending.
+    let (v, faults) = f
+        .open(VolumeOptions {
+            io_timeout: Duration::from_millis(200),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    faults[0].write_delay_ms.store(1500, Ordering::SeqCst);
+    assert!(v.write(8192, block(8), false).await.is_err());
+    let _ = v.close().await;
+    assert_eq!(v.abandoned_ops(), 1, "the hung write is still pending");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(v.abandoned_ops(), 0);
+}

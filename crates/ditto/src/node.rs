@@ -52,6 +52,9 @@ pub struct Node {
     config: DaemonConfig,
     /// `ditto daemon --degraded/--no-degraded`: wins over the config for this start.
     degraded_override: Option<bool>,
+    /// Stopped volumes whose disks still hold operations given up at a
+    /// timeout: a new instance must not write these files before they land.
+    draining: std::sync::Mutex<BTreeMap<String, Arc<Volume>>>,
 }
 
 fn layout_of(v: &VolumeRecord) -> Result<Layout, ControlError> {
@@ -104,6 +107,7 @@ impl Node {
             events,
             config,
             degraded_override,
+            draining: std::sync::Mutex::new(BTreeMap::new()),
         });
         for record in node.store.volumes()? {
             let (members, missing) = node.open_members(&record).await;
@@ -312,6 +316,14 @@ impl Node {
         let Ok(record) = self.record(&name) else {
             return false;
         };
+        if let Some(pending) = self.still_draining(&name) {
+            let why = format!(
+                "the previous instance of {name} still has {pending} disk operation(s) given up at a timeout in flight; starting now could let them land over new writes. Wait until the hung disk answers (or fails) and run `ditto volume start {name}` again"
+            );
+            self.emit(EventKind::StartRefused, &name, why.clone());
+            self.set_runtime(&name, Some(VolumeRuntime::Stopped(why)));
+            return false;
+        }
         let wait_secs = wait.unwrap_or_else(|| self.config.degraded_wait_for(&name));
         let allow = degraded
             .or(self.degraded_override)
@@ -351,6 +363,17 @@ impl Node {
             );
             tokio::time::sleep(Duration::from_millis(500).min(left)).await;
         }
+    }
+
+    /// Operations still pending on the stopped instance of `name`, if any.
+    fn still_draining(&self, name: &str) -> Option<usize> {
+        let mut d = self.draining.lock().ok()?;
+        let pending = d.get(name).map_or(0, |v| v.abandoned_ops());
+        if pending == 0 {
+            d.remove(name);
+            return None;
+        }
+        Some(pending)
     }
 
     fn refuse_if_running(&self, name: &str, why: &str) -> Result<(), ControlError> {
@@ -398,7 +421,13 @@ impl Node {
         if let Some(server) = self.nbd.get() {
             server.disconnect_export(name);
         }
-        v.close().await.map_err(engine_err)?;
+        let closed = v.close().await;
+        if v.abandoned_ops() > 0 {
+            if let Ok(mut d) = self.draining.lock() {
+                d.insert(name.to_string(), v.clone());
+            }
+        }
+        closed.map_err(engine_err)?;
         self.emit(
             EventKind::VolumeStopped,
             name,

@@ -971,3 +971,58 @@ fn hanging_reads_fail_the_replica_out() {
     );
     eprintln!("hanging_reads_fail_the_replica_out: {:?}", t0.elapsed());
 }
+
+/// Issue 9, sequence 6: a write given up at the timeout may still land
+/// when the hung disk wakes. A stopped volume whose old instance still
+/// holds such an operation is not started again on the same files until
+/// it completed; then it starts.
+#[test]
+fn restart_waits_for_operations_abandoned_on_a_hung_disk() {
+    let _serial = serial();
+    let mut setup = Setup::new(
+        2,
+        |dir| sparse_image(&dir.join("r.img"), EXPORT_SIZE),
+        |dir| {
+            vec![
+                "file".into(),
+                format!("file={}", dir.join("r.img").display()),
+            ]
+        },
+    );
+    qemu_io_ok(&setup.uri(), &["write -P 0x11 0 1M".into()]);
+    setup.wait_clean();
+    setup.kit.hang();
+    let (out, _) = timed_qemu_io(&setup.uri(), &["write -P 0x22 2M 1M".into()]);
+    assert!(!qemu_io_failed(&out), "{}", out.describe());
+    assert_eq!(replica_on(&setup.volume(), "r")["state"], "failed");
+
+    setup.daemon.cli_ok(&["volume", "stop", "v", "--force"]);
+    let out = setup
+        .daemon
+        .cli(&["volume", "start", "v", "--degraded"])
+        .assert_failure();
+    assert!(
+        out.stderr.contains("given up at a timeout"),
+        "the refusal says why: {}",
+        out.describe()
+    );
+    assert_eq!(setup.volume()["state"], "stopped");
+
+    // The hung server dies: its operations end (with an error), the old
+    // instance has nothing left in flight, and the volume starts on a.
+    setup.kit.kill();
+    let mut started = None;
+    for _ in 0..50 {
+        let out = setup.daemon.cli(&["volume", "start", "v", "--degraded"]);
+        if out.success() {
+            started = Some(out);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(started.is_some(), "the volume never started again");
+    qemu_io_ok(
+        &setup.uri(),
+        &["read -P 0x22 2M 1M".into(), "read -P 0x11 0 1M".into()],
+    );
+}
