@@ -105,12 +105,13 @@ impl ServerConfig {
         self
     }
 
-    /// Payload bytes one connection may hold in flight: a share of the
-    /// total, so one connection cannot take all of it.
+    /// Payload bytes one connection may hold in flight: a quarter of the
+    /// total (at most 128 MiB, at least one request of the largest size), so
+    /// a few clients that never read their replies cannot pin all of it.
     fn max_in_flight_bytes(&self) -> usize {
-        (self.max_payload as usize)
-            .max(128 * 1024 * 1024)
-            .min(self.max_in_flight_bytes_total)
+        (self.max_in_flight_bytes_total / 4)
+            .min(128 * 1024 * 1024)
+            .max(self.max_payload as usize)
     }
 }
 
