@@ -106,6 +106,8 @@ struct Late {
     due: Duration,
     incarnation: u64,
     effect: Effect,
+    /// For the trace log.
+    what: Option<String>,
 }
 
 struct DiskState {
@@ -125,6 +127,10 @@ struct DiskState {
     punch_supported: bool,
     latency_us: (u64, u64),
     stats: DiskStats,
+    name: String,
+    /// Where operations are logged (verbose runs), and where the data area starts.
+    log: Option<Arc<Mutex<Vec<String>>>>,
+    data_offset: u64,
 }
 
 /// An in-memory disk shared (through an `Arc`) by the simulated host and the
@@ -152,6 +158,16 @@ struct Plan {
 }
 
 impl DiskState {
+    fn trace(&self, line: String) {
+        if let Some(log) = &self.log {
+            let t = sim_now().as_secs_f64();
+            match log.lock() {
+                Ok(mut g) => g.push(format!("{t:10.4}     disk: {line}")),
+                Err(p) => p.into_inner().push(line),
+            }
+        }
+    }
+
     fn sectors(&self) -> u64 {
         self.len.div_ceil(SECTOR)
     }
@@ -281,13 +297,17 @@ impl DiskState {
             if late.incarnation == self.incarnation && !self.gone {
                 self.apply(&late.effect);
                 self.stats.late_landed += 1;
+                if let Some(w) = &late.what {
+                    let msg = format!("{} {w}: abandoned, landed late", self.name);
+                    self.trace(msg);
+                }
             } else {
                 self.stats.late_dropped += 1;
             }
         }
     }
 
-    fn plan(&mut self, op: OpKind, range: Range<u64>, now: Duration) -> Plan {
+    fn plan(&mut self, handle: u64, op: OpKind, range: Range<u64>, now: Duration) -> Plan {
         self.pump(now);
         self.stats.ops += 1;
         let (lo, hi) = self.latency_us;
@@ -302,7 +322,8 @@ impl DiskState {
             // Delayed by a stall: a fault this operation met.
             self.stats.faults += 1;
         }
-        if self.gone {
+        if self.gone || handle != self.incarnation {
+            // A replaced disk never answers through a handle opened on the old one.
             self.stats.faults += 1;
             plan.due = now + latency;
             plan.result = Err(os_err(EIO));
@@ -345,6 +366,44 @@ impl DiskState {
     }
 }
 
+fn describe(op: OpKind, range: &Range<u64>, effect: Option<&Effect>, data_offset: u64) -> String {
+    let place = |off: u64, len: u64| {
+        if off >= data_offset && data_offset > 0 {
+            let b = (off - data_offset) / crate::model::BLOCK;
+            format!("blk {b}+{}", len.div_ceil(crate::model::BLOCK))
+        } else {
+            format!("meta @{off}+{len}")
+        }
+    };
+    let len = range.end - range.start;
+    match effect {
+        Some(Effect::Write(o, d)) => format!(
+            "write {} {}",
+            place(*o, d.len() as u64),
+            describe_data(d, *o, data_offset)
+        ),
+        Some(Effect::Punch(o, l)) => format!("punch {}", place(*o, *l)),
+        Some(Effect::Zero(o, l)) => format!("zero {}", place(*o, *l)),
+        None => match op {
+            OpKind::Sync => "sync".to_string(),
+            OpKind::Read => format!("read {}", place(range.start, len)),
+            _ => format!("{op:?} {}", place(range.start, len)),
+        },
+    }
+}
+
+/// The first block's stamp, for logs.
+fn describe_data(d: &Bytes, offset: u64, data_offset: u64) -> String {
+    if offset < data_offset || data_offset == 0 || d.len() < crate::model::BLOCK as usize {
+        return String::new();
+    }
+    let b = (offset - data_offset) / crate::model::BLOCK;
+    match crate::model::decode(&d[..crate::model::BLOCK as usize], b) {
+        Ok(v) => format!("({v}{})", if d.len() > 4096 { ", ..." } else { "" }),
+        Err(e) => format!("({e})"),
+    }
+}
+
 /// Turns a dropped, unfinished modifying operation into an abandoned one.
 struct Pending<'a> {
     disk: &'a SimDisk,
@@ -354,7 +413,11 @@ struct Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(late) = self.late.take() {
-            self.disk.lock().abandoned.push(late);
+            let mut s = self.disk.lock();
+            if let Some(w) = &late.what {
+                s.trace(format!("{} {w}: abandoned by its caller", self.disk.name));
+            }
+            s.abandoned.push(late);
         }
     }
 }
@@ -379,6 +442,9 @@ impl SimDisk {
                 punch_supported: true,
                 latency_us: (20, 400),
                 stats: DiskStats::default(),
+                name: name.clone(),
+                log: None,
+                data_offset: 0,
             }),
             name,
         })
@@ -393,6 +459,21 @@ impl SimDisk {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// Log every operation into `log` (verbose runs); `data_offset` names client blocks.
+    pub fn set_trace(&self, log: Arc<Mutex<Vec<String>>>, data_offset: u64) {
+        let mut s = self.lock();
+        s.log = Some(log);
+        s.data_offset = data_offset;
+    }
+
+    fn tracing(&self) -> bool {
+        self.lock().log.is_some()
+    }
+
+    fn data_offset(&self) -> u64 {
+        self.lock().data_offset
     }
 
     /// Latency range of every operation, in microseconds.
@@ -436,6 +517,11 @@ impl SimDisk {
             s.abandoned.clear();
             s.stats.late_dropped += dropped;
         }
+    }
+
+    /// Bumped by every [`SimDisk::replace_blank`]; handles opened before see a dead disk.
+    pub fn incarnation(&self) -> u64 {
+        self.lock().incarnation
     }
 
     pub fn is_gone(&self) -> bool {
@@ -528,55 +614,64 @@ impl SimDisk {
 
     async fn run(
         &self,
+        handle: u64,
         op: OpKind,
         range: Range<u64>,
         effect: Option<Effect>,
     ) -> io::Result<Option<Bytes>> {
         let now = sim_now();
-        let plan = self.lock().plan(op, range.clone(), now);
-        let failed = plan.result.is_err();
+        let plan = self.lock().plan(handle, op, range.clone(), now);
+        let what = self
+            .tracing()
+            .then(|| describe(op, &range, effect.as_ref(), self.data_offset()));
+        // The effect rides in the guard so a dropped future still lands it.
         let mut pending = Pending {
             disk: self,
-            late: match (&effect, failed) {
-                (Some(_), false) => Some(Late {
+            late: match (effect, plan.result.is_err()) {
+                (Some(effect), false) => Some(Late {
                     due: plan.due,
                     incarnation: plan.incarnation,
-                    effect: Effect::Write(0, Bytes::new()),
+                    effect,
+                    what: what.clone(),
                 }),
                 _ => None,
             },
         };
-        // The effect rides in the guard so a dropped future still lands it.
-        if let (Some(late), Some(e)) = (pending.late.as_mut(), effect) {
-            late.effect = e;
-        }
         let wait = plan.due.saturating_sub(now);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
         let late = pending.late.take();
         let mut s = self.lock();
-        let done = sim_now().max(plan.due);
-        s.pump(done);
-        plan.result?;
-        if s.gone || s.incarnation != plan.incarnation {
-            return Err(os_err(EIO));
-        }
-        match op {
-            OpKind::Read => Ok(Some(
-                s.read(range.start, (range.end - range.start) as usize),
-            )),
-            OpKind::Sync => {
-                s.sync(plan.write_seq);
-                Ok(None)
-            }
-            _ => {
-                if let Some(l) = late {
-                    s.apply(&l.effect);
+        s.pump(sim_now().max(plan.due));
+        let result = match plan.result {
+            Err(e) => Err(e),
+            Ok(()) if s.gone || s.incarnation != plan.incarnation => Err(os_err(EIO)),
+            Ok(()) => Ok(match op {
+                OpKind::Read => Some(s.read(range.start, (range.end - range.start) as usize)),
+                OpKind::Sync => {
+                    s.sync(plan.write_seq);
+                    None
                 }
-                Ok(None)
-            }
+                _ => {
+                    if let Some(l) = late {
+                        s.apply(&l.effect);
+                    }
+                    None
+                }
+            }),
+        };
+        if let Some(what) = what {
+            let outcome = match &result {
+                Ok(Some(d)) if op == OpKind::Read => {
+                    format!("ok {}", describe_data(d, range.start, s.data_offset))
+                }
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            s.trace(format!("{} {what}: {outcome}", self.name));
         }
+        result
     }
 
     fn allocation_now(&self, offset: u64, len: u64) -> Vec<Allocation> {
@@ -602,11 +697,34 @@ impl SimDisk {
     }
 }
 
-impl IoFile for SimDisk {
+/// An open handle on a [`SimDisk`], as a file descriptor is: once the disk
+/// is replaced (blank), operations through a handle opened before fail.
+pub struct SimFile {
+    disk: Arc<SimDisk>,
+    incarnation: u64,
+}
+
+impl SimDisk {
+    /// Open a handle on the disk as it is now.
+    pub fn open(self: &Arc<Self>) -> Arc<SimFile> {
+        Arc::new(SimFile {
+            disk: self.clone(),
+            incarnation: self.lock().incarnation,
+        })
+    }
+}
+
+impl IoFile for SimFile {
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, io::Result<Bytes>> {
         Box::pin(async move {
             let r = self
-                .run(OpKind::Read, offset..offset + len as u64, None)
+                .disk
+                .run(
+                    self.incarnation,
+                    OpKind::Read,
+                    offset..offset + len as u64,
+                    None,
+                )
                 .await?;
             Ok(r.unwrap_or_default())
         })
@@ -615,49 +733,70 @@ impl IoFile for SimDisk {
     fn write_at(&self, offset: u64, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
             let range = offset..offset + data.len() as u64;
-            self.run(OpKind::Write, range, Some(Effect::Write(offset, data)))
+            self.disk
+                .run(
+                    self.incarnation,
+                    OpKind::Write,
+                    range,
+                    Some(Effect::Write(offset, data)),
+                )
                 .await
                 .map(|_| ())
         })
     }
 
     fn sync_data(&self) -> BoxFuture<'_, io::Result<()>> {
-        Box::pin(async move { self.run(OpKind::Sync, 0..0, None).await.map(|_| ()) })
+        Box::pin(async move {
+            self.disk
+                .run(self.incarnation, OpKind::Sync, 0..0, None)
+                .await
+                .map(|_| ())
+        })
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.run(
-                OpKind::Punch,
-                offset..offset + len,
-                Some(Effect::Punch(offset, len)),
-            )
-            .await
-            .map(|_| ())
+            self.disk
+                .run(
+                    self.incarnation,
+                    OpKind::Punch,
+                    offset..offset + len,
+                    Some(Effect::Punch(offset, len)),
+                )
+                .await
+                .map(|_| ())
         })
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.run(
-                OpKind::Zero,
-                offset..offset + len,
-                Some(Effect::Zero(offset, len)),
-            )
-            .await
-            .map(|_| ())
+            self.disk
+                .run(
+                    self.incarnation,
+                    OpKind::Zero,
+                    offset..offset + len,
+                    Some(Effect::Zero(offset, len)),
+                )
+                .await
+                .map(|_| ())
         })
     }
 
     fn allocation(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Vec<Allocation>>> {
         Box::pin(async move {
-            self.run(OpKind::Allocation, offset..offset + len, None)
+            self.disk
+                .run(
+                    self.incarnation,
+                    OpKind::Allocation,
+                    offset..offset + len,
+                    None,
+                )
                 .await?;
-            Ok(self.allocation_now(offset, len))
+            Ok(self.disk.allocation_now(offset, len))
         })
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.lock().len)
+        Ok(self.disk.lock().len)
     }
 }

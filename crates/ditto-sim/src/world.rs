@@ -295,6 +295,16 @@ pub struct Slot {
     pub label: String,
     pub disk: Arc<SimDisk>,
     pub in_record: bool,
+    /// Disk incarnation when the node last opened it: if the disk was
+    /// replaced since, the engine's handle is dead and its replica holds nothing.
+    pub opened: u64,
+}
+
+impl Slot {
+    /// Can the engine's handle on this replica still reach its disk?
+    pub fn reachable(&self) -> bool {
+        self.disk.incarnation() == self.opened && !self.disk.is_gone()
+    }
 }
 
 /// Counters of one run.
@@ -499,7 +509,7 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
     let running = link.volume();
     let vol = match (&req, running) {
         (Req::Format { id, disk }, _) => {
-            let file = disk.clone() as Arc<dyn IoFile>;
+            let file = disk.open() as Arc<dyn IoFile>;
             let r =
                 FileReplica::format_on(file, disk.name().to_string(), spec.uuid, *id, spec.layout)
                     .await;
@@ -524,8 +534,12 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
                 let backend: Arc<dyn ReplicaBackend> = match m.disk {
                     Some(disk) => {
                         let name = disk.name().to_string();
-                        match FileReplica::open_on(disk as Arc<dyn IoFile>, name.clone(), spec.uuid)
-                            .await
+                        match FileReplica::open_on(
+                            disk.open() as Arc<dyn IoFile>,
+                            name.clone(),
+                            spec.uuid,
+                        )
+                        .await
                         {
                             Ok(b) => b,
                             Err(e) => Arc::new(MissingReplica::new(
@@ -594,7 +608,7 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
         (Req::Fail { id }, Some(v)) => status(v.fail_replica(id, "failed by the operator").await),
         (Req::Readd { id, disk }, Some(v)) => {
             let name = disk.name().to_string();
-            match FileReplica::open_on(disk as Arc<dyn IoFile>, name, spec.uuid).await {
+            match FileReplica::open_on(disk.open() as Arc<dyn IoFile>, name, spec.uuid).await {
                 Ok(b) => match v.readd(id, b, false).await {
                     Ok(plan) => Reply::Done(format!("{plan:?}")),
                     Err(e) => Reply::Err(e.to_string()),
@@ -604,8 +618,14 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
         }
         (Req::Add { id, label, disk }, Some(v)) => {
             let name = disk.name().to_string();
-            match FileReplica::format_on(disk as Arc<dyn IoFile>, name, spec.uuid, id, spec.layout)
-                .await
+            match FileReplica::format_on(
+                disk.open() as Arc<dyn IoFile>,
+                name,
+                spec.uuid,
+                id,
+                spec.layout,
+            )
+            .await
             {
                 Ok(b) => status(v.add_replica(Member::new(id, label, b)).await),
                 Err(e) => Reply::Err(e.to_string()),
@@ -702,6 +722,7 @@ pub struct World {
     /// Slots in sync when last seen running (what a node's membership record holds).
     known_current: Vec<usize>,
     steps: u64,
+    disk_log: Arc<Mutex<Vec<String>>>,
 }
 
 const NODE: &str = "node";
@@ -762,6 +783,7 @@ impl World {
             last_members: Vec::new(),
             known_current: Vec::new(),
             steps: 0,
+            disk_log: Arc::new(Mutex::new(Vec::new())),
         };
         for _ in 0..replicas {
             let slot = w.new_slot();
@@ -778,11 +800,15 @@ impl World {
         let i = self.slots.len();
         let layout = self.link.spec.layout;
         let disk = SimDisk::new(format!("disk{i}"), layout.replica_len(), self.seed);
+        if self.cfg.verbose {
+            disk.set_trace(self.disk_log.clone(), layout.data_offset);
+        }
         self.slots.push(Slot {
             uuid: Uuid::from_u64_pair(self.seed, 1 + i as u64),
             label: format!("pool{i}"),
             disk,
             in_record: false,
+            opened: 0,
         });
         i
     }
@@ -1014,6 +1040,9 @@ impl World {
                 if self.node != NodeState::Down {
                     return;
                 }
+                for s in self.slots.iter_mut() {
+                    s.opened = s.disk.incarnation();
+                }
                 let members = self
                     .slots
                     .iter()
@@ -1068,6 +1097,7 @@ impl World {
             Event::Readd { slot } => {
                 if let (Some(s), true) = (self.slot_ok(*slot), self.node == NodeState::Running) {
                     let (id, disk) = (self.slots[s].uuid, self.slots[s].disk.clone());
+                    self.slots[s].opened = disk.incarnation();
                     self.send(Req::Readd { id, disk }, Waiting::Control, jitter);
                 }
             }
@@ -1264,6 +1294,8 @@ impl World {
             for e in events {
                 self.note(|| format!("   engine: {e}"));
             }
+            let disk: Vec<String> = lock(&self.disk_log).drain(..).collect();
+            self.log.extend(disk);
         }
     }
 
@@ -1438,7 +1470,10 @@ impl World {
         let now_in_sync = self.in_sync_slots();
         for &(slot, faults) in in_sync {
             let disk = &self.slots[slot].disk;
-            if !now_in_sync.contains(&slot) || disk.stats().faults != faults || disk.is_gone() {
+            if !now_in_sync.contains(&slot)
+                || disk.stats().faults != faults
+                || !self.slots[slot].reachable()
+            {
                 continue;
             }
             let legit = (first..first + n).all(|b| {
@@ -1540,10 +1575,13 @@ impl World {
         let Some(vol) = self.volume() else { return };
         self.stats.replica_checks += 1;
         let members = vol.members();
+        // A replica whose disk was replaced under it answers nothing (EIO):
+        // it cannot serve stale data, so only reachable ones are judged.
         let in_sync: Vec<usize> = members
             .iter()
             .filter(|m| m.state == ReplicaState::InSync)
             .filter_map(|m| self.slot_of(m.id))
+            .filter(|s| self.slots[*s].disk.incarnation() == self.slots[*s].opened)
             .collect();
         let data_offset = self.layout().data_offset;
         for &s in &in_sync {
