@@ -478,6 +478,10 @@ impl ReplicaBackend for FileReplica {
         })
     }
 
+    fn fast_zero(&self) -> bool {
+        self.file.fast_zero()
+    }
+
     fn allocation(
         &self,
         offset: u64,

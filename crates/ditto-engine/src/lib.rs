@@ -10,7 +10,6 @@ use std::pin::Pin;
 pub mod backend;
 pub mod dirty;
 pub mod events;
-mod fast_zero;
 pub mod io;
 pub mod jobs;
 pub mod membership;

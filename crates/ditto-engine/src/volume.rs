@@ -1455,6 +1455,15 @@ impl Volume {
             .await?)
     }
 
+    /// True when zeroing by deallocation is a metadata operation on every
+    /// replica a write goes to (in sync or rebuilding), so a WRITE_ZEROES
+    /// that may deallocate is fast (NBD_CMD_FLAG_FAST_ZERO). False if any of
+    /// them would fall back to writing zeroes, or when there is none.
+    pub fn fast_zero(&self) -> bool {
+        let members = self.with_state(&[ReplicaState::InSync, ReplicaState::Rebuilding]);
+        !members.is_empty() && members.iter().all(|m| m.backend.fast_zero())
+    }
+
     /// True when every member is in sync and no post-crash resync is pending:
     /// only then may dirty bits be forgotten.
     pub fn fully_reconciled(&self) -> bool {

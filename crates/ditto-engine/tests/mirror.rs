@@ -168,6 +168,10 @@ async fn discard_keeps_replicas_sparse() {
     v.discard(0, 2 << 20, false).await.unwrap();
     let after = v.allocation(0, SIZE).await.unwrap();
     assert!(after.iter().all(|a| !a.allocated), "{after:?}");
+    assert!(
+        v.fast_zero(),
+        "holes can be punched here, so zeroing is fast (NBD FAST_ZERO)"
+    );
     assert!(v.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
     v.write(0, Bytes::from(vec![1u8; 8192]), false)
         .await

@@ -239,6 +239,9 @@ impl ReplicaBackend for Faulty {
             self.inner.allocation(offset, len).await
         })
     }
+    fn fast_zero(&self) -> bool {
+        self.inner.fast_zero()
+    }
     fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>> {
         Box::pin(async move {
             self.check("read dirty map")?;
