@@ -82,6 +82,8 @@ pub enum CrashMode {
     KeepAll,
     /// Nothing unflushed survives.
     LoseAll,
+    /// Completed writes survive, operations still in flight do not.
+    KeepCompleted,
 }
 
 /// Counters for stats and for the checker's "had a fault" question.
@@ -563,7 +565,12 @@ impl SimDisk {
         let mut s = self.lock();
         let late = std::mem::take(&mut s.abandoned);
         for l in late {
-            if l.incarnation == s.incarnation && !s.gone && rng.chance(0.5) {
+            let lands = match mode {
+                CrashMode::KeepAll => true,
+                CrashMode::LoseAll | CrashMode::KeepCompleted => false,
+                CrashMode::Random => rng.chance(0.5),
+            };
+            if l.incarnation == s.incarnation && !s.gone && lands {
                 s.apply(&l.effect);
                 s.stats.late_landed += 1;
             } else {
@@ -573,7 +580,7 @@ impl SimDisk {
         let volatile = std::mem::take(&mut s.volatile);
         for (sector, versions) in volatile {
             let pick = match mode {
-                CrashMode::KeepAll => versions.len(),
+                CrashMode::KeepAll | CrashMode::KeepCompleted => versions.len(),
                 CrashMode::LoseAll => 0,
                 CrashMode::Random => rng.below(versions.len() as u64 + 1) as usize,
             };

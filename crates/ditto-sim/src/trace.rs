@@ -35,6 +35,7 @@ fn mode_name(m: CrashMode) -> &'static str {
         CrashMode::Random => "random",
         CrashMode::KeepAll => "keep",
         CrashMode::LoseAll => "lose",
+        CrashMode::KeepCompleted => "completed",
     }
 }
 
@@ -156,7 +157,8 @@ pub fn parse_event(line: &str) -> Result<Event, String> {
                 Some("random") => CrashMode::Random,
                 Some("keep") => CrashMode::KeepAll,
                 Some("lose") => CrashMode::LoseAll,
-                _ => return Err("crash mode is random, keep or lose".into()),
+                Some("completed") => CrashMode::KeepCompleted,
+                _ => return Err("crash mode is random, keep, lose or completed".into()),
             },
         },
         "start" => {

@@ -45,6 +45,9 @@ pub struct SimConfig {
     pub verbose: bool,
     /// Let the workload start volumes with throttled resync rates.
     pub throttle: bool,
+    /// The engine's `dirty_clear_delay`. Zero by default: the engine ages
+    /// dirty regions on the wall clock, which would make runs unrepeatable.
+    pub dirty_clear_delay: Duration,
     /// Play a node that keeps its own membership record (issue 9 item 7):
     /// it refuses a start where no replica present was in sync when last seen.
     pub node_record: bool,
@@ -62,6 +65,7 @@ impl Default for SimConfig {
             verbose: false,
             throttle: false,
             node_record: false,
+            dirty_clear_delay: Duration::ZERO,
         }
     }
 }
@@ -722,6 +726,9 @@ pub struct World {
     /// Slots in sync when last seen running (what a node's membership record holds).
     known_current: Vec<usize>,
     steps: u64,
+    /// Replies of recent requests, for scripted scenarios.
+    replies: BTreeMap<u64, Result<String, String>>,
+    last_request: u64,
     disk_log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -783,6 +790,8 @@ impl World {
             last_members: Vec::new(),
             known_current: Vec::new(),
             steps: 0,
+            replies: BTreeMap::new(),
+            last_request: 0,
             disk_log: Arc::new(Mutex::new(Vec::new())),
         };
         for _ in 0..replicas {
@@ -924,6 +933,7 @@ impl World {
     fn send(&mut self, req: Req, what: Waiting, jitter: Duration) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
+        self.last_request = id;
         self.inflight.insert(
             id,
             InFlight {
@@ -1059,7 +1069,7 @@ impl World {
                     io_timeout: self.cfg.io_timeout,
                     resync_min_rate: r,
                     resync_max_rate: r,
-                    dirty_clear_delay: Duration::ZERO,
+                    dirty_clear_delay: self.cfg.dirty_clear_delay,
                     ..VolumeOptions::default()
                 };
                 let require_one_of =
@@ -1225,6 +1235,67 @@ impl World {
         self.send(req, Waiting::Modify { first, n, fua }, jitter);
     }
 
+    /// Run `event` now (no wait, no jitter); returns the id of the request
+    /// it sent, if it sent one.
+    pub fn go(&mut self, event: Event) -> Result<Option<u64>, Violation> {
+        let before = self.last_request;
+        self.apply(&Step {
+            after: 0,
+            jitter_us: 0,
+            event,
+        })?;
+        Ok((self.last_request != before).then_some(self.last_request))
+    }
+
+    /// Step until request `id` has its reply (or `limit` of simulated time passed).
+    pub fn wait(&mut self, id: u64, limit: Duration) -> Result<Result<String, String>, Violation> {
+        let until = self.now() + limit;
+        while self.inflight.contains_key(&id) {
+            if self.now() > until {
+                return Ok(Err(format!("request #{id} still in flight")));
+            }
+            self.step()?;
+        }
+        Ok(self
+            .replies
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("request #{id} got no reply (crash?)"))))
+    }
+
+    /// Run `event` and wait for its reply (up to a minute of simulated time).
+    pub fn run(&mut self, event: Event) -> Result<Result<String, String>, Violation> {
+        match self.go(event)? {
+            Some(id) => self.wait(id, Duration::from_secs(60)),
+            None => Ok(Ok(String::new())),
+        }
+    }
+
+    /// Step for `ms` of simulated time.
+    pub fn sleep(&mut self, ms: u64) -> Result<(), Violation> {
+        let until = self.now() + Duration::from_millis(ms);
+        while self.now() < until {
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    /// Step until `cond` holds (or `limit` of simulated time passed); whether it held.
+    pub fn until(
+        &mut self,
+        limit: Duration,
+        mut cond: impl FnMut(&World) -> bool,
+    ) -> Result<bool, Violation> {
+        let until = self.now() + limit;
+        while !cond(self) {
+            if self.now() > until {
+                return Ok(false);
+            }
+            self.step()?;
+        }
+        Ok(true)
+    }
+
     /// Advance one tick and check what came back.
     pub fn step(&mut self) -> Result<(), Violation> {
         self.step_once();
@@ -1347,6 +1418,17 @@ impl World {
             return;
         };
         let ok = !matches!(reply, Reply::Err(_));
+        self.replies.insert(
+            id,
+            match &reply {
+                Reply::Done(s) => Ok(s.clone()),
+                Reply::Data(_) => Ok(String::new()),
+                Reply::Err(e) => Err(e.clone()),
+            },
+        );
+        if self.replies.len() > 4096 {
+            self.replies.pop_first();
+        }
         id.hash(&mut self.hash);
         ok.hash(&mut self.hash);
         self.note(|| {
@@ -1515,8 +1597,17 @@ impl World {
         self.sim.bounce(NODE);
     }
 
+    /// No job runs or is about to: a rebuilding member without a finished
+    /// (failed) job is one whose job has not published itself yet.
     fn job_idle(&self) -> bool {
-        self.job().is_none_or(|j| j.finished)
+        let rebuilding = self
+            .last_members
+            .iter()
+            .any(|m| m.state == ReplicaState::Rebuilding);
+        match self.job() {
+            None => !rebuilding,
+            Some(j) => j.finished && (!rebuilding || j.error.is_some()),
+        }
     }
 
     /// Is the world quiet: nothing in flight, no job running?

@@ -1,0 +1,576 @@
+//! One scripted simulator scenario per engine-level sequence of issue 9,
+//! section 1: each drives the sequence's exact order of events and asserts
+//! that the checker passes and the sequence's own outcome holds.
+
+use std::time::Duration;
+
+use ditto_engine::ReplicaState;
+use ditto_sim::disk::{CrashMode, FaultKind, FaultRule, OpKind};
+use ditto_sim::model::BLOCK;
+use ditto_sim::world::{Rate, World};
+use ditto_sim::{Event, SimConfig, Violation};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn world(replicas: usize) -> World {
+    let cfg = SimConfig {
+        verbose: true,
+        ..SimConfig::default()
+    };
+    let mut w = World::new(9, cfg, replicas).expect("world");
+    start(&mut w, 0);
+    w
+}
+
+fn start(w: &mut World, absent: u32) {
+    let r = w.run(Event::Start {
+        absent,
+        rate: Rate::Unlimited,
+    });
+    let r = chk(w, r);
+    assert!(r.is_ok(), "start failed: {r:?}");
+}
+
+/// Fail the test with the violation and the end of the log.
+fn chk<T>(w: &World, r: Result<T, Violation>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(v) => {
+            let from = w.log.len().saturating_sub(80);
+            panic!("{v}\n--- log tail ---\n{}", w.log[from..].join("\n"));
+        }
+    }
+}
+
+fn run(w: &mut World, e: Event) -> Result<String, String> {
+    let r = w.run(e);
+    chk(w, r)
+}
+
+fn go(w: &mut World, e: Event) -> Option<u64> {
+    let r = w.go(e);
+    chk(w, r)
+}
+
+fn wait(w: &mut World, id: Option<u64>) -> Result<String, String> {
+    let Some(id) = id else {
+        return Ok(String::new());
+    };
+    let r = w.wait(id, MINUTE);
+    chk(w, r)
+}
+
+fn sleep(w: &mut World, ms: u64) {
+    let r = w.sleep(ms);
+    chk(w, r)
+}
+
+fn settle(w: &mut World) {
+    let r = w.settle();
+    chk(w, r)
+}
+
+fn write(w: &mut World, block: u32, fua: bool) -> Result<String, String> {
+    run(w, Event::Write { block, n: 1, fua })
+}
+
+fn read(w: &mut World, block: u32, n: u16) -> Result<String, String> {
+    run(w, Event::Read { block, n })
+}
+
+/// Settle, read everything back, settle: the checker must stay quiet.
+fn verify(w: &mut World) {
+    settle(w);
+    go(w, Event::Verify);
+    settle(w);
+}
+
+/// Byte range on a replica's disk of client blocks `[first, first+n)`.
+fn blocks(w: &World, first: u64, n: u64) -> std::ops::Range<u64> {
+    let d = w.layout().data_offset;
+    d + first * BLOCK..d + (first + n) * BLOCK
+}
+
+fn fault(slot: u8, ops: &[OpKind], range: Option<std::ops::Range<u64>>, kind: FaultKind) -> Event {
+    Event::Fault {
+        slot,
+        rule: FaultRule {
+            ops: ops.to_vec(),
+            range,
+            kind,
+            count: Some(1),
+            per_mille: 1000,
+        },
+    }
+}
+
+fn hang(ms: u64) -> FaultKind {
+    FaultKind::Hang(Duration::from_millis(ms))
+}
+
+fn state(w: &World, slot: usize) -> Option<ReplicaState> {
+    w.state_of(slot)
+}
+
+fn assert_state(w: &World, slot: usize, want: ReplicaState) {
+    let got = w.state_of(slot);
+    if got != Some(want) {
+        let path =
+            std::env::temp_dir().join(format!("ditto-sim-scenario-{}.log", w.now().as_nanos()));
+        let _ = std::fs::write(&path, w.log.join("\n"));
+        println!("full log in {}", path.display());
+        let from = w.log.len().saturating_sub(60);
+        panic!(
+            "replica {slot} is {got:?}, expected {want:?}\n--- log tail ---\n{}",
+            w.log[from..].join("\n")
+        );
+    }
+}
+
+/// One block written in each of the first `regions` regions (64 KiB = 16 blocks each).
+fn fill_regions(w: &mut World, regions: u32) {
+    for r in 0..regions {
+        let res = write(w, r * 16, false);
+        assert!(res.is_ok(), "{res:?}");
+    }
+    assert!(run(w, Event::Flush).is_ok());
+}
+
+fn job_done_bytes(w: &World) -> (u64, u64, bool) {
+    w.job()
+        .map_or((0, 0, true), |j| (j.done_bytes, j.total_bytes, j.finished))
+}
+
+#[test]
+fn seq01_readd_after_interrupted_rebuild() {
+    let mut w = world(2);
+    fill_regions(&mut w, 96);
+    settle(&mut w);
+    assert!(run(&mut w, Event::Add).is_ok());
+    // A slow new disk, so the rebuild can be caught halfway.
+    w.slots[2].disk.set_latency(2000, 3000);
+    let partway = w.until(MINUTE, |w| {
+        let (done, total, finished) = job_done_bytes(w);
+        done > 0 && done < total / 2 && !finished
+    });
+    assert!(chk(&w, partway), "rebuild never seen partway");
+    assert!(run(&mut w, Event::Fail { slot: 2 }).is_ok());
+    settle(&mut w);
+    w.slots[2].disk.set_latency(20, 400);
+    let plan = run(&mut w, Event::Readd { slot: 2 });
+    assert!(plan.is_ok(), "{plan:?}");
+    assert!(
+        !plan.as_deref().unwrap_or("").contains("CatchUp"),
+        "a replica whose rebuild did not finish was planned as a catch-up: {plan:?}"
+    );
+    verify(&mut w);
+    assert_eq!(state(&w, 2), Some(ReplicaState::InSync));
+}
+
+#[test]
+fn seq02_ack_before_failure_durable() {
+    let mut w = world(2);
+    // Region of block 5 already dirty: the write below needs no map update.
+    assert!(write(&mut w, 4, false).is_ok());
+    // The survivor's superblock write (recording the failure) hangs 1 s.
+    let sb = 0..2 * 4096;
+    run(&mut w, fault(1, &[OpKind::Write], Some(sb), hang(1000))).ok();
+    let fail = go(&mut w, Event::Fail { slot: 0 });
+    sleep(&mut w, 5);
+    // A FUA write in the window: it must not be acknowledged before the
+    // failure of replica 0 is durable on replica 1.
+    let ack = go(
+        &mut w,
+        Event::Write {
+            block: 5,
+            n: 1,
+            fua: true,
+        },
+    );
+    sleep(&mut w, 100);
+    let _ = (fail, ack);
+    // Power loss while the superblock write still hangs.
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::LoseAll,
+        },
+    );
+    start(&mut w, 0);
+    settle(&mut w);
+    assert!(read(&mut w, 5, 1).is_ok());
+    verify(&mut w);
+}
+
+#[test]
+fn seq03_replica_replaced_blank_after_gap() {
+    let mut w = world(2);
+    fill_regions(&mut w, 16);
+    // The disk goes away: I/O errors fail the replica out.
+    run(&mut w, Event::Gone { slot: 1 }).ok();
+    for b in 0..8 {
+        let _ = write(&mut w, b * 16 + 1, false);
+    }
+    settle(&mut w);
+    assert_ne!(state(&w, 1), Some(ReplicaState::InSync));
+    // It comes back blank (another export under the same name, a host that lost its cache).
+    run(&mut w, Event::Blank { slot: 1 }).ok();
+    let readd = run(&mut w, Event::Readd { slot: 1 });
+    assert!(
+        readd.is_err(),
+        "a blank disk was re-added as the replica: {readd:?}"
+    );
+    assert_ne!(state(&w, 1), Some(ReplicaState::InSync));
+    verify(&mut w);
+    // The operator replaces it: remove, add a new replica, rebuilt in full.
+    assert!(run(&mut w, Event::Remove { slot: 1 }).is_ok());
+    assert!(run(&mut w, Event::Add).is_ok());
+    verify(&mut w);
+    assert_state(&w, 2, ReplicaState::InSync);
+}
+
+#[test]
+fn seq04_stop_during_resync_keeps_divergence() {
+    let mut w = world(2);
+    fill_regions(&mut w, 8);
+    settle(&mut w);
+    // Replica 1 is slow: at the crash, writes have reached replica 0 only.
+    w.slots[1].disk.set_latency(20_000, 30_000);
+    let mut pending = Vec::new();
+    for r in 0..24 {
+        pending.push(go(
+            &mut w,
+            Event::Write {
+                block: r * 16 + 2,
+                n: 1,
+                fua: false,
+            },
+        ));
+    }
+    sleep(&mut w, 3);
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::KeepCompleted,
+        },
+    );
+    start(&mut w, 0);
+    // The resync runs slowly; stop the volume in the middle of it.
+    let midway = w.until(MINUTE, |w| {
+        let (done, total, finished) = job_done_bytes(w);
+        done > 0 && done < total && !finished
+    });
+    assert!(chk(&w, midway), "resync never seen running");
+    assert!(run(&mut w, Event::Stop).is_ok());
+    w.slots[1].disk.set_latency(20, 400);
+    start(&mut w, 0);
+    verify(&mut w);
+}
+
+#[test]
+fn seq05_resync_source_fails_others_reconciled() {
+    let mut w = world(3);
+    fill_regions(&mut w, 8);
+    settle(&mut w);
+    // Replicas 1 and 2 are slow, differently: at the crash all three differ.
+    w.slots[1].disk.set_latency(5_000, 8_000);
+    w.slots[2].disk.set_latency(15_000, 25_000);
+    for r in 0..16 {
+        go(
+            &mut w,
+            Event::Write {
+                block: r * 16 + 3,
+                n: 1,
+                fua: false,
+            },
+        );
+    }
+    sleep(&mut w, 10);
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::KeepCompleted,
+        },
+    );
+    w.slots[1].disk.set_latency(20, 400);
+    w.slots[2].disk.set_latency(20, 400);
+    // The resync source (replica 0) fails its data reads.
+    let data = blocks(&w, 0, w.blocks());
+    w.slots[0].disk.add_fault(FaultRule {
+        ops: vec![OpKind::Read, OpKind::Allocation],
+        range: Some(data),
+        kind: FaultKind::Eio,
+        count: Some(2),
+        per_mille: 1000,
+    });
+    start(&mut w, 0);
+    settle(&mut w);
+    w.slots[0].disk.clear_faults();
+    if state(&w, 0) != Some(ReplicaState::InSync) {
+        let r = run(&mut w, Event::Readd { slot: 0 });
+        assert!(r.is_ok(), "{r:?}");
+    }
+    verify(&mut w);
+}
+
+#[test]
+fn seq06_close_stops_io() {
+    let mut w = world(2);
+    assert!(write(&mut w, 0, true).is_ok());
+    settle(&mut w);
+    // Replica 1's next data write hangs (shorter than the timeout).
+    let data = blocks(&w, 0, w.blocks());
+    run(&mut w, fault(1, &[OpKind::Write], Some(data), hang(1500))).ok();
+    let stop = go(&mut w, Event::Stop);
+    // A write arriving while the stop runs.
+    let late = go(
+        &mut w,
+        Event::Write {
+            block: 200,
+            n: 1,
+            fua: false,
+        },
+    );
+    let stopped = wait(&mut w, stop);
+    let _ = late;
+    // Power loss right after the stop: completed writes stay, in-flight ones do not.
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::KeepCompleted,
+        },
+    );
+    start(&mut w, 0);
+    verify(&mut w);
+    assert!(stopped.is_ok(), "{stopped:?}");
+}
+
+#[test]
+fn seq07_lone_stale_replica_refused() {
+    let mut w = world(2);
+    assert!(write(&mut w, 1, false).is_ok());
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    assert!(write(&mut w, 1, true).is_ok());
+    assert!(run(&mut w, Event::Stop).is_ok());
+    // Next start: only the stale replica is present, degraded start allowed.
+    let r = w.run(Event::Start {
+        absent: 0b01,
+        rate: Rate::Unlimited,
+    });
+    let r = chk(&w, r);
+    if r.is_ok() {
+        // Started: it must not serve the stale data.
+        assert!(read(&mut w, 1, 1).is_ok());
+        verify(&mut w);
+    } else {
+        let why = r.unwrap_err();
+        assert!(
+            why.contains("stale") || why.contains("force"),
+            "the refusal must say why: {why}"
+        );
+    }
+}
+
+#[test]
+fn seq08_read_repair_never_overwrites_newer() {
+    let mut w = world(2);
+    assert!(write(&mut w, 10, false).is_ok());
+    assert!(run(&mut w, Event::Flush).is_ok());
+    let b10 = blocks(&w, 10, 1);
+    // Replica 0 fails the read; replica 1 answers it slowly.
+    run(
+        &mut w,
+        fault(0, &[OpKind::Read], Some(b10.clone()), FaultKind::Eio),
+    )
+    .ok();
+    run(
+        &mut w,
+        fault(1, &[OpKind::Read], Some(b10.clone()), hang(5)),
+    )
+    .ok();
+    // Replica 1 takes the newer write late.
+    run(&mut w, fault(1, &[OpKind::Write], Some(b10), hang(10))).ok();
+    w.slots[0].disk.set_latency(20, 20);
+    w.slots[1].disk.set_latency(20, 20);
+    let r = go(&mut w, Event::Read { block: 10, n: 1 });
+    sleep(&mut w, 1);
+    let newer = go(
+        &mut w,
+        Event::Write {
+            block: 10,
+            n: 1,
+            fua: false,
+        },
+    );
+    let _ = wait(&mut w, r);
+    assert!(wait(&mut w, newer).is_ok());
+    verify(&mut w);
+}
+
+#[test]
+fn seq09_transient_error_last_replica_keeps_volume() {
+    let mut w = world(1);
+    assert!(write(&mut w, 3, true).is_ok());
+    run(
+        &mut w,
+        fault(0, &[OpKind::Write, OpKind::Zero], None, FaultKind::Enospc),
+    )
+    .ok();
+    let failed = write(&mut w, 4, false);
+    assert!(failed.is_err(), "the injected ENOSPC was not reported");
+    // One transient error: the volume keeps serving.
+    assert!(
+        write(&mut w, 4, false).is_ok(),
+        "writes after one ENOSPC fail"
+    );
+    assert!(read(&mut w, 3, 2).is_ok(), "reads after one ENOSPC fail");
+    assert_eq!(state(&w, 0), Some(ReplicaState::InSync));
+    verify(&mut w);
+}
+
+#[test]
+fn seq10_rebuild_cursor_after_data() {
+    let mut w = world(2);
+    fill_regions(&mut w, 120);
+    settle(&mut w);
+    assert!(run(&mut w, Event::Add).is_ok());
+    // The engine checkpoints the cursor every 2 s of wall time: make the
+    // rebuild take that long in wall time (real sleeps per operation).
+    w.slots[2].disk.set_latency(120_000, 130_000);
+    let sb = w.slots[2].disk.clone();
+    let t = std::time::Instant::now();
+    let cursor = || {
+        ditto_format::Superblock::decode_slots(&sb.peek(0, 8192))
+            .ok()
+            .and_then(|s| s.rebuild_cursor)
+    };
+    let seen = w.until(MINUTE, |w| {
+        std::thread::sleep(Duration::from_millis(1));
+        cursor().is_some_and(|c| c > 0) || w.state_of(2) == Some(ReplicaState::InSync)
+    });
+    chk(&w, seen);
+    let checkpointed = cursor().is_some_and(|c| c > 0);
+    assert!(
+        checkpointed,
+        "no cursor checkpoint seen in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    // Power loss right after the checkpoint: unflushed copies are gone.
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::LoseAll,
+        },
+    );
+    w.slots[2].disk.set_latency(20, 400);
+    start(&mut w, 0);
+    verify(&mut w);
+    assert_eq!(state(&w, 2), Some(ReplicaState::InSync));
+}
+
+#[test]
+fn seq13_late_completion_fenced() {
+    let mut w = world(2);
+    assert!(write(&mut w, 10, false).is_ok());
+    let b10 = blocks(&w, 10, 1);
+    // Replica 1's disk hangs on the next write far past io_timeout (2 s):
+    // the engine gives up on it; the kernel still lands it at 6 s.
+    run(&mut w, fault(1, &[OpKind::Write], Some(b10), hang(6000))).ok();
+    assert!(write(&mut w, 10, false).is_ok());
+    settle(&mut w);
+    assert_ne!(state(&w, 1), Some(ReplicaState::InSync));
+    // The disk answers again: re-add (retrying while the engine refuses).
+    let mut readd = Err(String::new());
+    for _ in 0..40 {
+        readd = run(&mut w, Event::Readd { slot: 1 });
+        if readd.is_ok() {
+            break;
+        }
+        sleep(&mut w, 250);
+    }
+    assert!(readd.is_ok(), "re-add never accepted: {readd:?}");
+    settle(&mut w);
+    assert!(write(&mut w, 10, false).is_ok());
+    // Past the late landing.
+    sleep(&mut w, 7000);
+    verify(&mut w);
+}
+
+#[test]
+fn seq14_finish_copy_map_snapshot() {
+    let mut w = world(2);
+    fill_regions(&mut w, 16);
+    settle(&mut w);
+    assert!(run(&mut w, Event::Add).is_ok());
+    // The new replica's dirty-map write at the end of its rebuild hangs 50 ms.
+    let map = 2 * 4096..w.layout().data_offset;
+    w.slots[2].disk.add_fault(FaultRule {
+        ops: vec![OpKind::Write],
+        range: Some(map),
+        kind: hang(50),
+        count: Some(1),
+        per_mille: 1000,
+    });
+    let faults = w.slots[2].disk.stats().faults;
+    let disk = w.slots[2].disk.clone();
+    let hit = w.until(MINUTE, |_| disk.stats().faults > faults);
+    assert!(chk(&w, hit), "the map write never happened");
+    // Meanwhile a write dirties a new region.
+    assert!(write(&mut w, 1500, false).is_ok());
+    settle(&mut w);
+    assert_eq!(state(&w, 2), Some(ReplicaState::InSync));
+    // Replica 1 leaves; the region is written again, which it misses.
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    assert!(write(&mut w, 1500, true).is_ok());
+    assert!(run(&mut w, Event::Stop).is_ok());
+    // Start without replica 0: only replica 2's map says what 1 missed.
+    start(&mut w, 0b001);
+    let r = run(&mut w, Event::Readd { slot: 1 });
+    assert!(r.is_ok(), "{r:?}");
+    verify(&mut w);
+}
+
+#[test]
+fn seq15_punch_hole_unsupported_keeps_volume() {
+    let mut w = world(1);
+    assert!(write(&mut w, 20, true).is_ok());
+    run(&mut w, Event::NoPunch { slot: 0 }).ok();
+    // fstrim on a file system without hole punching.
+    let _trim = run(&mut w, Event::Trim { block: 16, n: 16 });
+    assert!(
+        write(&mut w, 21, false).is_ok(),
+        "the volume is down after a trim"
+    );
+    assert!(
+        read(&mut w, 20, 2).is_ok(),
+        "the volume is down after a trim"
+    );
+    assert_eq!(state(&w, 0), Some(ReplicaState::InSync));
+    verify(&mut w);
+}
+
+#[test]
+fn seq16_dirty_map_clears_per_region() {
+    // Region ageing is measured on the wall clock by the engine (not on
+    // simulated time): the trickle below runs in real time.
+    let delay = Duration::from_millis(300);
+    let cfg = SimConfig {
+        dirty_clear_delay: delay,
+        ..SimConfig::default()
+    };
+    let mut w = World::new(16, cfg, 2).expect("world");
+    start(&mut w, 0);
+    fill_regions(&mut w, 64);
+    let t = std::time::Instant::now();
+    while t.elapsed() < delay * 5 {
+        assert!(write(&mut w, 1, false).is_ok());
+        std::thread::sleep(delay / 4);
+        sleep(&mut w, 20);
+    }
+    let dirty = w.volume().map_or(0, |v| v.dirty_regions());
+    assert!(
+        dirty <= 2,
+        "{dirty} regions still dirty under a trickle of writes to one region"
+    );
+    verify(&mut w);
+}
