@@ -401,8 +401,9 @@ impl Generator {
         match INCIDENTS[class] {
             "crash" => {
                 let mode = match self.rng.below(10) {
-                    0..=6 => CrashMode::Random,
-                    7 | 8 => CrashMode::LoseAll,
+                    0..=5 => CrashMode::Random,
+                    6 | 7 => CrashMode::LoseAll,
+                    8 => CrashMode::KeepCompleted,
                     _ => CrashMode::KeepAll,
                 };
                 self.push(Event::Crash { mode });

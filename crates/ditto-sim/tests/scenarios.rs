@@ -108,6 +108,14 @@ fn hang(ms: u64) -> FaultKind {
     FaultKind::Hang(Duration::from_millis(ms))
 }
 
+/// With DITTO_SIM_DUMP set, write the scenario's log to the temp dir.
+fn dump(w: &World, name: &str) {
+    if std::env::var_os("DITTO_SIM_DUMP").is_some() {
+        let path = std::env::temp_dir().join(format!("ditto-sim-{name}.log"));
+        let _ = std::fs::write(&path, w.log.join("\n"));
+    }
+}
+
 fn state(w: &World, slot: usize) -> Option<ReplicaState> {
     w.state_of(slot)
 }
@@ -316,13 +324,18 @@ fn seq05_resync_source_fails_others_reconciled() {
 #[test]
 fn seq06_close_stops_io() {
     let mut w = world(2);
-    assert!(write(&mut w, 0, true).is_ok());
-    settle(&mut w);
+    // Region 0 dirty, so the stop clears the map first; that clear is slow
+    // (replica 0's map write hangs 20 ms).
+    assert!(write(&mut w, 0, false).is_ok());
+    let map = 2 * 4096..w.layout().data_offset;
+    run(&mut w, fault(0, &[OpKind::Write], Some(map), hang(20))).ok();
     // Replica 1's next data write hangs (shorter than the timeout).
     let data = blocks(&w, 0, w.blocks());
     run(&mut w, fault(1, &[OpKind::Write], Some(data), hang(1500))).ok();
     let stop = go(&mut w, Event::Stop);
-    // A write arriving while the stop runs.
+    sleep(&mut w, 5);
+    // A write arriving while the stop runs: it must finish before the
+    // replicas are marked clean, or be refused.
     let late = go(
         &mut w,
         Event::Write {
@@ -333,7 +346,9 @@ fn seq06_close_stops_io() {
     );
     let stopped = wait(&mut w, stop);
     let _ = late;
-    // Power loss right after the stop: completed writes stay, in-flight ones do not.
+    // Soon after the stop (replica 0 has had time to take the write),
+    // power loss: completed writes stay, in-flight ones do not.
+    sleep(&mut w, 10);
     go(
         &mut w,
         Event::Crash {
@@ -342,6 +357,7 @@ fn seq06_close_stops_io() {
     );
     start(&mut w, 0);
     verify(&mut w);
+    dump(&w, "seq06");
     assert!(stopped.is_ok(), "{stopped:?}");
 }
 
