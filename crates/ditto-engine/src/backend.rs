@@ -423,10 +423,18 @@ impl ReplicaBackend for FileReplica {
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
-            self.file
-                .punch_hole(self.data_offset + offset, len)
-                .await
-                .map_err(self.io_err("discard"))
+            let at = self.data_offset + offset;
+            match self.file.punch_hole(at, len).await {
+                // A file that cannot punch holes still zeroes: a discard
+                // promises zeroes, and one unsupported TRIM must not fail
+                // the replica out.
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => self
+                    .file
+                    .zero_range(at, len)
+                    .await
+                    .map_err(self.io_err("discard (zeroing)")),
+                other => other.map_err(self.io_err("discard")),
+            }
         })
     }
 

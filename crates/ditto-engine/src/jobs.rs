@@ -918,6 +918,11 @@ impl Volume {
                 .copy_region(region, &source, std::slice::from_ref(target))
                 .await
             {
+                // Failed meanwhile (a client write to it erred): the copy
+                // skipped it, so the region is not on it.
+                Ok(_) if target.state() != ReplicaState::Rebuilding => {
+                    return Err(format!("target is now {}", target.state().as_str()));
+                }
                 Ok(copied) => return Ok(copied),
                 Err(CopyError::Target(_, e)) => {
                     let _ = self
@@ -971,8 +976,20 @@ impl Volume {
                 move |b| async move { b.write_dirty_map(0, map).await },
             )
             .await?;
-            self.change_membership(|g| target.set_state(ReplicaState::InSync, g, None))
-                .await?;
+            if !self.promote(&target).await? {
+                let e = format!("target is now {}", target.state().as_str());
+                tracker.publish(self, true, Some(e.clone()));
+                self.emit(
+                    done,
+                    Some(location),
+                    format!(
+                        "{} of replica on {} did not finish: {e}",
+                        tracker.kind.as_str(),
+                        target.label
+                    ),
+                );
+                return Ok(());
+            }
         }
         tracker.publish(self, true, None);
         self.emit(

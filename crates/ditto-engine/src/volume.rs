@@ -1208,6 +1208,22 @@ impl Volume {
         self.persist_membership(false).await
     }
 
+    /// Count a rebuilt member as in sync, unless it failed (or was replaced)
+    /// meanwhile: checked under the membership lock, where failures happen.
+    pub(crate) async fn promote(&self, target: &Member) -> Result<bool, EngineError> {
+        let _guard = self.membership.lock().await;
+        let current = self
+            .member(target.id)
+            .is_some_and(|m| std::ptr::eq(Arc::as_ptr(&m), target));
+        if !current || target.state() != ReplicaState::Rebuilding {
+            return Ok(false);
+        }
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        target.set_state(ReplicaState::InSync, generation, None);
+        self.persist_membership(false).await?;
+        Ok(true)
+    }
+
     /// Admit a client request unless the volume is closed; `close` waits
     /// for every admitted request.
     async fn enter_io(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, EngineError> {

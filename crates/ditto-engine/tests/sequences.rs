@@ -570,3 +570,34 @@ async fn seq06_close_waits_for_abandoned_writes() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(v.abandoned_ops(), 0);
 }
+
+/// Found by ditto-sim (seed 87): a catch-up target that fails on a client
+/// write while its last region is being copied must not be counted in sync
+/// when the copy ends: it missed that write.
+#[tokio::test]
+async fn sim87_target_failed_during_copy_is_not_promoted() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+    v.write(3 << 20, block(3), false).await.unwrap();
+    // The catch-up's copy to replica 1 pauses.
+    faults[1].pause_next_write.store(true, Ordering::SeqCst);
+    v.readd(f.ids[1], faults[1].clone(), false).await.unwrap();
+    wait_for("the copy to pause", || {
+        faults[1].held_write.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // A client write fails on the target: it is failed out.
+    faults[1].write_failures.store(1, Ordering::SeqCst);
+    v.write(5 << 20, block(5), false).await.unwrap();
+    assert_eq!(states(&v)[1], ReplicaState::Failed);
+    faults[1].held_write.open();
+    wait_idle(&v).await;
+    assert_eq!(
+        states(&v)[1],
+        ReplicaState::Failed,
+        "a replica that missed an acknowledged write was counted in sync"
+    );
+    assert!(!v.fully_redundant());
+}
