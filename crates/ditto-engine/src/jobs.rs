@@ -582,6 +582,8 @@ impl Volume {
         if !covered {
             self.mark_full_rebuild(&fresh).await?;
         }
+        self.replace_member(fresh.clone(), ReplicaState::Rebuilding)
+            .await?;
         self.queue_job(
             if covered {
                 JobKind::CatchUp
@@ -590,8 +592,6 @@ impl Volume {
             },
             Some(fresh.backend.location().to_string()),
         );
-        self.replace_member(fresh.clone(), ReplicaState::Rebuilding)
-            .await?;
         let me = self.clone();
         tokio::spawn(async move {
             let r = if covered {
@@ -624,11 +624,16 @@ impl Volume {
             let list = self.member_list();
             let mut new_list = (*list).clone();
             new_list.push(m.clone());
-            self.change_membership(|g| {
-                m.set_state(ReplicaState::Rebuilding, g, Some("rebuilding".into()));
-                self.set_member_list(new_list);
-            })
-            .await?;
+            let added = self
+                .change_membership(|g| {
+                    m.set_state(ReplicaState::Rebuilding, g, Some("rebuilding".into()));
+                    self.set_member_list(new_list);
+                })
+                .await;
+            if let Err(e) = added {
+                self.restore_member(m.id, None).await;
+                return Err(e);
+            }
         }
         self.emit(
             EventKind::ReplicaAdded,
@@ -681,11 +686,34 @@ impl Volume {
                 }
             })
             .collect();
-        self.change_membership(|g| {
-            fresh.set_state(state, g, Some("catching up".into()));
-            self.set_member_list(new_list);
-        })
-        .await
+        let old = self.member(fresh.id);
+        let replaced = self
+            .change_membership(|g| {
+                fresh.set_state(state, g, Some("catching up".into()));
+                self.set_member_list(new_list);
+            })
+            .await;
+        if replaced.is_err() {
+            self.restore_member(fresh.id, old).await;
+        }
+        replaced
+    }
+
+    /// Undo a membership change that could not be recorded: put back the
+    /// member `id` was before (or drop it if it is new). The record on the
+    /// replicas still says that; the next one written says it again.
+    async fn restore_member(&self, id: Uuid, old: Option<Arc<Member>>) {
+        let _guard = self.membership.lock().await;
+        let list: Vec<Arc<Member>> = self
+            .member_list()
+            .iter()
+            .filter_map(|m| match (&old, m.id == id) {
+                (_, false) => Some(m.clone()),
+                (Some(o), true) => Some(o.clone()),
+                (None, true) => None,
+            })
+            .collect();
+        self.set_member_list(list);
     }
 
     /// Take a replica out on purpose (`ditto replica fail`).

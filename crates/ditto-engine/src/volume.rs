@@ -297,7 +297,7 @@ pub struct Volume {
     members: RwLock<Arc<Vec<Arc<Member>>>>,
     generation: AtomicU64,
     /// Serialises membership changes (and the superblock writes recording them).
-    membership: tokio::sync::Mutex<()>,
+    pub(crate) membership: tokio::sync::Mutex<()>,
     pub(crate) options: VolumeOptions,
     pub(crate) events: SharedSink,
     pub(crate) dirty: DirtyMap,

@@ -601,3 +601,30 @@ async fn sim87_target_failed_during_copy_is_not_promoted() {
     );
     assert!(!v.fully_redundant());
 }
+
+/// Found by ditto-sim (seed 209): a re-add whose membership change cannot
+/// be recorded (the last in-sync replica fails its superblock write) must
+/// fail cleanly, leaving no replica "rebuilding" with no job to finish it.
+#[tokio::test]
+async fn sim209_readd_that_cannot_be_recorded_is_undone() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+    v.write(3 << 20, block(3), false).await.unwrap();
+    faults[0].superblock_failures.store(1, Ordering::SeqCst);
+    assert!(v.readd(f.ids[1], f.backend(1).await, false).await.is_err());
+    assert_eq!(states(&v), vec![ReplicaState::InSync, ReplicaState::Failed]);
+    assert!(
+        v.job().is_none_or(|j| j.finished),
+        "a job is left queued: {:?}",
+        v.job()
+    );
+    // The disk records again: the re-add goes through.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the re-add");
+}

@@ -79,6 +79,8 @@ pub struct Faulty {
     /// lands late, as a write the kernel already holds does.
     pub write_delay_ms: AtomicU64,
     pub superblock_gate: Gate,
+    /// The next N superblock writes fail.
+    pub superblock_failures: AtomicI64,
     /// With `pause_next_write` set, the next data write waits here (alone).
     pub held_write: Gate,
     pub pause_next_write: AtomicBool,
@@ -110,6 +112,7 @@ impl Faulty {
             write_errno: AtomicI64::new(0),
             write_delay_ms: AtomicU64::new(0),
             superblock_gate: Gate::default(),
+            superblock_failures: AtomicI64::new(0),
             held_write: Gate::default(),
             pause_next_write: AtomicBool::new(false),
             dirty_map_gate: Gate::default(),
@@ -170,6 +173,9 @@ impl ReplicaBackend for Faulty {
         Box::pin(async move {
             self.superblock_gate.pass().await;
             self.check("superblock")?;
+            if self.superblock_failures.fetch_sub(1, Ordering::SeqCst) > 0 {
+                return Err(injected(self.inner.location(), "superblock", 0));
+            }
             self.record(Op::Superblock {
                 cursor: sb.rebuild_cursor,
             });
