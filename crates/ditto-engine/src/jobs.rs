@@ -290,6 +290,14 @@ impl Volume {
     ) -> Result<u64, CopyError> {
         let range = self.dirty.region_range(region);
         let _lock = self.lock_region(region).await;
+        // A write given up at a timeout may still land on the source; what
+        // is read before it lands would differ from the source after.
+        if source.abandoned_ops() > 0 && !source.drain(self.options.io_timeout).await {
+            return Err(CopyError::Source(BackendError::Abandoned {
+                location: source.backend.location().to_string(),
+                pending: source.abandoned_ops(),
+            }));
+        }
         let (start, len) = (range.start, range.end - range.start);
         let runs = self
             .timed(

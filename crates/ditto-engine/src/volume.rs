@@ -192,7 +192,7 @@ impl Member {
     }
 
     /// Wait up to `limit` for abandoned operations to complete.
-    async fn drain(&self, limit: Duration) -> bool {
+    pub(crate) async fn drain(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.drained.notified();

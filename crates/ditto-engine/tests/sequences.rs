@@ -628,3 +628,44 @@ async fn sim209_readd_that_cannot_be_recorded_is_undone() {
     v.close().await.unwrap();
     assert_same_data(&f, 0, 1, "after the re-add");
 }
+
+/// Found by ditto-sim (seed 174): a copy must not read a region from a
+/// source that still has a write abandoned at the timeout in flight: that
+/// write lands afterwards, and the source and the copy differ for good.
+#[tokio::test]
+async fn sim174_copy_waits_for_writes_abandoned_on_its_source() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f
+        .open(VolumeOptions {
+            io_timeout: Duration::from_millis(500),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+    v.write(3 << 20, block(1), false).await.unwrap();
+    // The last replica hangs on the next write: it fails for the client at
+    // the timeout and lands 800 ms after it started. The re-add comes while
+    // it hangs, so the catch-up's copy of that region waits for its stripe
+    // and would read the region just before the late write lands.
+    faults[0].write_delay_ms.store(800, Ordering::SeqCst);
+    let hung = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(3 << 20, block(2), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    faults[0].write_delay_ms.store(0, Ordering::SeqCst);
+    v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    assert!(hung.await.unwrap().is_err(), "the hung write fails");
+    assert_eq!(states(&v)[0], ReplicaState::InSync, "the last leg is kept");
+    wait_idle(&v).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(
+        &f,
+        0,
+        1,
+        "after the catch-up from a source with a late write",
+    );
+}
