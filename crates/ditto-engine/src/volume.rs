@@ -222,6 +222,10 @@ impl Member {
         self.set_reason(reason);
     }
 
+    fn reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+
     fn set_reason(&self, reason: Option<String>) {
         if let Ok(mut r) = self.reason.lock() {
             *r = reason;
@@ -235,7 +239,7 @@ impl Member {
             label: self.label.clone(),
             location: self.backend.location().to_string(),
             state: self.state(),
-            reason: self.reason.lock().ok().and_then(|r| r.clone()),
+            reason: self.reason(),
             generation: sb.generation,
             data_offset: sb.layout.data_offset,
             pending: self.pending.load(Ordering::Relaxed),
@@ -325,6 +329,7 @@ pub struct Volume {
     /// memory) waits for it before it is acknowledged.
     durable_generation: AtomicU64,
     durable_changed: tokio::sync::Notify,
+    last_record_retry_ms: AtomicU64,
     /// Wakes the dirty-map sweeper early when the hot set overflows.
     pub(crate) sweep: tokio::sync::Notify,
 }
@@ -552,6 +557,7 @@ impl Volume {
             io_gate: tokio::sync::RwLock::new(()),
             durable_generation: AtomicU64::new(0),
             durable_changed: tokio::sync::Notify::new(),
+            last_record_retry_ms: AtomicU64::new(0),
             sweep: tokio::sync::Notify::new(),
         });
         for (replica, message) in stale_events {
@@ -1055,6 +1061,10 @@ impl Volume {
         let why = format!(
             "last in-sync replica: {reason}; kept in service (failing it would stop all I/O), the request got the error"
         );
+        // The same error again (a disk that keeps failing) is one event.
+        if member.reason().as_deref() == Some(why.as_str()) {
+            return;
+        }
         tracing::error!(volume = %self.name, replica = %member.backend.location(), "{why}");
         member.set_reason(Some(why.clone()));
         self.emit(
@@ -1188,6 +1198,12 @@ impl Volume {
         if self.durable_generation.load(Ordering::Acquire) >= self.generation() {
             return;
         }
+        // At most once a second: each try may wait `io_timeout` on a disk.
+        let now = self.now_ms();
+        if now.saturating_sub(self.last_record_retry_ms.load(Ordering::Relaxed)) < 1000 {
+            return;
+        }
+        self.last_record_retry_ms.store(now, Ordering::Relaxed);
         let _guard = self.membership.lock().await;
         if self.durable_generation.load(Ordering::Acquire) >= self.generation() {
             return;
