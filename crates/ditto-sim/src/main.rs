@@ -53,6 +53,11 @@ struct Args {
     /// stale replica (the node-level half of issue 9 item 7).
     #[arg(long)]
     node_record: bool,
+    /// Simulated seconds a settle may take before it is a liveness
+    /// violation (default 600; 30 when liveness is skipped, so stuck seeds
+    /// move on).
+    #[arg(long)]
+    settle_limit: Option<u64>,
     /// Worker threads (default: the number of CPUs).
     #[arg(long)]
     jobs: Option<usize>,
@@ -70,8 +75,12 @@ fn config(args: &Args) -> Result<SimConfig, String> {
         let c = Check::from_name(name).ok_or_else(|| format!("unknown check {name:?}"))?;
         checks = checks.without(c);
     }
+    let settle = args
+        .settle_limit
+        .unwrap_or(if checks.on(Check::Liveness) { 600 } else { 30 });
     Ok(SimConfig {
         checks,
+        settle_limit: Duration::from_secs(settle),
         throttle: args.throttle,
         node_record: args.node_record,
         ..SimConfig::default()
