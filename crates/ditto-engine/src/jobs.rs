@@ -978,6 +978,9 @@ impl Volume {
         }
     }
 
+    /// End a catch-up or rebuild: join the target to the in-sync set if its
+    /// copy completed, and publish the outcome either way (a job left
+    /// unfinished would be shown as running forever).
     async fn finish_copy(
         &self,
         target: Arc<Member>,
@@ -986,7 +989,11 @@ impl Volume {
         done: EventKind,
     ) -> Result<(), EngineError> {
         let location = target.backend.location().to_string();
-        if let Err(e) = result {
+        let joined = match result {
+            Ok(()) => self.join(&target).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = joined {
             tracker.publish(self, true, Some(e.clone()));
             self.emit(
                 done,
@@ -998,34 +1005,6 @@ impl Volume {
                 ),
             );
             return Ok(());
-        }
-        // Durable on the target, and its dirty map seeded, before it counts
-        // as in sync. The map's persist lock is held until it does, so a bit
-        // set meanwhile is written to it too, not only to the old members.
-        self.timed(&target, |b| async move { b.flush().await })
-            .await?;
-        {
-            let _persist = self.dirty.persist.lock().await;
-            let map = self.dirty.encoded();
-            self.timed_write(
-                &target,
-                move |b| async move { b.write_dirty_map(0, map).await },
-            )
-            .await?;
-            if !self.promote(&target).await? {
-                let e = format!("target is now {}", target.state().as_str());
-                tracker.publish(self, true, Some(e.clone()));
-                self.emit(
-                    done,
-                    Some(location),
-                    format!(
-                        "{} of replica on {} did not finish: {e}",
-                        tracker.kind.as_str(),
-                        target.label
-                    ),
-                );
-                return Ok(());
-            }
         }
         tracker.publish(self, true, None);
         self.emit(
@@ -1042,6 +1021,36 @@ impl Volume {
             ),
         );
         Ok(())
+    }
+
+    /// Make a copied target durable, seed its dirty map and count it in
+    /// sync. The map's persist lock is held until it does, so a bit set
+    /// meanwhile is written to it too, not only to the old members. A
+    /// target that cannot take the flush or the map is failed out.
+    async fn join(&self, target: &Member) -> Result<(), String> {
+        if let Err(e) = self.timed(target, |b| async move { b.flush().await }).await {
+            let why = format!("flushing it at the end of its copy failed: {e}");
+            let _ = self.fail_member(target, why.clone()).await;
+            return Err(why);
+        }
+        let _persist = self.dirty.persist.lock().await;
+        let map = self.dirty.encoded();
+        if let Err(e) = self
+            .timed_write(
+                target,
+                move |b| async move { b.write_dirty_map(0, map).await },
+            )
+            .await
+        {
+            let why = format!("seeding its dirty map failed: {e}");
+            let _ = self.fail_member(target, why.clone()).await;
+            return Err(why);
+        }
+        match self.promote(target).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("target is now {}", target.state().as_str())),
+            Err(e) => Err(format!("its joining could not be recorded: {e}")),
+        }
     }
 
     /// Compare every in-sync replica region by region; with `repair`, rewrite

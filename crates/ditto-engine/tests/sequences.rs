@@ -669,3 +669,28 @@ async fn sim174_copy_waits_for_writes_abandoned_on_its_source() {
         "after the catch-up from a source with a late write",
     );
 }
+
+/// Found by ditto-sim (seed 251): a target that cannot take its dirty map
+/// at the end of its copy is failed out and the job ends with the error;
+/// it was left "rebuilding" with a job shown running forever.
+#[tokio::test]
+async fn sim251_target_that_cannot_join_is_failed_and_the_job_ends() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+    v.write(3 << 20, block(3), false).await.unwrap();
+    // The catch-up's only map write to the target (when it joins) fails.
+    faults[1].dirty_map_gate.close();
+    v.readd(f.ids[1], faults[1].clone(), false).await.unwrap();
+    wait_for("the join", || {
+        faults[1].dirty_map_gate.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    faults[1].broken.store(true, Ordering::SeqCst);
+    faults[1].dirty_map_gate.open();
+    wait_idle(&v).await;
+    let job = v.job().unwrap();
+    assert!(job.finished && job.error.is_some(), "{job:?}");
+    assert_eq!(states(&v)[1], ReplicaState::Failed);
+}
