@@ -991,6 +991,18 @@ impl Volume {
         let location = target.backend.location().to_string();
         let joined = match result {
             Ok(()) => self.join(&target).await,
+            // Not stopped, just unable to go on (e.g. the last source cannot
+            // be read): nothing would ever finish the target, so it leaves
+            // the set; `replica readd` resumes it.
+            Err(e) if !self.is_closed() && target.state() == ReplicaState::Rebuilding => {
+                let _ = self
+                    .fail_member(
+                        &target,
+                        format!("its {} could not finish: {e}", tracker.kind.as_str()),
+                    )
+                    .await;
+                Err(e)
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = joined {

@@ -694,3 +694,38 @@ async fn sim251_target_that_cannot_join_is_failed_and_the_job_ends() {
     assert!(job.finished && job.error.is_some(), "{job:?}");
     assert_eq!(states(&v)[1], ReplicaState::Failed);
 }
+
+/// Found by ditto-sim (seed 60): a rebuild that cannot go on (its only
+/// source cannot be read) leaves the target failed, with the reason and
+/// the way to resume, not "rebuilding" with no job to finish it.
+#[tokio::test]
+async fn sim60_rebuild_that_cannot_go_on_fails_its_target() {
+    let mut f = Fixture::new(1).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, Bytes::from(vec![1u8; 4 << 20]), false)
+        .await
+        .unwrap();
+    faults[0].reads_broken.store(true, Ordering::SeqCst);
+    let (id, backend) = f.create_replica().await;
+    v.add_replica(Member::new(id, "new", backend as Arc<dyn ReplicaBackend>))
+        .await
+        .unwrap();
+    wait_idle(&v).await;
+    assert_eq!(states(&v), vec![ReplicaState::InSync, ReplicaState::Failed]);
+    let m = &v.members()[1];
+    assert!(
+        m.reason.as_deref().is_some_and(|r| r.contains("readd")),
+        "{m:?}"
+    );
+    // The source reads again: a re-add resumes the rebuild and finishes it.
+    faults[0].reads_broken.store(false, Ordering::SeqCst);
+    assert_eq!(
+        v.readd(id, f.backend(1).await, false).await.unwrap(),
+        ReaddPlan::FullRebuild
+    );
+    wait_idle(&v).await;
+    assert!(v.fully_redundant());
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the resumed rebuild");
+}
