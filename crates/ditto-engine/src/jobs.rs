@@ -447,6 +447,22 @@ impl Volume {
         );
     }
 
+    /// Before a read of regions a post-crash resync has not reached, copy
+    /// them now. What the read returns is then on every in-sync replica: if
+    /// the source fails later, its successor cannot hand out an older
+    /// version of what a client has already seen. If the copy cannot be
+    /// made, the read still goes to the source (see `redirect_source`).
+    pub(crate) async fn resync_before_read(&self, offset: u64, len: u64) {
+        let Some(redirect) = self.redirect.read().ok().and_then(|r| r.clone()) else {
+            return;
+        };
+        for r in self.dirty.regions_of(offset, len) {
+            if redirect.pending(r) && self.resync_region(r, &redirect).await.is_ok() {
+                redirect.done(r);
+            }
+        }
+    }
+
     /// Copy one region from the resync source to every other in-sync
     /// replica. A failed target is failed out and the region copied again
     /// to the rest; a failed source is replaced (see

@@ -1256,6 +1256,7 @@ impl Volume {
         self.check_range(offset, len as u64)?;
         let _io = self.enter_io().await?;
         self.touch(false);
+        self.resync_before_read(offset, len as u64).await;
         let mut tried: Vec<Uuid> = Vec::new();
         let mut hung: Vec<Arc<Member>> = Vec::new();
         let mut last_err = None;
