@@ -1638,12 +1638,26 @@ impl World {
             .map(|(id, f)| format!("#{id} from event {}", f.event))
             .collect();
         let job = self.job();
+        let rebuilding: Vec<&str> = self
+            .last_members
+            .iter()
+            .filter(|m| m.state == ReplicaState::Rebuilding)
+            .map(|m| m.location.as_str())
+            .collect();
         let msg = format!(
-            "not idle {:.0}s after event {}: requests in flight [{}], job {:?}",
+            "not idle {:.0}s after event {}: requests in flight [{}], job {}, rebuilding [{}]",
             (self.now() - start).as_secs_f64(),
             self.event_index.saturating_sub(1),
             waiting.join(", "),
-            job.map(|j| (j.kind, j.done_bytes, j.total_bytes, j.finished))
+            job.map_or("none".to_string(), |j| format!(
+                "{} {}/{} bytes {}{}",
+                j.kind.as_str(),
+                j.done_bytes,
+                j.total_bytes,
+                if j.finished { "finished" } else { "unfinished" },
+                j.error.map(|e| format!(" ({e})")).unwrap_or_default()
+            )),
+            rebuilding.join(", ")
         );
         self.fail(Check::Liveness, msg);
     }
