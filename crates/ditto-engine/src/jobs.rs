@@ -290,6 +290,9 @@ impl Volume {
     ) -> Result<u64, CopyError> {
         let range = self.dirty.region_range(region);
         let _lock = self.lock_region(region).await;
+        if source.state() != ReplicaState::InSync {
+            return Err(CopyError::SourceLeft);
+        }
         // A write given up at a timeout may still land on the source; what
         // is read before it lands would differ from the source after.
         if source.abandoned_ops() > 0 && !source.drain(self.options.io_timeout).await {
@@ -470,7 +473,8 @@ impl Volume {
     /// one. Done when fewer than two in-sync replicas are left.
     async fn resync_region(&self, region: u64, redirect: &ResyncRedirect) -> Result<(), String> {
         loop {
-            if !self.resync_pending() {
+            // Copied meanwhile by a read (`resync_before_read`) or the job.
+            if !redirect.pending(region) {
                 return Ok(());
             }
             let Some(source) = self
@@ -485,6 +489,10 @@ impl Volume {
                 .filter(|m| m.id != source.id)
                 .collect();
             if targets.is_empty() {
+                // One replica left: nothing to copy, but a copy to it from a
+                // source that failed since may still be writing the region;
+                // it ends before anyone reads the region from this one.
+                drop(self.lock_region(region).await);
                 return Ok(());
             }
             match self.copy_region(region, &source, &targets).await {
@@ -508,6 +516,7 @@ impl Volume {
                         return Err(format!("reading the resync source failed: {e}"));
                     }
                 }
+                Err(CopyError::SourceLeft) => {}
             }
         }
     }
@@ -990,6 +999,7 @@ impl Volume {
                         return Err(format!("the last in-sync replica cannot be read: {e}"));
                     }
                 }
+                Err(CopyError::SourceLeft) => {}
             }
         }
     }
@@ -1271,5 +1281,8 @@ fn member_since(m: &Member) -> u64 {
 
 enum CopyError {
     Source(BackendError),
+    /// The source left the in-sync set while the copy waited for the
+    /// region: it may lack writes made since, so it is not copied from.
+    SourceLeft,
     Target(Uuid, BackendError),
 }

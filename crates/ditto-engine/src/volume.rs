@@ -1079,21 +1079,20 @@ impl Volume {
 
     /// A resync source that failed is replaced by another in-sync replica,
     /// so reads of regions not yet resynced and the resync itself keep
-    /// using one source. With one in-sync replica left it is the truth and
-    /// there is nothing left to reconcile (the dirty map still covers the
-    /// failed ones for their catch-up).
+    /// using one source. With one in-sync replica left it is the truth: the
+    /// resync then only waits, region by region, for a copy in progress to
+    /// end (the dirty map still covers the failed ones for their catch-up).
     fn redirect_after_failure(&self, failed: Uuid) {
-        let Ok(mut guard) = self.redirect.write() else {
+        let Ok(guard) = self.redirect.read() else {
             return;
         };
         let Some(redirect) = guard.as_ref() else {
             return;
         };
-        let in_sync = self.in_sync();
-        if in_sync.len() < 2 {
-            *guard = None;
-        } else if redirect.source() == failed {
-            redirect.set_source(in_sync[0].id);
+        if redirect.source() == failed {
+            if let Some(next) = self.in_sync().first() {
+                redirect.set_source(next.id);
+            }
         }
     }
 

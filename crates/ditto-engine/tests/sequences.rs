@@ -773,3 +773,114 @@ async fn sim393_reads_never_go_back_when_the_resync_source_fails() {
     );
     v.close().await.unwrap();
 }
+
+/// Found by ditto-sim (seeds 897, 102): a copy picks its source, then waits
+/// for the region; if the source fails meanwhile (a client write it missed
+/// holds the region), it must not be copied from: its stale data would
+/// overwrite that acknowledged write on the target.
+#[tokio::test]
+async fn sim897_copy_never_reads_a_source_that_left_while_it_waited() {
+    let f = Fixture::new(3).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.fail_replica(f.ids[2], "maintenance").await.unwrap();
+    v.write(3 << 20, block(1), false).await.unwrap();
+    // W: fails on replica 0, pauses on replica 1 (holding the region).
+    faults[0].write_failures.store(1, Ordering::SeqCst);
+    faults[1].pause_next_write.store(true, Ordering::SeqCst);
+    let w = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(3 << 20, block(2), false).await }
+    });
+    wait_for("W to pause", || {
+        faults[1].held_write.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // The catch-up of replica 2 picks replica 0 and waits for the region.
+    v.readd(f.ids[2], f.backend(2).await, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    faults[1].held_write.open();
+    w.await.unwrap().unwrap();
+    wait_idle(&v).await;
+    assert_eq!(
+        states(&v),
+        vec![
+            ReplicaState::Failed,
+            ReplicaState::InSync,
+            ReplicaState::InSync
+        ]
+    );
+    v.close().await.unwrap();
+    assert_eq!(
+        f.data_area(2)[3 << 20],
+        2,
+        "the caught-up replica lacks an acknowledged write"
+    );
+    assert_same_data(&f, 1, 2, "in-sync replicas after the catch-up");
+}
+
+/// Found by ditto-sim (seed 1326): the post-crash resync was copying a
+/// region from its source to the last other replica when the source
+/// failed; a read of that region was then served from that replica before
+/// the copy ended, and the next read returned the copied (other) version.
+#[tokio::test]
+async fn sim1326_reads_wait_for_a_copy_in_progress_from_a_failed_source() {
+    let f = Fixture::new(2).await;
+    {
+        let (v, _) = f.open(options()).await;
+        let v = v.unwrap();
+        v.write(0, block(1), false).await.unwrap();
+        v.flush().await.unwrap();
+    }
+    f.scribble(0, 0, &[0xa0; 4096]);
+    f.scribble(1, 0, &[0xb1; 4096]);
+    let (v, faults) = {
+        // The resync's copy to replica 1 pauses; replica 0 is the source.
+        let mut members = Vec::new();
+        let mut faults = Vec::new();
+        for (i, id) in f.ids.iter().enumerate() {
+            let b = f.faulty(i).await;
+            if i == 1 {
+                b.pause_next_write.store(true, Ordering::SeqCst);
+            }
+            faults.push(b.clone());
+            members.push(Member::new(
+                *id,
+                format!("pool{i}"),
+                b as Arc<dyn ReplicaBackend>,
+            ));
+        }
+        let v = ditto_engine::Volume::open(
+            "v",
+            f.vol_id,
+            SIZE,
+            members,
+            options(),
+            Arc::new(ditto_engine::LogSink),
+        )
+        .await
+        .unwrap();
+        (v, faults)
+    };
+    wait_for("the copy to pause", || {
+        faults[1].held_write.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    v.fail_replica(f.ids[0], "the resync source fails")
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let v = v.clone();
+        async move { v.read(0, 4096).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    faults[1].held_write.open();
+    let first = first.await.unwrap().unwrap();
+    wait_idle(&v).await;
+    let again = v.read(0, 4096).await.unwrap();
+    assert_eq!(
+        again[0], first[0],
+        "a read returned {:#x} after {:#x} was seen",
+        again[0], first[0]
+    );
+}
