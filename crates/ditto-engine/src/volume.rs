@@ -666,7 +666,9 @@ impl Volume {
                     let woken = v.sweep.notified();
                     tokio::pin!(woken);
                     woken.as_mut().enable();
+                    // biased: no random branch choice, so the simulator replays exactly.
                     tokio::select! {
+                        biased;
                         _ = tokio::time::sleep(tick) => {}
                         _ = woken => {}
                     }
