@@ -36,9 +36,16 @@
 //!    block was acknowledged — across crashes; without a crash since, every
 //!    acknowledged write reads back.
 //! 2. *Bad read*: a read returns a version between the block's floor and the
-//!    newest issued (see [`model`]); a block never goes back to older data
-//!    without a crash in between. *Garbage*: a block holds bytes no write
-//!    produced.
+//!    newest issued (see [`model`]). A block never goes back to older data
+//!    without a crash in between, once a version is settled: the floor moves
+//!    to a write when it is acknowledged, and to a version a read returned if
+//!    that version's request was no longer in flight when the read completed.
+//!    Reads overlapping a write still in flight may return new then old: a
+//!    mirror serves concurrent reads from different replicas, one of which may
+//!    hold the write and the other not yet; Linux md RAID-1 does the same, and
+//!    NBD and block-device semantics give no order between a read and an
+//!    unacknowledged overlapping write (a regular register, not an atomic
+//!    one). *Garbage*: a block holds bytes no write produced.
 //! 3. *Diverged*: once the volume is fully redundant and idle (nothing in
 //!    flight, no job running or about to: a rebuilding member counts as a job
 //!    to come unless the last job failed), all in-sync replicas' data areas are
@@ -77,24 +84,42 @@
 //!   "Gone" and "back" are a transient outage of the same device.
 //! - "No hole punching" makes `punch_hole` fail with EOPNOTSUPP, as the
 //!   engine's `IoFile`s did before their fallback (issue 9 item 15).
-//! - The node's degraded-start policy and membership record are the
-//!   driver's: starts with disks left out are allowed; with
-//!   `SimConfig::node_record` the node refuses a start where no replica
-//!   present was in sync when last seen (the node-level fix of item 7).
-//! - A volume that cannot start with every disk present ends the run without
-//!   a violation (e.g. its only current replica was wiped); the count is in
-//!   the stats as `start_refusals`.
+//! - The node's degraded-start policy is the driver's: starts with disks
+//!   left out are allowed. A volume's first open has every replica (the node
+//!   opens a volume when it creates it).
+//! - The node's membership record is [`world::SimLog`], a `MembershipLog`
+//!   passed in every open: it lives outside the node's runtime, so it
+//!   survives crashes like the node's redb store, and a record is durable
+//!   once `record` returns (after a short simulated commit that a crash can
+//!   cut). `--no-membership-log` runs without it (to show issue 9 item 7).
+//! - A start refused as `StaleOnly` (no present replica vouched for by the
+//!   record) or as a split brain is a legitimate outcome, counted in the
+//!   stats with the other `start_refusals`. The workload's operator then
+//!   brings every disk back, or forces the start (`Start { force }`: opened
+//!   with `accept_stale` only after a plain open was refused as stale-only),
+//!   or resolves a split brain (`Resolve { keep }`, as `ditto volume
+//!   resolve`: the kept replica alone, the others rebuilt from it in full).
+//! - A forced start or a resolve that takes effect is an explicit
+//!   data-loss event: the register of every block is reset to what the
+//!   replicas it started from held (`Model::reset`), whatever was
+//!   acknowledged since they left. The replicas it left out went on without
+//!   them (`World::other_side`): a later start must refuse them (split brain)
+//!   or leave them stale; counting one in sync before it is rebuilt is a
+//!   *stale in sync* violation (a merge).
+//! - A volume that cannot start with every disk present, forcing included,
+//!   ends the run without a violation (e.g. its only current replica was
+//!   wiped and no other holds the data).
 //!
 //! # Determinism
 //!
 //! Everything random comes from [`rng::SimRng`] streams split off the seed.
-//! The engine still measures some intervals with `std::time::Instant` (resync
-//! pacing, dirty-bit ageing, the rebuild checkpoint interval): under
-//! simulated time those read the real clock. The simulator therefore runs
-//! with `dirty_clear_delay = 0` and unlimited resync rates, which make those
-//! code paths independent of the clock; throttled rates (`--throttle`) are
-//! exercised but do not replay exactly until the engine uses
-//! `tokio::time::Instant`.
+//! The engine measures its intervals (resync pacing, dirty-bit ageing, the
+//! rebuild checkpoint interval) with `tokio::time::Instant` and its sweeper's
+//! select is `biased`, so under turmoil's paused clock they follow simulated
+//! time: starts pick throttled rates (unlimited, 256 MiB/s, 16 MiB/s), a
+//! `dirty_clear_delay` of 0..2 s and sometimes a hot set of 2..8 regions,
+//! and a seed still replays exactly (`tests/campaign.rs` checks it).
+//! `--no-throttle` and `--no-vary-dirty` turn those choices off.
 
 pub mod disk;
 pub mod model;

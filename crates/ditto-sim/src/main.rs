@@ -45,14 +45,18 @@ struct Args {
     /// diverged, stale-in-sync, needless-eio, last-leg, liveness, panic).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
-    /// Let starts pick throttled resync rates (not exactly replayable until
-    /// the engine paces by tokio time).
+    /// Starts always use unlimited resync rates (by default they pick
+    /// unlimited, fast or slow throttled rates).
     #[arg(long)]
-    throttle: bool,
-    /// Play a node with its own membership record, refusing to start a lone
-    /// stale replica (the node-level half of issue 9 item 7).
+    no_throttle: bool,
+    /// Starts always use a zero dirty clear delay and the default hot set
+    /// (by default they pick a delay of 0..2 s and sometimes 2..8 regions).
     #[arg(long)]
-    node_record: bool,
+    no_vary_dirty: bool,
+    /// Run without the node's membership log (`VolumeOptions::membership_log`),
+    /// to show issue 9 item 7 (a lone stale replica starting).
+    #[arg(long)]
+    no_membership_log: bool,
     /// Simulated seconds a settle may take before it is a liveness
     /// violation (default 600; 30 when liveness is skipped, so stuck seeds
     /// move on).
@@ -81,19 +85,23 @@ fn config(args: &Args) -> Result<SimConfig, String> {
     Ok(SimConfig {
         checks,
         settle_limit: Duration::from_secs(settle),
-        throttle: args.throttle,
-        node_record: args.node_record,
+        throttle: !args.no_throttle,
+        vary_dirty: !args.no_vary_dirty,
+        membership_log: !args.no_membership_log,
         ..SimConfig::default()
     })
 }
 
 fn command_for(args: &Args, seed: u64) -> String {
     let mut cmd = format!("scripts/sim --seed {seed} --ops {} --replay", args.ops);
-    if args.throttle {
-        cmd.push_str(" --throttle");
-    }
-    if args.node_record {
-        cmd.push_str(" --node-record");
+    for (on, flag) in [
+        (args.no_throttle, " --no-throttle"),
+        (args.no_vary_dirty, " --no-vary-dirty"),
+        (args.no_membership_log, " --no-membership-log"),
+    ] {
+        if on {
+            cmd.push_str(flag);
+        }
     }
     if !args.skip.is_empty() {
         cmd.push_str(&format!(" --skip {}", args.skip.join(",")));
@@ -301,7 +309,7 @@ fn campaign(args: &Args, cfg: &SimConfig) -> Result<bool, String> {
         stats.sim_nanos as f64 / 1e9
     );
     println!(
-        "  reads {}, writes {}, flushes {}, I/O errors {}, crashes {}, starts {} ({} refused), settles {}, replica checks {}, late landings {}",
+        "  reads {}, writes {}, flushes {}, I/O errors {}, crashes {}, starts {} ({} refused: {} stale-only, {} split brain; {} forced or resolved), settles {}, replica checks {}, late landings {}",
         stats.reads,
         stats.writes,
         stats.flushes,
@@ -309,6 +317,9 @@ fn campaign(args: &Args, cfg: &SimConfig) -> Result<bool, String> {
         stats.crashes,
         stats.starts,
         stats.start_refusals,
+        stats.stale_refusals,
+        stats.split_brain_refusals,
+        stats.forced,
         stats.settles,
         stats.replica_checks,
         stats.late_landed

@@ -8,8 +8,18 @@
 //! *floor*: the oldest version a read may still return.
 //!
 //! - An acknowledged write moves the floor to itself.
-//! - A read that returns a version moves the floor to it (a block never goes
-//!   back to older data without a crash, item 4 of issue 9).
+//! - A read that returns a version whose request is no longer in flight
+//!   when the read completes (acknowledged, failed, or cut by a crash)
+//!   moves the floor to it: a block never goes back to older data without a
+//!   crash in between (item 4 of issue 9). A read that returns a write still
+//!   in flight does not: until that write is acknowledged, a mirror may
+//!   serve concurrent reads from a replica that has it and from one that
+//!   does not yet (a regular register, as Linux md RAID-1 and every block
+//!   device give: no order between a read and an unacknowledged
+//!   overlapping write). Its acknowledgement then moves the floor.
+//! - A forced start (the operator's `--force-stale`) or a split-brain
+//!   resolve is a data-loss event: each block is [`Model::reset`] to what
+//!   the replicas it started from held.
 //! - A crash moves the floor back to the newest *durable* version: one
 //!   acknowledged with FUA, or acknowledged before a FLUSH (or a clean
 //!   stop) that then completed.
@@ -20,6 +30,9 @@ use std::collections::VecDeque;
 
 /// Bytes per client block: the unit of the register and of the stamps.
 pub const BLOCK: u64 = 4096;
+
+/// The `op` of the versions a data-loss event leaves ([`Model::reset`]).
+const RESET: u64 = u64::MAX;
 
 /// What a block holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -205,12 +218,19 @@ impl Model {
     pub fn crash(&mut self) {
         let durable_upto = self.durable_upto;
         for i in 0..self.blocks.len() {
-            let floor = self.blocks[i]
-                .versions
+            let versions = &self.blocks[i].versions;
+            let mut floor = versions
                 .iter()
                 .rev()
                 .find(|v| self.durable(v))
                 .map_or(0, |v| v.vno);
+            // The contents a data-loss event left are equally durable: any of them.
+            if versions.iter().any(|v| v.vno == floor && v.op == RESET) {
+                floor = versions
+                    .iter()
+                    .find(|v| v.op == RESET)
+                    .map_or(floor, |v| v.vno);
+            }
             let blk = &mut self.blocks[i];
             for v in blk.versions.iter_mut() {
                 // A flush after the crash cannot make these durable any more.
@@ -284,16 +304,45 @@ impl Model {
         let found = self
             .allowed(block, floor)
             .find(|v| v.value == value)
-            .map(|v| v.vno);
+            .map(|v| (v.vno, v.status == Status::InFlight));
         match found {
-            Some(vno) => {
-                if observe {
+            Some((vno, in_flight)) => {
+                if observe && !in_flight {
                     let blk = &mut self.blocks[block as usize];
                     blk.floor = blk.floor.max(vno);
                 }
                 true
             }
             None => false,
+        }
+    }
+
+    /// A data-loss event (forced start, resolve): `block` now holds one of
+    /// `values` (what the replicas started from held), and nothing older.
+    /// Call only while nothing is in flight.
+    pub fn reset(&mut self, block: u64, values: &[Value]) {
+        let blk = &mut self.blocks[block as usize];
+        blk.versions.clear();
+        blk.floor = blk.next_vno;
+        for v in values {
+            let vno = blk.next_vno;
+            blk.next_vno += 1;
+            blk.versions.push_back(Version {
+                vno,
+                op: RESET,
+                value: *v,
+                status: Status::Acked { seq: 0, fua: true },
+            });
+        }
+        if blk.versions.is_empty() {
+            // No replica held it (cannot happen: a forced start has one).
+            blk.versions.push_back(Version {
+                vno: blk.next_vno,
+                op: RESET,
+                value: Value::Zero,
+                status: Status::Acked { seq: 0, fua: true },
+            });
+            blk.next_vno += 1;
         }
     }
 
@@ -375,5 +424,40 @@ mod tests {
         );
         m.prune();
         assert!(m.check(0, m.floor(0), Value::Stamp(3), false));
+    }
+
+    #[test]
+    fn reads_overlapping_a_write_in_flight_may_go_back_until_it_is_acked() {
+        let mut m = Model::new(1);
+        m.issue(1, 0, 1, false);
+        m.complete(1, 0, 1, true, true);
+        m.issue(2, 0, 1, false);
+        // One replica already has write 2, the other not yet.
+        assert!(m.check(0, m.floor(0), Value::Stamp(2), true));
+        assert!(
+            m.check(0, m.floor(0), Value::Stamp(1), true),
+            "a read concurrent with write 2 may return the old data"
+        );
+        m.complete(2, 0, 1, true, false);
+        assert!(!m.check(0, m.floor(0), Value::Stamp(1), false));
+        // A failed write seen by a read that completed after it: settled.
+        m.issue(3, 0, 1, false);
+        m.complete(3, 0, 1, false, false);
+        assert!(m.check(0, m.floor(0), Value::Stamp(3), true));
+        assert!(!m.check(0, m.floor(0), Value::Stamp(2), false));
+    }
+
+    #[test]
+    fn a_reset_holds_only_what_the_forced_replicas_held() {
+        let mut m = Model::new(1);
+        m.issue(1, 0, 1, false);
+        m.complete(1, 0, 1, true, true);
+        m.reset(0, &[Value::Zero, Value::Stamp(7)]);
+        assert!(!m.check(0, m.floor(0), Value::Stamp(1), false));
+        assert!(m.check(0, m.floor(0), Value::Zero, false));
+        m.crash();
+        assert!(m.check(0, m.floor(0), Value::Zero, false));
+        assert!(m.check(0, m.floor(0), Value::Stamp(7), true));
+        assert!(!m.check(0, m.floor(0), Value::Zero, false));
     }
 }

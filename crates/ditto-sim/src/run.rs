@@ -33,6 +33,7 @@ pub fn generate(seed: u64, ops: u64, cfg: SimConfig) -> Outcome {
     let blocks = cfg.volume_size / crate::model::BLOCK;
     let mut gen = Generator::new(seed, ops, blocks);
     gen.profile.throttle = cfg.throttle;
+    gen.profile.vary_dirty = cfg.vary_dirty;
     let replicas = gen.profile.replicas;
     let mut trace = Vec::new();
     let mut w = match World::new(seed, cfg, replicas) {

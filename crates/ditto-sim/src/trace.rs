@@ -61,7 +61,18 @@ pub fn format_event(e: &Event) -> String {
         Event::Settle => "settle".into(),
         Event::Verify => "verify".into(),
         Event::Crash { mode } => format!("crash {}", mode_name(*mode)),
-        Event::Start { absent, rate } => format!("start absent={absent:#x} rate={}", rate.name()),
+        Event::Start {
+            absent,
+            rate,
+            clear_ms,
+            hot,
+            force,
+        } => format!(
+            "start absent={absent:#x} rate={} clear={clear_ms} hot={hot}{}",
+            rate.name(),
+            if *force { " force" } else { "" }
+        ),
+        Event::Resolve { keep } => format!("resolve {keep}"),
         Event::Stop => "stop".into(),
         Event::Fail { slot } => format!("fail {slot}"),
         Event::Readd { slot } => format!("readd {slot}"),
@@ -164,6 +175,8 @@ pub fn parse_event(line: &str) -> Result<Event, String> {
         "start" => {
             let mut absent = 0;
             let mut rate = Rate::Unlimited;
+            let (mut clear_ms, mut hot) = (0, 0);
+            let force = has("force");
             for word in rest {
                 if let Some(v) = kv(word, "absent") {
                     absent = u32::from_str_radix(v.trim_start_matches("0x"), 16)
@@ -175,10 +188,23 @@ pub fn parse_event(line: &str) -> Result<Event, String> {
                         "slow" => Rate::Slow,
                         _ => return Err("rate is unlimited, fast or slow".into()),
                     };
+                } else if let Some(v) = kv(word, "clear") {
+                    clear_ms = num(Some(v), "clear")?;
+                } else if let Some(v) = kv(word, "hot") {
+                    hot = num(Some(v), "hot")?;
                 }
             }
-            Event::Start { absent, rate }
+            Event::Start {
+                absent,
+                rate,
+                clear_ms,
+                hot,
+                force,
+            }
         }
+        "resolve" => Event::Resolve {
+            keep: num(w.next(), "slot")?,
+        },
         "stop" => Event::Stop,
         "fail" => Event::Fail {
             slot: num(w.next(), "slot")?,
@@ -324,7 +350,12 @@ mod tests {
             Event::Start {
                 absent: 0x5,
                 rate: Rate::Slow,
+                clear_ms: 1500,
+                hot: 4,
+                force: true,
             },
+            Event::start(0),
+            Event::Resolve { keep: 1 },
             Event::Stop,
             Event::Fail { slot: 1 },
             Event::Readd { slot: 2 },

@@ -14,7 +14,7 @@ use ditto_engine::ReplicaState;
 use crate::disk::{CrashMode, FaultKind, FaultRule, OpKind};
 use crate::model::BLOCK;
 use crate::rng::SimRng;
-use crate::world::{Event, NodeState, Rate, World};
+use crate::world::{Event, NodeState, Rate, Refusal, World};
 
 /// What a seed's workload looks like.
 #[derive(Debug, Clone)]
@@ -35,6 +35,11 @@ pub struct Profile {
     pub settle_every: u64,
     /// Let starts pick throttled resync rates.
     pub throttle: bool,
+    /// Let starts pick a dirty clear delay (0..2 s) and a small hot set.
+    pub vary_dirty: bool,
+    /// Chance (per mille) that the operator forces a start refused as
+    /// stale-only (`--force-stale`) rather than bringing the disks back.
+    pub force_per_mille: u64,
 }
 
 /// Incident classes.
@@ -85,6 +90,8 @@ impl Profile {
             incident_weights,
             settle_every: [50, 200, 800][w(0, 2) as usize],
             throttle: false,
+            vary_dirty: false,
+            force_per_mille: [0, 150, 500][w(0, 2) as usize],
         }
     }
 }
@@ -112,6 +119,13 @@ pub struct Generator {
     phase: Phase,
     /// A start was refused and a start with every disk was already tried.
     full_start_tried: bool,
+    /// Starts tried since the node was last running (to give up on a lost volume).
+    recoveries: u32,
+    /// The absent mask of the last start.
+    last_absent: u32,
+    /// The volume has run once: its first open is the node's creation,
+    /// which opens every replica it just formatted (`Node::create_volume`).
+    created: bool,
 }
 
 impl Generator {
@@ -128,6 +142,9 @@ impl Generator {
             queue: VecDeque::new(),
             phase: Phase::Run,
             full_start_tried: false,
+            recoveries: 0,
+            last_absent: 0,
+            created: false,
         }
     }
 
@@ -162,6 +179,8 @@ impl Generator {
         }
         if w.node == NodeState::Running {
             self.full_start_tried = false;
+            self.recoveries = 0;
+            self.created = true;
         }
         match self.phase {
             Phase::Run => {}
@@ -228,30 +247,75 @@ impl Generator {
         Some((j, io))
     }
 
+    fn all_back(&mut self, w: &World) {
+        for s in 0..w.slots.len() {
+            self.push(Event::Back { slot: s as u8 });
+        }
+        self.gone.clear();
+    }
+
     fn start(&mut self, w: &World) {
-        if w.refused.is_some() {
+        if let Some((why, _)) = w.refused {
+            self.recoveries += 1;
+            if self.recoveries > 4 {
+                // Nothing brings it back: the volume is lost (legitimately,
+                // e.g. its only current replica was wiped, and forcing failed).
+                self.phase = Phase::Done;
+                return;
+            }
+            match why {
+                Refusal::SplitBrain => {
+                    // The operator keeps a side: mostly the one the volume
+                    // last ran on, sometimes the other (losing its writes).
+                    let members = Self::member_slots(w);
+                    let current: Vec<u8> = w
+                        .known_current
+                        .iter()
+                        .map(|s| *s as u8)
+                        .filter(|s| members.contains(s))
+                        .collect();
+                    let keep = if current.is_empty() || self.rng.chance(0.2) {
+                        self.pick_slot(&members)
+                    } else {
+                        self.pick_slot(&current)
+                    };
+                    if let Some(keep) = keep {
+                        self.all_back(w);
+                        self.push(Event::Resolve { keep });
+                        return;
+                    }
+                }
+                Refusal::StaleOnly
+                    if self.full_start_tried
+                        || self.rng.below(1000) < self.profile.force_per_mille =>
+                {
+                    // The operator accepts the loss: `--force-stale`, with
+                    // the disks as they are (a full start was refused too:
+                    // the current replicas are really lost).
+                    let absent = if self.full_start_tried {
+                        0
+                    } else {
+                        self.last_absent
+                    };
+                    self.push_start(absent, true);
+                    return;
+                }
+                _ => {}
+            }
             if self.full_start_tried {
-                // Even every disk together cannot start: the volume is lost
-                // (legitimately, e.g. its only current replica was wiped).
                 self.phase = Phase::Done;
                 return;
             }
             self.full_start_tried = true;
-            for s in 0..w.slots.len() {
-                self.push(Event::Back { slot: s as u8 });
-            }
-            self.gone.clear();
-            self.push(Event::Start {
-                absent: 0,
-                rate: Rate::Unlimited,
-            });
+            self.all_back(w);
+            self.push_start(0, false);
             return;
         }
         let members: Vec<usize> = (0..w.slots.len())
             .filter(|s| w.slots[*s].in_record)
             .collect();
         let mut absent = 0u32;
-        if self.phase == Phase::Run && self.rng.chance(0.3) && members.len() > 1 {
+        if self.created && self.phase == Phase::Run && self.rng.chance(0.3) && members.len() > 1 {
             for &s in &members {
                 if self.rng.chance(0.5) && s < 32 {
                     absent |= 1 << s;
@@ -261,12 +325,38 @@ impl Generator {
                 absent &= !(1 << members[0]);
             }
         }
+        self.push_start(absent, false);
+    }
+
+    fn push_start(&mut self, absent: u32, force: bool) {
+        self.last_absent = absent;
         let rate = if self.profile.throttle {
             [Rate::Unlimited, Rate::Fast, Rate::Slow][self.rng.below(3) as usize]
         } else {
             Rate::Unlimited
         };
-        self.push(Event::Start { absent, rate });
+        let (clear_ms, hot) = if self.profile.vary_dirty {
+            let clear = if self.rng.chance(0.25) {
+                0
+            } else {
+                self.rng.below(2001) as u32
+            };
+            let hot = if self.rng.chance(0.3) {
+                self.rng.range(2, 8) as u16
+            } else {
+                0
+            };
+            (clear, hot)
+        } else {
+            (0, 0)
+        };
+        self.push(Event::Start {
+            absent,
+            rate,
+            clear_ms,
+            hot,
+            force,
+        });
     }
 
     fn io(&mut self, w: &World) -> Option<Event> {

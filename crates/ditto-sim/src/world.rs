@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ditto_engine::{
-    Event as EngineEvent, EventSink, FileReplica, IoFile, JobProgress, Member, MemberStatus,
-    MissingReplica, ReplicaBackend, ReplicaState, Volume, VolumeOptions,
+    BoxFuture, EngineError, Event as EngineEvent, EventSink, FileReplica, IoFile, JobProgress,
+    KnownMembership, Member, MemberStatus, MembershipLog, MembershipLogRef, MissingReplica,
+    ReplicaBackend, ReplicaState, Volume, VolumeOptions,
 };
 use ditto_format::Layout;
 use tokio::sync::Notify;
@@ -43,14 +44,16 @@ pub struct SimConfig {
     pub checks: Checks,
     /// Record a readable log of events and outcomes (for a failing seed).
     pub verbose: bool,
-    /// Let the workload start volumes with throttled resync rates.
+    /// Let the workload's starts pick throttled resync rates (the default).
     pub throttle: bool,
-    /// The engine's `dirty_clear_delay`. Zero by default: the engine ages
-    /// dirty regions on the wall clock, which would make runs unrepeatable.
-    pub dirty_clear_delay: Duration,
-    /// Play a node that keeps its own membership record (issue 9 item 7):
-    /// it refuses a start where no replica present was in sync when last seen.
-    pub node_record: bool,
+    /// Let the workload's starts pick a `dirty_clear_delay` of 0..2 s and
+    /// sometimes a small hot set (the default); without it every start uses
+    /// a zero delay and the default hot set.
+    pub vary_dirty: bool,
+    /// Play the node's membership record (its redb store, durable once
+    /// `record` returns, surviving crashes) and pass it to every open (the
+    /// default). Off only to show issue 9 item 7 on an engine without it.
+    pub membership_log: bool,
 }
 
 impl Default for SimConfig {
@@ -63,9 +66,9 @@ impl Default for SimConfig {
             settle_limit: Duration::from_secs(600),
             checks: Checks::default(),
             verbose: false,
-            throttle: false,
-            node_record: false,
-            dirty_clear_delay: Duration::ZERO,
+            throttle: true,
+            vary_dirty: true,
+            membership_log: true,
         }
     }
 }
@@ -225,10 +228,23 @@ pub enum Event {
     Crash {
         mode: CrashMode,
     },
-    /// Start the node's volume with the `absent` slots' disks unplugged.
+    /// Start the node's volume with the `absent` slots' disks unplugged,
+    /// resync rate `rate`, `dirty_clear_delay` of `clear_ms` and a hot set
+    /// of `hot` regions (0: the engine's default). `force` is the
+    /// operator's `--force-stale`: the node starts without it, and only if
+    /// that is refused as stale-only, starts again accepting the loss.
     Start {
         absent: u32,
         rate: Rate,
+        clear_ms: u32,
+        hot: u16,
+        force: bool,
+    },
+    /// `ditto volume resolve --keep SLOT` on the stopped volume: start from
+    /// `keep` alone (accepting it whatever its age), then rebuild every
+    /// other replica from it in full. Engine options are the last start's.
+    Resolve {
+        keep: u8,
     },
     Stop,
     Fail {
@@ -273,6 +289,19 @@ pub enum Event {
     Sleep {
         ms: u32,
     },
+}
+
+impl Event {
+    /// A plain start with the `absent` slots' disks unplugged.
+    pub fn start(absent: u32) -> Event {
+        Event::Start {
+            absent,
+            rate: Rate::Unlimited,
+            clear_ms: 0,
+            hot: 0,
+            force: false,
+        }
+    }
 }
 
 /// An event in a trace: run `after` steps after the previous one; the node
@@ -324,6 +353,12 @@ pub struct Stats {
     pub crashes: u64,
     pub starts: u64,
     pub start_refusals: u64,
+    /// Of the refusals: `StaleOnly` (no present replica vouched for by the node's record).
+    pub stale_refusals: u64,
+    /// Of the refusals: split brain.
+    pub split_brain_refusals: u64,
+    /// Forced starts (`accept_stale`) and resolves that took effect.
+    pub forced: u64,
     pub settles: u64,
     pub replica_checks: u64,
     pub late_landed: u64,
@@ -341,6 +376,9 @@ impl Stats {
         self.crashes += o.crashes;
         self.starts += o.starts;
         self.start_refusals += o.start_refusals;
+        self.stale_refusals += o.stale_refusals;
+        self.split_brain_refusals += o.split_brain_refusals;
+        self.forced += o.forced;
         self.settles += o.settles;
         self.replica_checks += o.replica_checks;
         self.late_landed += o.late_landed;
@@ -368,6 +406,7 @@ impl Hasher for Fnv {
     }
 }
 
+#[derive(Clone)]
 struct MemberSpec {
     id: Uuid,
     label: String,
@@ -382,8 +421,13 @@ enum Req {
     Start {
         members: Vec<MemberSpec>,
         options: VolumeOptions,
-        /// Refuse unless one of these replicas is present (the node's record of who is current).
-        require_one_of: Option<Vec<Uuid>>,
+        /// Start again with `accept_stale` if refused as stale-only.
+        force: bool,
+    },
+    Resolve {
+        keep: Uuid,
+        members: Vec<MemberSpec>,
+        options: VolumeOptions,
     },
     Stop,
     Read {
@@ -431,6 +475,60 @@ enum Reply {
     Done(String),
     Data(Bytes),
     Err(String),
+    /// A start refused: why, and the message.
+    Refused(Refusal, String),
+}
+
+/// Why a start was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `EngineError::StaleOnly`: no replica present is vouched for by the node's record.
+    StaleOnly,
+    /// `EngineError::SplitBrain`: two replicas present each went on without the other.
+    SplitBrain,
+    /// Anything else (no current replica, none can be opened, ...).
+    Other,
+}
+
+/// The node's membership record (`MembershipLog`), as its redb store keeps
+/// it: outside the node's runtime, so it survives crashes; a record is
+/// durable once `record` returns (after a short simulated commit; a crash
+/// during it loses it).
+pub struct SimLog {
+    last: Mutex<Option<KnownMembership>>,
+    rng: Mutex<SimRng>,
+}
+
+impl SimLog {
+    pub fn new(seed: u64) -> Self {
+        SimLog {
+            last: Mutex::new(None),
+            rng: Mutex::new(SimRng::stream(seed, "membership-log")),
+        }
+    }
+
+    pub fn get(&self) -> Option<KnownMembership> {
+        lock(&self.last).clone()
+    }
+}
+
+impl MembershipLog for SimLog {
+    fn last(&self, _volume: Uuid) -> Option<KnownMembership> {
+        self.get()
+    }
+
+    fn record(
+        &self,
+        _volume: Uuid,
+        membership: KnownMembership,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        let commit = Duration::from_micros(lock(&self.rng).range(20, 300));
+        Box::pin(async move {
+            tokio::time::sleep(commit).await;
+            *lock(&self.last) = Some(membership);
+            Ok(())
+        })
+    }
 }
 
 /// What the driver and the node share. Lives outside the node's runtime, so it survives crashes.
@@ -442,6 +540,7 @@ struct Link {
     events: Mutex<Vec<String>>,
     record_events: bool,
     spec: VolumeSpec,
+    log: Option<Arc<SimLog>>,
 }
 
 #[derive(Clone)]
@@ -508,6 +607,64 @@ fn status<E: fmt::Display>(r: Result<(), E>) -> Reply {
     }
 }
 
+fn refused(e: EngineError) -> Reply {
+    let kind = match e {
+        EngineError::StaleOnly { .. } => Refusal::StaleOnly,
+        EngineError::SplitBrain { .. } => Refusal::SplitBrain,
+        _ => Refusal::Other,
+    };
+    Reply::Refused(kind, e.to_string())
+}
+
+/// Open the replicas (a disk absent or unreadable is a `MissingReplica`)
+/// and the volume on them, with the node's membership log.
+async fn open_volume(
+    link: &Arc<Link>,
+    members: &[MemberSpec],
+    options: VolumeOptions,
+    accept_stale: bool,
+) -> Result<Arc<Volume>, EngineError> {
+    let spec = &link.spec;
+    let mut list = Vec::new();
+    for m in members {
+        let backend: Arc<dyn ReplicaBackend> = match &m.disk {
+            Some(disk) => {
+                let name = disk.name().to_string();
+                match FileReplica::open_on(disk.open() as Arc<dyn IoFile>, name.clone(), spec.uuid)
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) => Arc::new(MissingReplica::new(
+                        name,
+                        e.to_string(),
+                        spec.uuid,
+                        m.id,
+                        spec.layout,
+                    )),
+                }
+            }
+            None => Arc::new(MissingReplica::new(
+                m.label.clone(),
+                "disk not present at start",
+                spec.uuid,
+                m.id,
+                spec.layout,
+            )),
+        };
+        list.push(Member::new(m.id, m.label.clone(), backend));
+    }
+    let options = VolumeOptions {
+        membership_log: link
+            .log
+            .clone()
+            .map(|l| MembershipLogRef(l as Arc<dyn MembershipLog>)),
+        accept_stale,
+        ..options
+    };
+    let sink = Arc::new(Sink(link.clone()));
+    Volume::open(spec.name.clone(), spec.uuid, spec.size, list, options, sink).await
+}
+
 async fn serve(link: &Arc<Link>, req: Req) -> Reply {
     let spec = &link.spec;
     let running = link.volume();
@@ -519,8 +676,10 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
                     .await;
             return status(r.map(|_| ()));
         }
-        (Req::Start { .. }, Some(_)) => return Reply::Err("already running".into()),
-        (Req::Start { .. }, None) => None,
+        (Req::Start { .. } | Req::Resolve { .. }, Some(_)) => {
+            return Reply::Err("already running".into())
+        }
+        (Req::Start { .. } | Req::Resolve { .. }, None) => None,
         (_, None) => return Reply::Err("volume not running".into()),
         (_, Some(v)) => Some(v),
     };
@@ -529,60 +688,77 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
             Req::Start {
                 members,
                 options,
-                require_one_of,
+                force,
             },
             _,
         ) => {
-            let mut list = Vec::new();
-            for m in members {
-                let backend: Arc<dyn ReplicaBackend> = match m.disk {
-                    Some(disk) => {
-                        let name = disk.name().to_string();
-                        match FileReplica::open_on(
-                            disk.open() as Arc<dyn IoFile>,
-                            name.clone(),
-                            spec.uuid,
-                        )
-                        .await
-                        {
-                            Ok(b) => b,
-                            Err(e) => Arc::new(MissingReplica::new(
-                                name,
-                                e.to_string(),
-                                spec.uuid,
-                                m.id,
-                                spec.layout,
-                            )),
-                        }
-                    }
-                    None => Arc::new(MissingReplica::new(
-                        m.label.clone(),
-                        "disk not present at start",
-                        spec.uuid,
-                        m.id,
-                        spec.layout,
-                    )),
-                };
-                list.push(Member::new(m.id, m.label, backend));
+            let mut r = open_volume(link, &members, options.clone(), false).await;
+            let mut forced = false;
+            if force && matches!(r, Err(EngineError::StaleOnly { .. })) {
+                // The operator read the refusal and forces it: `--force-stale`.
+                r = open_volume(link, &members, options, true).await;
+                forced = true;
             }
-            if let Some(current) = require_one_of {
-                if !list
-                    .iter()
-                    .any(|m| m.backend.is_present() && current.contains(&m.id))
-                {
-                    return Reply::Err(
-                        "node record: no replica present was in sync when last seen; a lone stale replica is not started".into(),
-                    );
-                }
-            }
-            let sink = Arc::new(Sink(link.clone()));
-            match Volume::open(spec.name.clone(), spec.uuid, spec.size, list, options, sink).await {
+            match r {
                 Ok(v) => {
                     *lock(&link.volume) = Some(v);
-                    done()
+                    Reply::Done(if forced {
+                        "forced".into()
+                    } else {
+                        String::new()
+                    })
                 }
-                Err(e) => Reply::Err(e.to_string()),
+                Err(e) => refused(e),
             }
+        }
+        (
+            Req::Resolve {
+                keep,
+                members,
+                options,
+            },
+            _,
+        ) => {
+            // Like `Node::resolve`: the kept replica alone, the others
+            // discarded (placeholders), then each rebuilt from it in full.
+            let alone: Vec<MemberSpec> = members
+                .iter()
+                .map(|m| MemberSpec {
+                    disk: if m.id == keep { m.disk.clone() } else { None },
+                    ..m.clone()
+                })
+                .collect();
+            let v = match open_volume(link, &alone, options, true).await {
+                Ok(v) => v,
+                Err(e) => return refused(e),
+            };
+            *lock(&link.volume) = Some(v.clone());
+            let mut notes = Vec::new();
+            for m in members.iter().filter(|m| m.id != keep) {
+                let Some(disk) = &m.disk else { continue };
+                let name = disk.name().to_string();
+                let r = match FileReplica::open_on(disk.open() as Arc<dyn IoFile>, name, spec.uuid)
+                    .await
+                {
+                    Ok(b) => v
+                        .readd(m.id, b, true)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = r {
+                    notes.push(format!("{}: {e}", m.label));
+                }
+            }
+            Reply::Done(format!(
+                "resolved{}",
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join("; "))
+                }
+            ))
         }
         (_, None) => Reply::Err("volume not running".into()),
         (Req::Stop, Some(v)) => {
@@ -641,6 +817,9 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
     }
 }
 
+/// What each present slot's disk holds, per block (or why it is garbage).
+type Snapshot = Vec<(usize, Vec<Result<Value, String>>)>;
+
 /// A request the node has not answered yet.
 enum Waiting {
     Read {
@@ -658,7 +837,12 @@ enum Waiting {
     Flush {
         cover: u64,
     },
-    Start,
+    Start {
+        /// Per block, what each present slot's disk held when a start that
+        /// may be forced (or a resolve) was issued: a forced start is a
+        /// data-loss event, after which the register holds only that.
+        snapshot: Option<Snapshot>,
+    },
     Stop {
         cover: u64,
     },
@@ -721,10 +905,19 @@ pub struct World {
     /// Readable log of what happened (with `cfg.verbose`).
     pub log: Vec<String>,
     /// Why the last start was refused, until a start succeeds.
-    pub refused: Option<String>,
+    pub refused: Option<(Refusal, String)>,
+    /// The node's membership record (with `cfg.membership_log`).
+    pub membership_log: Option<Arc<SimLog>>,
+    /// Slots cut off by a forced start (or a resolve): they went on without
+    /// the replicas the volume now runs on, so they must never be counted in
+    /// sync again except by a rebuild (a start with them is a split brain).
+    pub other_side: Vec<usize>,
+    /// Engine options of the last start (a resolve reuses them).
+    last_start: (Rate, u32, u16),
+
     last_members: Vec<MemberStatus>,
-    /// Slots in sync when last seen running (what a node's membership record holds).
-    known_current: Vec<usize>,
+    /// Slots in sync when last seen running.
+    pub known_current: Vec<usize>,
     steps: u64,
     /// Replies of recent requests, for scripted scenarios.
     replies: BTreeMap<u64, Result<String, String>>,
@@ -759,6 +952,7 @@ impl World {
             events: Mutex::new(Vec::new()),
             record_events: cfg.verbose,
             spec,
+            log: cfg.membership_log.then(|| Arc::new(SimLog::new(seed))),
         });
         let mut sim = turmoil::Builder::new()
             .tick_duration(cfg.tick)
@@ -767,6 +961,7 @@ impl World {
             .build();
         let node_link = link.clone();
         sim.host(NODE, move || node_main(node_link.clone()));
+        let membership_log = link.log.clone();
         let blocks = cfg.volume_size / BLOCK;
         let mut w = World {
             sim,
@@ -789,11 +984,15 @@ impl World {
             refused: None,
             last_members: Vec::new(),
             known_current: Vec::new(),
+            membership_log: None,
+            other_side: Vec::new(),
+            last_start: (Rate::Unlimited, 0, 0),
             steps: 0,
             replies: BTreeMap::new(),
             last_request: 0,
             disk_log: Arc::new(Mutex::new(Vec::new())),
         };
+        w.membership_log = membership_log;
         for _ in 0..replicas {
             let slot = w.new_slot();
             let disk = w.slots[slot].disk.clone();
@@ -1046,47 +1245,57 @@ impl World {
                 }
             }
             Event::Crash { mode } => self.crash(*mode),
-            Event::Start { absent, rate } => {
+            Event::Start {
+                absent,
+                rate,
+                clear_ms,
+                hot,
+                force,
+            } => {
                 if self.node != NodeState::Down {
                     return;
                 }
-                for s in self.slots.iter_mut() {
-                    s.opened = s.disk.incarnation();
-                }
-                let members = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.in_record)
-                    .map(|(i, s)| MemberSpec {
-                        id: s.uuid,
-                        label: s.label.clone(),
-                        disk: (absent & (1 << i) == 0 && !s.disk.is_gone()).then(|| s.disk.clone()),
-                    })
-                    .collect();
-                let r = rate.bytes_per_sec();
-                let options = VolumeOptions {
-                    io_timeout: self.cfg.io_timeout,
-                    resync_min_rate: r,
-                    resync_max_rate: r,
-                    dirty_clear_delay: self.cfg.dirty_clear_delay,
-                    ..VolumeOptions::default()
-                };
-                let require_one_of =
-                    (self.cfg.node_record && !self.known_current.is_empty()).then(|| {
-                        self.known_current
-                            .iter()
-                            .map(|s| self.slots[*s].uuid)
-                            .collect()
-                    });
+                self.last_start = (*rate, *clear_ms, *hot);
+                self.note_log();
+                let members = self.member_specs(|i, s| absent & (1 << i) == 0 && !s.disk.is_gone());
+                let options = self.options(*rate, *clear_ms, *hot);
+                let snapshot = force.then(|| self.snapshot(&members));
                 self.node = NodeState::Starting;
                 self.send(
                     Req::Start {
                         members,
                         options,
-                        require_one_of,
+                        force: *force,
                     },
-                    Waiting::Start,
+                    Waiting::Start { snapshot },
+                    jitter,
+                );
+            }
+            Event::Resolve { keep } => {
+                let Some(k) = self.slot_ok(*keep) else { return };
+                if self.node != NodeState::Down || !self.slots[k].in_record {
+                    return;
+                }
+                self.note_log();
+                let members = self.member_specs(|_, s| !s.disk.is_gone());
+                let (rate, clear_ms, hot) = self.last_start;
+                let options = self.options(rate, clear_ms, hot);
+                let keep = self.slots[k].uuid;
+                let snapshot: Vec<_> = self
+                    .snapshot(&members)
+                    .into_iter()
+                    .filter(|(s, _)| *s == k)
+                    .collect();
+                self.node = NodeState::Starting;
+                self.send(
+                    Req::Resolve {
+                        keep,
+                        members,
+                        options,
+                    },
+                    Waiting::Start {
+                        snapshot: Some(snapshot),
+                    },
                     jitter,
                 );
             }
@@ -1195,6 +1404,130 @@ impl World {
                 }
             }
         }
+    }
+
+    fn note_log(&mut self) {
+        if self.cfg.verbose {
+            let record = self.membership_log.as_ref().and_then(|l| l.get());
+            let text = match record {
+                None => "none".to_string(),
+                Some(k) => {
+                    let slots: Vec<String> = k
+                        .in_sync
+                        .iter()
+                        .map(|id| self.slot_of(*id).map_or("?".into(), |s| format!("disk{s}")))
+                        .collect();
+                    format!("generation {} in sync [{}]", k.generation, slots.join(", "))
+                }
+            };
+            self.note(|| format!("  node's membership record: {text}"));
+        }
+    }
+
+    /// The recorded members, each with its disk if `present` says so;
+    /// marks the disks opened now.
+    fn member_specs(&mut self, present: impl Fn(usize, &Slot) -> bool) -> Vec<MemberSpec> {
+        for s in self.slots.iter_mut() {
+            s.opened = s.disk.incarnation();
+        }
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.in_record)
+            .map(|(i, s)| MemberSpec {
+                id: s.uuid,
+                label: s.label.clone(),
+                disk: present(i, s).then(|| s.disk.clone()),
+            })
+            .collect()
+    }
+
+    fn options(&self, rate: Rate, clear_ms: u32, hot: u16) -> VolumeOptions {
+        let r = rate.bytes_per_sec();
+        let defaults = VolumeOptions::default();
+        VolumeOptions {
+            io_timeout: self.cfg.io_timeout,
+            resync_min_rate: r,
+            resync_max_rate: r,
+            dirty_clear_delay: Duration::from_millis(u64::from(clear_ms)),
+            hot_set_regions: if hot == 0 {
+                defaults.hot_set_regions
+            } else {
+                u64::from(hot)
+            },
+            ..defaults
+        }
+    }
+
+    /// What each present member's disk holds, per block.
+    fn snapshot(&self, members: &[MemberSpec]) -> Snapshot {
+        let data_offset = self.layout().data_offset;
+        members
+            .iter()
+            .filter(|m| m.disk.is_some())
+            .filter_map(|m| self.slot_of(m.id))
+            .map(|s| {
+                let disk = &self.slots[s].disk;
+                let values = (0..self.blocks())
+                    .map(|b| decode(&disk.peek(data_offset + b * BLOCK, BLOCK as usize), b))
+                    .collect();
+                (s, values)
+            })
+            .collect()
+    }
+
+    /// A forced start or a resolve took effect: the volume now holds what
+    /// the replicas it started in sync held, whatever was acknowledged
+    /// since they left (the operator accepted that loss). The register is
+    /// reset to those contents, and the replicas left out are the other
+    /// side of a split brain from now on.
+    fn data_loss(&mut self, snapshot: Snapshot) {
+        self.stats.forced += 1;
+        let in_sync = self.in_sync_slots();
+        let kept: Vec<_> = snapshot
+            .into_iter()
+            .filter(|(s, _)| in_sync.contains(s))
+            .collect();
+        for b in 0..self.blocks() {
+            let mut values = Vec::new();
+            for (s, v) in &kept {
+                match &v[b as usize] {
+                    Ok(v) => {
+                        if !values.contains(v) {
+                            values.push(*v);
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "{} block {b} at a forced start: {e}",
+                            self.slots[*s].disk.name()
+                        );
+                        self.fail(Check::Garbage, msg);
+                        return;
+                    }
+                }
+            }
+            self.model.reset(b, &values);
+        }
+        self.other_side = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                s.in_record
+                    && !matches!(
+                        self.state_of(*i),
+                        Some(ReplicaState::InSync | ReplicaState::Rebuilding)
+                    )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let msg = format!(
+            "  data-loss event: the volume now holds what slot(s) {:?} held; other side: {:?}",
+            kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            self.other_side
+        );
+        self.note(|| msg);
     }
 
     fn issue_modify(&mut self, event: &Event, first: u64, n: u64, jitter: Duration) {
@@ -1330,6 +1663,16 @@ impl World {
         for (id, reply) in done {
             self.complete(id, reply);
         }
+        if self.node == NodeState::Running && !self.other_side.is_empty() {
+            // Rebuilt (re-added in full) since: on the volume's side now.
+            let states: Vec<Option<ReplicaState>> =
+                self.other_side.iter().map(|s| self.state_of(*s)).collect();
+            let mut i = 0;
+            self.other_side.retain(|_| {
+                i += 1;
+                states[i - 1] != Some(ReplicaState::InSync)
+            });
+        }
         if !self.deferred.is_empty() {
             self.issue_deferred();
         }
@@ -1417,13 +1760,17 @@ impl World {
         let Some(f) = self.inflight.remove(&id) else {
             return;
         };
+        let (reply, refusal) = match reply {
+            Reply::Refused(kind, msg) => (Reply::Err(msg), Some(kind)),
+            r => (r, None),
+        };
         let ok = !matches!(reply, Reply::Err(_));
         self.replies.insert(
             id,
             match &reply {
                 Reply::Done(s) => Ok(s.clone()),
                 Reply::Data(_) => Ok(String::new()),
-                Reply::Err(e) => Err(e.clone()),
+                Reply::Err(e) | Reply::Refused(_, e) => Err(e.clone()),
             },
         );
         if self.replies.len() > 4096 {
@@ -1436,7 +1783,7 @@ impl World {
                 Reply::Done(s) if s.is_empty() => "ok".to_string(),
                 Reply::Done(s) => format!("ok: {s}"),
                 Reply::Data(_) => "data".to_string(),
-                Reply::Err(e) => format!("error: {e}"),
+                Reply::Err(e) | Reply::Refused(_, e) => format!("error: {e}"),
             };
             format!("  reply to request #{id} (event {}): {what}", f.event)
         });
@@ -1451,7 +1798,7 @@ impl World {
                 self.stats.reads += 1;
                 match reply {
                     Reply::Data(data) => self.check_read(first, n, &floors, &data),
-                    Reply::Err(e) => {
+                    Reply::Err(e) | Reply::Refused(_, e) => {
                         self.stats.io_errors += 1;
                         self.check_read_error(first, n, &in_sync, &e);
                     }
@@ -1478,17 +1825,28 @@ impl World {
                     self.stats.io_errors += 1;
                 }
             }
-            Waiting::Start => {
+            Waiting::Start { snapshot } => {
                 self.stats.starts += 1;
                 if ok {
                     self.node = NodeState::Running;
                     self.refused = None;
                     self.last_members = self.volume().map(|v| v.members()).unwrap_or_default();
+                    let forced = matches!(&reply, Reply::Done(s) if s.starts_with("forced") || s.starts_with("resolved"));
+                    match snapshot {
+                        Some(snapshot) if forced => self.data_loss(snapshot),
+                        _ => self.check_other_side(),
+                    }
                 } else {
                     self.stats.start_refusals += 1;
+                    let kind = refusal.unwrap_or(Refusal::Other);
+                    match kind {
+                        Refusal::StaleOnly => self.stats.stale_refusals += 1,
+                        Refusal::SplitBrain => self.stats.split_brain_refusals += 1,
+                        Refusal::Other => {}
+                    }
                     self.node = NodeState::Down;
                     if let Reply::Err(e) = reply {
-                        self.refused = Some(e);
+                        self.refused = Some((kind, e));
                     }
                 }
             }
@@ -1506,10 +1864,30 @@ impl World {
             }
             Waiting::Remove { slot } => {
                 if ok {
+                    self.other_side.retain(|s| *s != slot);
                     self.slots[slot].in_record = false;
                 }
             }
             Waiting::Control | Waiting::Format => {}
+        }
+    }
+
+    /// After a forced start, the replicas it left out went on without the
+    /// ones it started from: a later start may refuse them (split brain) or
+    /// leave them stale, never count them in sync (that merges the sides).
+    fn check_other_side(&mut self) {
+        let merged: Vec<usize> = self
+            .other_side
+            .iter()
+            .copied()
+            .filter(|s| self.state_of(*s) == Some(ReplicaState::InSync))
+            .collect();
+        if let Some(&s) = merged.first() {
+            let msg = format!(
+                "{} was left out by a forced start (it went on without the replicas started from), yet a later start counted it in sync: the split brain was merged instead of refused",
+                self.slots[s].disk.name()
+            );
+            self.fail(Check::StaleInSync, msg);
         }
     }
 
