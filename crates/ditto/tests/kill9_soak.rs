@@ -135,7 +135,7 @@ fn wait_redundant(d: &Daemon) {
 fn kill9_soak() {
     let rounds = env_u64("KILL9_ROUNDS", 200);
     let seconds = env_u64("KILL9_SECONDS", 600);
-    let seed = env_u64("KILL9_SEED", 0x5eed_0f_d177);
+    let seed = env_u64("KILL9_SEED", 0x005e_ed0f_d177);
     let mut rng = Rng(seed | 1);
     let start = Instant::now();
 
