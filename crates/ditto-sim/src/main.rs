@@ -57,6 +57,10 @@ struct Args {
     /// to show issue 9 item 7 (a lone stale replica starting).
     #[arg(long)]
     no_membership_log: bool,
+    /// The checker's former read rule: a read that returned a write still
+    /// in flight settles it, so overlapping reads may not go back.
+    #[arg(long)]
+    strict_reads: bool,
     /// Simulated seconds a settle may take before it is a liveness
     /// violation (default 600; 30 when liveness is skipped, so stuck seeds
     /// move on).
@@ -88,6 +92,7 @@ fn config(args: &Args) -> Result<SimConfig, String> {
         throttle: !args.no_throttle,
         vary_dirty: !args.no_vary_dirty,
         membership_log: !args.no_membership_log,
+        strict_reads: args.strict_reads,
         ..SimConfig::default()
     })
 }
@@ -98,6 +103,7 @@ fn command_for(args: &Args, seed: u64) -> String {
         (args.no_throttle, " --no-throttle"),
         (args.no_vary_dirty, " --no-vary-dirty"),
         (args.no_membership_log, " --no-membership-log"),
+        (args.strict_reads, " --strict-reads"),
     ] {
         if on {
             cmd.push_str(flag);

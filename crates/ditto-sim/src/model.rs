@@ -140,6 +140,9 @@ pub struct Model {
     ack_seq: u64,
     /// Every acknowledgement numbered up to this is durable.
     durable_upto: u64,
+    /// A read that returns a write still in flight settles it too (an
+    /// atomic register: stricter than a mirror or any block device promises).
+    pub strict_reads: bool,
 }
 
 impl Model {
@@ -148,6 +151,7 @@ impl Model {
             blocks: (0..blocks).map(|_| Block::new()).collect(),
             ack_seq: 0,
             durable_upto: 0,
+            strict_reads: false,
         }
     }
 
@@ -307,7 +311,7 @@ impl Model {
             .map(|v| (v.vno, v.status == Status::InFlight));
         match found {
             Some((vno, in_flight)) => {
-                if observe && !in_flight {
+                if observe && (!in_flight || self.strict_reads) {
                     let blk = &mut self.blocks[block as usize];
                     blk.floor = blk.floor.max(vno);
                 }
