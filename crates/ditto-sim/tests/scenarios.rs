@@ -726,3 +726,334 @@ fn fresh_volume_degraded_first_start() {
     start(&mut w, 0);
     verify(&mut w);
 }
+
+// ---------------------------------------------------------------------
+// Seeds the simulator found since section 1 (one scenario per engine fix,
+// named after the seed; each has a `simNNN_` regression test in
+// crates/ditto-engine/tests/sequences.rs).
+// ---------------------------------------------------------------------
+
+fn rule(
+    ops: &[OpKind],
+    range: std::ops::Range<u64>,
+    kind: FaultKind,
+    count: Option<u32>,
+) -> FaultRule {
+    FaultRule {
+        ops: ops.to_vec(),
+        range: Some(range),
+        kind,
+        count,
+        per_mille: 1000,
+    }
+}
+
+/// The dirty-map area of a replica's disk.
+fn map_area(w: &World) -> std::ops::Range<u64> {
+    2 * 4096..w.layout().data_offset
+}
+
+fn first_in_sync(w: &World) -> usize {
+    w.in_sync_slots()[0]
+}
+
+/// Seed 87: a catch-up target that fails on a client write while its copy
+/// is in progress is not counted in sync when the copy ends (it missed that
+/// write).
+#[test]
+fn sim0087_failed_target_not_promoted() {
+    let mut w = world(2);
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    assert!(write(&mut w, 48, false).is_ok());
+    // The catch-up's copy of region 3 to replica 1 takes 500 ms; a client
+    // write to region 5 meanwhile fails on replica 1.
+    let region3 = blocks(&w, 48, 16);
+    w.slots[1]
+        .disk
+        .add_fault(rule(&[OpKind::Write], region3, hang(500), Some(1)));
+    let b80 = blocks(&w, 80, 1);
+    w.slots[1]
+        .disk
+        .add_fault(rule(&[OpKind::Write], b80, FaultKind::Eio, Some(1)));
+    let plan = run(&mut w, Event::Readd { slot: 1 });
+    assert!(plan.is_ok(), "{plan:?}");
+    sleep(&mut w, 50);
+    assert_eq!(state(&w, 1), Some(ReplicaState::Rebuilding));
+    assert!(write(&mut w, 80, false).is_ok());
+    assert_eq!(state(&w, 1), Some(ReplicaState::Failed));
+    settle(&mut w);
+    assert_eq!(
+        state(&w, 1),
+        Some(ReplicaState::Failed),
+        "a replica that missed an acknowledged write was counted in sync"
+    );
+    // Re-added, it catches up for real.
+    assert!(run(&mut w, Event::Readd { slot: 1 }).is_ok());
+    verify(&mut w);
+    assert_state(&w, 1, ReplicaState::InSync);
+}
+
+/// Seed 174: a copy does not read a region from a source that still has a
+/// write abandoned at the timeout pending: it lands afterwards, and the
+/// source and the copy would differ for good.
+#[test]
+fn sim0174_copy_waits_for_abandoned_write_on_source() {
+    let mut w = world(2);
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    assert!(write(&mut w, 48, false).is_ok());
+    // The last replica hangs on the next write past io_timeout (2 s): it
+    // fails for the client at the timeout and lands 3.2 s after it started.
+    let b48 = blocks(&w, 48, 1);
+    w.slots[0]
+        .disk
+        .add_fault(rule(&[OpKind::Write], b48, hang(3200), Some(1)));
+    let hung = go(
+        &mut w,
+        Event::Write {
+            block: 48,
+            n: 1,
+            fua: false,
+        },
+    );
+    sleep(&mut w, 100);
+    // The re-add comes while it hangs: the catch-up's copy of that region
+    // waits for its stripe, then for the abandoned write.
+    let plan = run(&mut w, Event::Readd { slot: 1 });
+    assert!(plan.is_ok(), "{plan:?}");
+    assert!(wait(&mut w, hung).is_err(), "the hung write fails");
+    assert_eq!(
+        state(&w, 0),
+        Some(ReplicaState::InSync),
+        "the last leg is kept"
+    );
+    settle(&mut w);
+    sleep(&mut w, 1500);
+    // The engine kept polling the abandoned write: it has landed now.
+    assert_eq!(w.volume().map(|v| v.abandoned_ops()), Some(0));
+    verify(&mut w);
+    assert_state(&w, 1, ReplicaState::InSync);
+    assert!(w.volume().is_some_and(|v| v.fully_redundant()));
+}
+
+/// Seed 209: a re-add whose membership change cannot be recorded (the last
+/// in-sync replica fails its superblock write) fails cleanly, leaving no
+/// replica "rebuilding" with no job to finish it; the next re-add works.
+#[test]
+fn sim0209_readd_unrecorded_is_undone() {
+    let mut w = world(2);
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    assert!(write(&mut w, 48, false).is_ok());
+    w.slots[0]
+        .disk
+        .add_fault(rule(&[OpKind::Write], 0..2 * 4096, FaultKind::Eio, Some(1)));
+    let r = run(&mut w, Event::Readd { slot: 1 });
+    assert!(r.is_err(), "the re-add could not be recorded: {r:?}");
+    sleep(&mut w, 10);
+    assert_eq!(state(&w, 0), Some(ReplicaState::InSync));
+    assert_ne!(state(&w, 1), Some(ReplicaState::Rebuilding));
+    assert!(
+        w.job().is_none_or(|j| j.finished),
+        "a job is left queued: {:?}",
+        w.job()
+    );
+    settle(&mut w);
+    sleep(&mut w, 1100);
+    let r = run(&mut w, Event::Readd { slot: 1 });
+    assert!(r.is_ok(), "{r:?}");
+    verify(&mut w);
+    assert_state(&w, 1, ReplicaState::InSync);
+}
+
+/// Seed 251: a target that cannot take its dirty map when it joins at the
+/// end of its copy is failed out and the job ends with the error (it was
+/// left "rebuilding" with a job shown running forever).
+#[test]
+fn sim0251_target_that_cannot_join_is_failed() {
+    let mut w = world(2);
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    assert!(write(&mut w, 48, false).is_ok());
+    let map = map_area(&w);
+    w.slots[1]
+        .disk
+        .add_fault(rule(&[OpKind::Write], map, FaultKind::Eio, None));
+    let r = run(&mut w, Event::Readd { slot: 1 });
+    assert!(r.is_ok(), "{r:?}");
+    settle(&mut w);
+    let job = w.job().expect("the catch-up job");
+    assert!(job.finished && job.error.is_some(), "{job:?}");
+    assert_eq!(state(&w, 1), Some(ReplicaState::Failed));
+    // Healed, a re-add finishes it.
+    w.slots[1].disk.clear_faults();
+    assert!(run(&mut w, Event::Readd { slot: 1 }).is_ok());
+    verify(&mut w);
+    assert_state(&w, 1, ReplicaState::InSync);
+}
+
+/// Seed 60: a rebuild that cannot go on (its only source cannot be read)
+/// fails its target, with the reason and how to resume, instead of leaving
+/// it "rebuilding" with no job; a re-add resumes it.
+#[test]
+fn sim0060_rebuild_that_cannot_go_on_fails_target() {
+    let mut w = world(1);
+    fill_regions(&mut w, 64);
+    let data = blocks(&w, 0, w.blocks());
+    w.slots[0].disk.add_fault(rule(
+        &[OpKind::Read, OpKind::Allocation],
+        data,
+        FaultKind::Eio,
+        None,
+    ));
+    assert!(run(&mut w, Event::Add).is_ok());
+    settle(&mut w);
+    assert_eq!(state(&w, 0), Some(ReplicaState::InSync));
+    assert_eq!(state(&w, 1), Some(ReplicaState::Failed));
+    let reason = w.members()[1].reason.clone().unwrap_or_default();
+    assert!(reason.contains("readd"), "{reason}");
+    w.slots[0].disk.clear_faults();
+    let plan = run(&mut w, Event::Readd { slot: 1 });
+    assert!(
+        plan.as_deref().is_ok_and(|p| p.contains("FullRebuild")),
+        "{plan:?}"
+    );
+    verify(&mut w);
+    assert_state(&w, 1, ReplicaState::InSync);
+}
+
+/// Seed 393: after a crash, a read of a region the resync has not reached
+/// returned the source's version; the source then failed, and the next read
+/// returned another replica's older version. A read never goes back once a
+/// client has seen a (settled) version.
+#[test]
+fn sim0393_reads_never_go_back_when_resync_source_fails() {
+    let mut w = world(3);
+    fill_regions(&mut w, 8);
+    settle(&mut w);
+    // Replicas 1 and 2 are slow, differently: at the crash all three differ.
+    w.slots[1].disk.set_latency(5_000, 5_000);
+    w.slots[2].disk.set_latency(9_000, 9_000);
+    for r in 0..8 {
+        go(
+            &mut w,
+            Event::Write {
+                block: r * 16 + 5,
+                n: 1,
+                fua: false,
+            },
+        );
+        sleep(&mut w, 1);
+    }
+    sleep(&mut w, 3);
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::KeepCompleted,
+        },
+    );
+    w.slots[1].disk.set_latency(20, 400);
+    w.slots[2].disk.set_latency(20, 400);
+    // A slow resync: the reads come before it reaches the regions.
+    let r = w.run(Event::Start {
+        absent: 0,
+        rate: Rate::Slow,
+        clear_ms: 0,
+        hot: 0,
+        force: false,
+    });
+    assert!(chk(&w, r).is_ok());
+    assert!(read(&mut w, 7 * 16 + 5, 1).is_ok());
+    let source = first_in_sync(&w) as u8;
+    assert!(run(&mut w, Event::Fail { slot: source }).is_ok());
+    for r in (0..8).rev() {
+        assert!(read(&mut w, r * 16 + 5, 1).is_ok());
+    }
+    assert!(run(&mut w, Event::Readd { slot: source }).is_ok());
+    verify(&mut w);
+}
+
+/// Seeds 897 and 102: a copy picks its source, then waits for the region;
+/// the source fails meanwhile (a client write it missed holds the region).
+/// The copy must not read from it: its stale data would overwrite that
+/// acknowledged write on the target.
+#[test]
+fn sim0897_copy_never_reads_source_that_left_while_it_waited() {
+    let mut w = world(3);
+    assert!(run(&mut w, Event::Fail { slot: 2 }).is_ok());
+    assert!(write(&mut w, 48, false).is_ok());
+    // W: fails on replica 0, hangs 300 ms on replica 1 (holding the region).
+    let b48 = blocks(&w, 48, 1);
+    w.slots[0]
+        .disk
+        .add_fault(rule(&[OpKind::Write], b48.clone(), FaultKind::Eio, Some(1)));
+    w.slots[1]
+        .disk
+        .add_fault(rule(&[OpKind::Write], b48, hang(300), Some(1)));
+    let wr = go(
+        &mut w,
+        Event::Write {
+            block: 48,
+            n: 1,
+            fua: false,
+        },
+    );
+    sleep(&mut w, 5);
+    // The catch-up of replica 2 picks its source and waits for the region.
+    let plan = run(&mut w, Event::Readd { slot: 2 });
+    assert!(plan.is_ok(), "{plan:?}");
+    assert!(wait(&mut w, wr).is_ok());
+    settle(&mut w);
+    assert_eq!(state(&w, 0), Some(ReplicaState::Failed));
+    assert_eq!(state(&w, 1), Some(ReplicaState::InSync));
+    assert_eq!(state(&w, 2), Some(ReplicaState::InSync));
+    verify(&mut w);
+}
+
+/// Seed 1326: the post-crash resync was copying a region from its source to
+/// the last other replica when the source failed; a read of that region was
+/// served from that replica before the copy ended, and the next read
+/// returned the copied (other) version. Reads wait for a copy in progress.
+#[test]
+fn sim1326_reads_wait_for_copy_from_failed_source() {
+    let mut w = world(2);
+    assert!(write(&mut w, 0, false).is_ok());
+    assert!(run(&mut w, Event::Flush).is_ok());
+    // A newer write reaches replica 1 only before the crash: the resync
+    // source (replica 0) holds the older version.
+    w.slots[0].disk.set_latency(20_000, 20_000);
+    go(
+        &mut w,
+        Event::Write {
+            block: 0,
+            n: 1,
+            fua: false,
+        },
+    );
+    sleep(&mut w, 3);
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::KeepCompleted,
+        },
+    );
+    w.slots[0].disk.set_latency(20, 400);
+    // The resync's copy of region 0 to replica 1 takes 300 ms.
+    let region0 = blocks(&w, 0, 16);
+    w.slots[1]
+        .disk
+        .add_fault(rule(&[OpKind::Write], region0, hang(300), Some(1)));
+    start(&mut w, 0);
+    let disk1 = w.slots[1].disk.clone();
+    let copying = w.until(MINUTE, |_| disk1.faults().is_empty());
+    assert!(chk(&w, copying), "the copy never started");
+    let source = first_in_sync(&w) as u8;
+    assert_eq!(source, 0, "the resync copies from replica 0");
+    assert!(run(&mut w, Event::Fail { slot: 0 }).is_ok());
+    let first = go(&mut w, Event::Read { block: 0, n: 1 });
+    sleep(&mut w, 100);
+    assert!(wait(&mut w, first).is_ok());
+    assert!(read(&mut w, 0, 1).is_ok());
+    // Past the end of the copy: the block must still read as before.
+    sleep(&mut w, 400);
+    assert!(read(&mut w, 0, 1).is_ok());
+    assert!(run(&mut w, Event::Readd { slot: 0 }).is_ok());
+    verify(&mut w);
+}
