@@ -645,6 +645,15 @@ impl SimDisk {
             },
         };
         let wait = plan.due.saturating_sub(now);
+        if let Some(what) = what.as_ref().filter(|_| wait > Duration::from_millis(50)) {
+            // A hung or stalled operation: say when it started.
+            let msg = format!(
+                "{} {what}: issued, completes at {:.4}",
+                self.name,
+                plan.due.as_secs_f64()
+            );
+            self.lock().trace(msg);
+        }
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }

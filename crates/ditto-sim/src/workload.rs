@@ -123,6 +123,8 @@ pub struct Generator {
     recoveries: u32,
     /// The absent mask of the last start.
     last_absent: u32,
+    /// Waits for a stopped instance's hung operations.
+    waits: u32,
     /// The volume has run once: its first open is the node's creation,
     /// which opens every replica it just formatted (`Node::create_volume`).
     created: bool,
@@ -144,6 +146,7 @@ impl Generator {
             full_start_tried: false,
             recoveries: 0,
             last_absent: 0,
+            waits: 0,
             created: false,
         }
     }
@@ -180,6 +183,7 @@ impl Generator {
         if w.node == NodeState::Running {
             self.full_start_tried = false;
             self.recoveries = 0;
+            self.waits = 0;
             self.created = true;
         }
         match self.phase {
@@ -256,6 +260,13 @@ impl Generator {
 
     fn start(&mut self, w: &World) {
         if let Some((why, _)) = w.refused {
+            if why == Refusal::Draining && self.waits < 60 {
+                // The operator waits for the hung disk, then starts again.
+                self.waits += 1;
+                self.push(Event::Sleep { ms: 500 });
+                self.push_start(self.last_absent, false);
+                return;
+            }
             self.recoveries += 1;
             if self.recoveries > 4 {
                 // Nothing brings it back: the volume is lost (legitimately,

@@ -491,6 +491,8 @@ pub enum Refusal {
     StaleOnly,
     /// `EngineError::SplitBrain`: two replicas present each went on without the other.
     SplitBrain,
+    /// The node's own: the stopped instance still has operations in flight.
+    Draining,
     /// Anything else (no current replica, none can be opened, ...).
     Other,
 }
@@ -542,6 +544,14 @@ struct Link {
     notify: Notify,
     completions: Mutex<Vec<(u64, Reply)>>,
     volume: Mutex<Option<Arc<Volume>>>,
+    /// The stopped instance, while operations it gave up at a timeout are
+    /// still in flight: the node refuses to start a new one on the same
+    /// disks until they end (`Node::still_draining`).
+    draining: Mutex<Option<Arc<Volume>>>,
+    /// Replicas the node has recorded as members since the driver last
+    /// looked: `replica add` records the new replica once it is formatted,
+    /// before the engine adds it (`Node::add_replica`).
+    recorded: Mutex<Vec<Uuid>>,
     events: Mutex<Vec<String>>,
     record_events: bool,
     spec: VolumeSpec,
@@ -684,7 +694,23 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
         (Req::Start { .. } | Req::Resolve { .. }, Some(_)) => {
             return Reply::Err("already running".into())
         }
-        (Req::Start { .. } | Req::Resolve { .. }, None) => None,
+        (Req::Start { .. } | Req::Resolve { .. }, None) => {
+            let pending = {
+                let mut d = lock(&link.draining);
+                let pending = d.as_ref().map_or(0, |v| v.abandoned_ops());
+                if pending == 0 {
+                    *d = None;
+                }
+                pending
+            };
+            if pending > 0 {
+                return Reply::Refused(
+                    Refusal::Draining,
+                    format!("the previous instance still has {pending} disk operation(s) given up at a timeout in flight; starting now could let them land over new writes"),
+                );
+            }
+            None
+        }
         (_, None) => return Reply::Err("volume not running".into()),
         (_, Some(v)) => Some(v),
     };
@@ -768,6 +794,9 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
         (_, None) => Reply::Err("volume not running".into()),
         (Req::Stop, Some(v)) => {
             let r = v.close().await;
+            if v.abandoned_ops() > 0 {
+                *lock(&link.draining) = Some(v.clone());
+            }
             let mut g = lock(&link.volume);
             if g.as_ref().is_some_and(|x| Arc::ptr_eq(x, &v)) {
                 *g = None;
@@ -812,7 +841,10 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
             )
             .await
             {
-                Ok(b) => status(v.add_replica(Member::new(id, label, b)).await),
+                Ok(b) => {
+                    lock(&link.recorded).push(id);
+                    status(v.add_replica(Member::new(id, label, b)).await)
+                }
                 Err(e) => Reply::Err(e.to_string()),
             }
         }
@@ -954,6 +986,8 @@ impl World {
             notify: Notify::new(),
             completions: Mutex::new(Vec::new()),
             volume: Mutex::new(None),
+            draining: Mutex::new(None),
+            recorded: Mutex::new(Vec::new()),
             events: Mutex::new(Vec::new()),
             record_events: cfg.verbose,
             spec,
@@ -1330,8 +1364,8 @@ impl World {
                 if self.node != NodeState::Running {
                     return;
                 }
+                // Recorded by the node once formatted (see `Link::recorded`).
                 let s = self.new_slot();
-                self.slots[s].in_record = true;
                 let (id, label, disk) = (
                     self.slots[s].uuid,
                     self.slots[s].label.clone(),
@@ -1665,6 +1699,12 @@ impl World {
                 self.known_current = current;
             }
         }
+        let recorded: Vec<Uuid> = lock(&self.link.recorded).drain(..).collect();
+        for id in recorded {
+            if let Some(s) = self.slot_of(id) {
+                self.slots[s].in_record = true;
+            }
+        }
         let done: Vec<(u64, Reply)> = lock(&self.link.completions).drain(..).collect();
         for (id, reply) in done {
             self.complete(id, reply);
@@ -1848,7 +1888,7 @@ impl World {
                     match kind {
                         Refusal::StaleOnly => self.stats.stale_refusals += 1,
                         Refusal::SplitBrain => self.stats.split_brain_refusals += 1,
-                        Refusal::Other => {}
+                        Refusal::Draining | Refusal::Other => {}
                     }
                     self.node = NodeState::Down;
                     if let Reply::Err(e) = reply {
@@ -1967,6 +2007,7 @@ impl World {
         self.stats.crashes += 1;
         self.sim.crash(NODE);
         *lock(&self.link.volume) = None;
+        *lock(&self.link.draining) = None;
         lock(&self.link.requests).clear();
         lock(&self.link.completions).clear();
         self.inflight.clear();

@@ -682,15 +682,13 @@ fn add_crash_between_format_and_join() {
     // the engine's marking it for a full rebuild.
     go(&mut w, Event::Add);
     w.slots[2].disk.set_latency(3000, 3000);
-    let disk = w.slots[2].disk.clone();
-    let formatted = w.until(MINUTE, |_| {
-        ditto_format::Superblock::decode_slots(&disk.peek(0, 8192)).is_ok()
-    });
-    assert!(chk(&w, formatted));
+    // The node records the replica once its format returns.
+    let recorded = w.until(MINUTE, |w| w.slots[2].in_record);
+    assert!(chk(&w, recorded));
     go(
         &mut w,
         Event::Crash {
-            mode: CrashMode::KeepAll,
+            mode: CrashMode::KeepCompleted,
         },
     );
     start(&mut w, 0);
