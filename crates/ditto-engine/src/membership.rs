@@ -24,9 +24,15 @@ pub struct KnownMembership {
 
 impl KnownMembership {
     /// Whether a replica at `generation` may hold every acknowledged write:
-    /// it saw this generation or a newer one, or it was in sync at it.
+    /// it was in sync at the recorded generation, or it saw a newer one (the
+    /// record is written after the survivors' superblocks, so it can lag them
+    /// by one change, and only survivors get the newer generation).
+    ///
+    /// Being *at* the recorded generation is not enough: a disk formatted by
+    /// `replica add`, or a replica missing since the volume's first start,
+    /// carries the volume's generation without ever having held its data.
     pub fn vouches_for(&self, replica: Uuid, generation: u64) -> bool {
-        generation >= self.generation || self.in_sync.contains(&replica)
+        generation > self.generation || self.in_sync.contains(&replica)
     }
 }
 

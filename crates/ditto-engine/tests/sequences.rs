@@ -884,3 +884,68 @@ async fn sim1326_reads_wait_for_a_copy_in_progress_from_a_failed_source() {
         again[0], first[0]
     );
 }
+
+/// Found by ditto-sim (the scenario `fresh_volume_degraded_first_start`,
+/// seeds 58, 148, 176 of an earlier workload): a volume's first start with
+/// replica A missing leaves A at generation 1, which is the generation the
+/// node records (nothing bumps it: A was never in sync with anything). The
+/// record listed only B, yet it vouched for A alone because A sat *at* the
+/// recorded generation, and A started the volume on zeroes.
+#[tokio::test]
+async fn sim_fresh_replica_at_the_recorded_generation_is_not_vouched_for() {
+    let f = Fixture::new(2).await;
+    let log = Arc::new(MemLog::default());
+    let with_log = || VolumeOptions {
+        membership_log: Some(ditto_engine::MembershipLogRef(log.clone())),
+        ..options()
+    };
+    // Open with only replica `present` of the two; the other is missing.
+    let open_one = |present: usize| {
+        let options = with_log();
+        let f = &f;
+        async move {
+            let mut members = Vec::new();
+            for i in 0..2 {
+                let backend: Arc<dyn ReplicaBackend> = if i == present {
+                    f.backend(i).await
+                } else {
+                    Arc::new(ditto_engine::MissingReplica::new(
+                        "gone",
+                        "disk missing",
+                        f.vol_id,
+                        f.ids[i],
+                        layout(),
+                    ))
+                };
+                members.push(Member::new(f.ids[i], ["a", "b"][i], backend));
+            }
+            ditto_engine::Volume::open(
+                "v",
+                f.vol_id,
+                SIZE,
+                members,
+                options,
+                Arc::new(ditto_engine::LogSink),
+            )
+            .await
+        }
+    };
+    {
+        let v = open_one(1).await.unwrap();
+        v.write(0, block(7), true).await.unwrap();
+        v.close().await.unwrap();
+    }
+    match open_one(0).await {
+        Err(EngineError::StaleOnly { .. }) => {}
+        Err(e) => panic!("expected a stale refusal, got {e}"),
+        Ok(v) => panic!(
+            "a replica that never held the data started the volume: {:?}",
+            &v.read(0, 4).await.unwrap()[..]
+        ),
+    }
+    // Both present: B's data wins and A is brought up to date.
+    let (v, _) = f.open(with_log()).await;
+    let v = v.unwrap();
+    assert_eq!(&v.read(0, 4096).await.unwrap()[..], &block(7)[..]);
+    v.close().await.unwrap();
+}

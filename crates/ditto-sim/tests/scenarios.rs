@@ -670,10 +670,10 @@ fn seq16_hot_set_bounds_dirty_regions() {
 /// records it before the engine marks it for a full rebuild. A crash in
 /// between, on a volume still at generation 1, and the next start counts the
 /// blank replica in sync: the node's record does not list it in sync, but
-/// `KnownMembership::vouches_for` accepts any replica at the recorded
-/// generation (`>=`). Alone, it starts the volume on zeroes (seed 87).
+/// `KnownMembership::vouches_for` accepted any replica at the recorded
+/// generation (`>=`). Alone, it started the volume on zeroes (seed 87).
+/// Now a replica at the recorded generation must be in the recorded set.
 #[test]
-#[ignore = "engine bug: vouches_for must be `generation > self.generation || in_sync` (or a joining replica formatted with a rebuild cursor)"]
 fn add_crash_between_format_and_join() {
     let mut w = world(2);
     fill_regions(&mut w, 4);
@@ -710,7 +710,6 @@ fn add_crash_between_format_and_join() {
 /// does (nothing bumps it, their replica sets are empty), and one of them
 /// alone is vouched for by the record at generation 1.
 #[test]
-#[ignore = "engine bug: vouches_for must be `generation > self.generation || in_sync`"]
 fn fresh_volume_degraded_first_start() {
     let mut w = World::new(9, scenario_cfg(), 2).expect("world");
     start(&mut w, 0b10);
