@@ -292,6 +292,11 @@ impl Default for VolumeOptions {
 
 const STRIPES: usize = 64;
 
+/// A member's `since` generation when it is not known which writes it holds
+/// (it was away at a forced start): a re-add rebuilds it in full (or refuses
+/// it as a split brain), never catches it up by a dirty map.
+pub(crate) const SINCE_UNKNOWN: u64 = 0;
+
 /// A mirrored volume.
 pub struct Volume {
     name: String,
@@ -506,6 +511,16 @@ impl Volume {
                 .iter()
                 .find(|e| e.replica == m.id)
                 .map_or(generation, |e| u64::from(e.since_generation));
+            // After a forced start the others may hold writes the stale copy
+            // never saw, some not even under a newer generation (a catch-up
+            // target takes client writes at its old one), so no dirty map
+            // covers them: they are rebuilt in full or refused as a split brain.
+            let since = if forced_past.is_some() && !current.iter().any(|c| c.replica_uuid == m.id)
+            {
+                SINCE_UNKNOWN
+            } else {
+                since
+            };
             if !m.backend.is_present() {
                 m.set_state(
                     ReplicaState::Missing,
@@ -605,7 +620,9 @@ impl Volume {
         if changed {
             let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
             for m in self.member_list().iter() {
-                if (m.state() == ReplicaState::InSync) != is_in_sync(view, m.id) {
+                if (m.state() == ReplicaState::InSync) != is_in_sync(view, m.id)
+                    && m.since_generation() != SINCE_UNKNOWN
+                {
                     m.since.store(g, Ordering::Release);
                 }
             }

@@ -899,43 +899,12 @@ async fn sim_fresh_replica_at_the_recorded_generation_is_not_vouched_for() {
         membership_log: Some(ditto_engine::MembershipLogRef(log.clone())),
         ..options()
     };
-    // Open with only replica `present` of the two; the other is missing.
-    let open_one = |present: usize| {
-        let options = with_log();
-        let f = &f;
-        async move {
-            let mut members = Vec::new();
-            for i in 0..2 {
-                let backend: Arc<dyn ReplicaBackend> = if i == present {
-                    f.backend(i).await
-                } else {
-                    Arc::new(ditto_engine::MissingReplica::new(
-                        "gone",
-                        "disk missing",
-                        f.vol_id,
-                        f.ids[i],
-                        layout(),
-                    ))
-                };
-                members.push(Member::new(f.ids[i], ["a", "b"][i], backend));
-            }
-            ditto_engine::Volume::open(
-                "v",
-                f.vol_id,
-                SIZE,
-                members,
-                options,
-                Arc::new(ditto_engine::LogSink),
-            )
-            .await
-        }
-    };
     {
-        let v = open_one(1).await.unwrap();
+        let v = f.open_present(&[1], with_log()).await.unwrap();
         v.write(0, block(7), true).await.unwrap();
         v.close().await.unwrap();
     }
-    match open_one(0).await {
+    match f.open_present(&[0], with_log()).await {
         Err(EngineError::StaleOnly { .. }) => {}
         Err(e) => panic!("expected a stale refusal, got {e}"),
         Ok(v) => panic!(
@@ -948,4 +917,54 @@ async fn sim_fresh_replica_at_the_recorded_generation_is_not_vouched_for() {
     let v = v.unwrap();
     assert_eq!(&v.read(0, 4096).await.unwrap()[..], &block(7)[..]);
     v.close().await.unwrap();
+}
+
+/// Found by ditto-sim (seed 1975): a replica failed during its catch-up
+/// keeps its old generation, yet holds the client writes it took while
+/// catching up. After a forced start from a replica that left before those
+/// writes, re-adding it planned a catch-up by the forced copy's dirty map,
+/// which does not cover them: the two "in sync" replicas then differed.
+#[tokio::test]
+async fn sim1975_after_a_forced_start_the_others_are_rebuilt_in_full() {
+    let f = Fixture::new(3).await;
+    let log = Arc::new(MemLog::default());
+    let with_log = |accept_stale| VolumeOptions {
+        membership_log: Some(ditto_engine::MembershipLogRef(log.clone())),
+        accept_stale,
+        ..options()
+    };
+    {
+        let (v, _) = f.open(with_log(false)).await;
+        let v = v.unwrap();
+        v.fail_replica(f.ids[0], "maintenance").await.unwrap();
+        v.write(0, block(1), false).await.unwrap();
+        v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+        // Replica 0 catches up from 2; its first copy write pauses, while a
+        // client write to another region reaches it.
+        let a = f.faulty(0).await;
+        a.pause_next_write.store(true, Ordering::SeqCst);
+        v.readd(f.ids[0], a.clone(), false).await.unwrap();
+        wait_for("the copy to pause", || {
+            a.held_write.waiting.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        v.write(3 << 20, block(2), true).await.unwrap();
+        v.fail_replica(f.ids[0], "maintenance").await.unwrap();
+        a.held_write.open();
+        wait_idle(&v).await;
+        v.close().await.unwrap();
+    }
+    assert_eq!(f.data_area(0)[3 << 20], 2, "replica 0 took the write");
+    // Replica 2 is gone for good: the operator starts from replica 1.
+    let v = f.open_present(&[0, 1], with_log(true)).await.unwrap();
+    assert_eq!(&v.read(3 << 20, 4096).await.unwrap()[..], &block(0)[..]);
+    let plan = v.readd(f.ids[0], f.backend(0).await, false).await.unwrap();
+    assert!(
+        matches!(plan, ReaddPlan::FullRebuild),
+        "re-add after a forced start planned {plan:?}"
+    );
+    wait_idle(&v).await;
+    assert!(states(&v)[..2].iter().all(|s| *s == ReplicaState::InSync));
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "in-sync replicas after the forced start");
 }

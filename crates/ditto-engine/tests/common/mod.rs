@@ -337,6 +337,30 @@ impl Fixture {
         (v, faults)
     }
 
+    /// Open with only the replicas in `present`; the others are missing.
+    pub async fn open_present(
+        &self,
+        present: &[usize],
+        options: VolumeOptions,
+    ) -> Result<Arc<Volume>, EngineError> {
+        let mut members = Vec::new();
+        for (i, id) in self.ids.iter().enumerate() {
+            let backend: Arc<dyn ReplicaBackend> = if present.contains(&i) {
+                self.backend(i).await
+            } else {
+                Arc::new(ditto_engine::MissingReplica::new(
+                    "gone",
+                    "disk missing",
+                    self.vol_id,
+                    *id,
+                    layout(),
+                ))
+            };
+            members.push(Member::new(*id, format!("pool{i}"), backend));
+        }
+        Volume::open("v", self.vol_id, SIZE, members, options, Arc::new(LogSink)).await
+    }
+
     pub fn data_area(&self, i: usize) -> Vec<u8> {
         data_area(&self.paths[i])
     }
