@@ -533,6 +533,7 @@ impl Volume {
         force_full: bool,
     ) -> Result<ReaddPlan, EngineError> {
         self.refuse_if_closed()?;
+        let _reconfigure = self.reconfigure.lock().await;
         let member = self.member(id).ok_or_else(|| EngineError::Refused {
             volume: self.name().to_string(),
             why: format!(
@@ -643,6 +644,7 @@ impl Volume {
     /// rebuild it in the background; it joins the in-sync set when complete.
     pub async fn add_replica(self: &Arc<Self>, member: Member) -> Result<(), EngineError> {
         self.refuse_if_closed()?;
+        let _reconfigure = self.reconfigure.lock().await;
         if self.member(member.id).is_some() {
             return Err(EngineError::Refused {
                 volume: self.name().to_string(),
@@ -773,6 +775,7 @@ impl Volume {
 
     /// Remove a replica from the volume for good (`ditto replica remove`).
     pub async fn remove_replica(&self, id: Uuid) -> Result<Arc<Member>, EngineError> {
+        let _reconfigure = self.reconfigure.lock().await;
         let m = self.member_unless_last(id, "add another first")?;
         if m.state() == ReplicaState::InSync || m.state() == ReplicaState::Rebuilding {
             self.fail_member(&m, "removed by the operator".into())

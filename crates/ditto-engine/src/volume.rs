@@ -321,6 +321,10 @@ pub struct Volume {
     pub(crate) last_io_ms: AtomicU64,
     /// One long job (resync, rebuild, scrub) at a time.
     pub(crate) job_lock: tokio::sync::Mutex<()>,
+    /// Serialises the operator's replica changes (add, re-add, remove), each
+    /// from its state check to its recorded membership: two re-adds of one
+    /// replica would otherwise both pass the check while its disk is slow.
+    pub(crate) reconfigure: tokio::sync::Mutex<()>,
     pub(crate) job: Mutex<Option<JobProgress>>,
     pub(crate) last_scrub: Mutex<Option<ScrubReport>>,
     /// Bytes copied by resync and rebuild since the volume started.
@@ -565,6 +569,7 @@ impl Volume {
             last_write_ms: AtomicU64::new(0),
             last_io_ms: AtomicU64::new(0),
             job_lock: tokio::sync::Mutex::new(()),
+            reconfigure: tokio::sync::Mutex::new(()),
             job: Mutex::new(None),
             last_scrub: Mutex::new(None),
             copied_bytes: AtomicU64::new(0),

@@ -968,3 +968,60 @@ async fn sim1975_after_a_forced_start_the_others_are_rebuilt_in_full() {
     v.close().await.unwrap();
     assert_same_data(&f, 0, 1, "in-sync replicas after the forced start");
 }
+
+/// Found by ditto-sim (seed 1955): two re-adds of one replica whose disk was
+/// slow both passed the "already rebuilding?" check before either replaced
+/// the member. Neither could be recorded (the survivor's superblock write
+/// failed) and each undid its change; the second put back the first one's
+/// member, left rebuilding with no job for good. Re-adds are serialised.
+#[tokio::test]
+async fn sim1955_concurrent_readds_of_one_replica_are_serialised() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.fail_replica(f.ids[1], "maintenance").await.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    // The returning disk is slow to take its superblock (each re-add opens
+    // it anew).
+    let (back1, back2) = (f.faulty(1).await, f.faulty(1).await);
+    back1.superblock_gate.close();
+    back2.superblock_gate.close();
+    let id = f.ids[1];
+    let readd = move |v: Arc<ditto_engine::Volume>, b: Arc<Faulty>| {
+        tokio::spawn(async move { v.readd(id, b, true).await })
+    };
+    let first = readd(v.clone(), back1.clone());
+    wait_for("the first re-add to wait on the disk", || {
+        back1.superblock_gate.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let second = readd(v.clone(), back2.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Neither membership change can be recorded on the survivor, and the
+    // first one's attempt waits there while the second takes its turn.
+    faults[0].superblock_failures.store(2, Ordering::SeqCst);
+    faults[0].superblock_gate.close();
+    back1.superblock_gate.open();
+    wait_for("the first re-add to record its change", || {
+        faults[0].superblock_gate.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    back2.superblock_gate.open();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    faults[0].superblock_gate.open();
+    let (a, b) = (first.await.unwrap(), second.await.unwrap());
+    assert!(a.is_err() && b.is_err(), "{a:?} {b:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(v.job().is_none_or(|j| j.finished));
+    assert_ne!(
+        states(&v)[1],
+        ReplicaState::Rebuilding,
+        "left rebuilding with no job"
+    );
+    // The operator retries: it rebuilds and joins.
+    v.readd(f.ids[1], f.backend(1).await, true).await.unwrap();
+    wait_idle(&v).await;
+    assert_eq!(states(&v)[1], ReplicaState::InSync);
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the re-add");
+}

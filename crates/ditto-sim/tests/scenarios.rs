@@ -1102,3 +1102,48 @@ fn sim1975_after_forced_start_others_rebuilt_in_full() {
     assert_state(&w, 0, ReplicaState::InSync);
     assert_state(&w, 1, ReplicaState::InSync);
 }
+
+/// Seed 1955: two re-adds of one replica while its disk answered slowly
+/// both passed the "already rebuilding?" check; neither membership change
+/// could be recorded (the last replica's superblock writes failed) and each
+/// undid its own, the second putting back the first one's member: left
+/// rebuilding with no job (a liveness violation). Re-adds are serialised.
+#[test]
+fn sim1955_concurrent_readds_serialised() {
+    let mut w = world(1);
+    fill_regions(&mut w, 32);
+    assert!(run(&mut w, Event::Add).is_ok());
+    // A slow new disk: fail it partway through its rebuild.
+    w.slots[1].disk.set_latency(2000, 3000);
+    let partway = w.until(MINUTE, |w| {
+        let (done, total, finished) = job_done_bytes(w);
+        done > 0 && done < total / 2 && !finished
+    });
+    assert!(chk(&w, partway), "rebuild never seen partway");
+    assert!(run(&mut w, Event::Fail { slot: 1 }).is_ok());
+    settle(&mut w);
+    // Re-added twice while its disk takes 0.8 s per operation; the last
+    // replica cannot record either change.
+    w.slots[1].disk.set_latency(800_000, 800_000);
+    // Each failed record takes 50 ms, so the second re-add looks at the
+    // member while the first one's change is in place.
+    w.slots[0].disk.set_latency(50_000, 50_000);
+    w.slots[0]
+        .disk
+        .add_fault(rule(&[OpKind::Write], 0..2 * 4096, FaultKind::Eio, Some(2)));
+    let first = go(&mut w, Event::Readd { slot: 1 });
+    sleep(&mut w, 10);
+    let second = go(&mut w, Event::Readd { slot: 1 });
+    let (a, b) = (wait(&mut w, first), wait(&mut w, second));
+    assert!(a.is_err() || b.is_err(), "{a:?} {b:?}");
+    w.slots[1].disk.set_latency(20, 400);
+    w.slots[0].disk.set_latency(20, 400);
+    settle(&mut w);
+    assert_ne!(state(&w, 1), Some(ReplicaState::Rebuilding));
+    if state(&w, 1) != Some(ReplicaState::InSync) {
+        let again = run(&mut w, Event::Readd { slot: 1 });
+        assert!(again.is_ok(), "{again:?} after {a:?} {b:?}");
+    }
+    verify(&mut w);
+    assert_state(&w, 1, ReplicaState::InSync);
+}
