@@ -1,0 +1,464 @@
+//! The remote replica backend: a replica on another node, reached over the
+//! peer protocol, driven by the volume engine like a local file.
+//!
+//! Requests are pipelined on one connection (each gets an id; replies come
+//! back in any order). A lost connection is never resumed: the server may
+//! have restarted, lost its cache or been replaced, so every operation fails
+//! from then on, the engine fails the replica out, and a re-add connects
+//! anew and judges the superblock it is shown.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ditto_engine::{Allocation, BackendError, BoxFuture, ReplicaBackend};
+use ditto_format::Superblock;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::wire::{
+    decode_runs, Frame, FrameError, Hello, HelloOk, Kind, Status, MAX_PAYLOAD, VERSION,
+};
+
+/// Why a remote replica could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot reach peer {addr}: {source}; check that its daemon runs and listens there (peer_listen)")]
+    Unreachable { addr: String, source: io::Error },
+    #[error("peer {addr} did not answer the hello within {seconds} s")]
+    Timeout { addr: String, seconds: u64 },
+    #[error("peer {addr}: {source}")]
+    Protocol { addr: String, source: FrameError },
+    #[error("peer {addr} refused replica {replica}: {why}")]
+    Refused {
+        addr: String,
+        replica: Uuid,
+        why: String,
+    },
+    #[error("peer {addr} answered with replica {got} of volume {volume}, not the replica {want} that was asked for; refused")]
+    WrongReplica {
+        addr: String,
+        want: Uuid,
+        got: Uuid,
+        volume: Uuid,
+    },
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+
+pub struct RemoteReplica {
+    location: String,
+    superblock: Mutex<Superblock>,
+    /// The generation requests carry: the newest this connection has seen
+    /// in a superblock. The server refuses anything older than its own.
+    session_generation: AtomicU64,
+    next_id: AtomicU64,
+    tx: mpsc::Sender<Frame>,
+    waiters: Waiters,
+    /// Why the connection is gone, once it is.
+    lost: Arc<Mutex<Option<String>>>,
+    sb_write: tokio::sync::Mutex<()>,
+}
+
+impl RemoteReplica {
+    /// Connect to `addr`, open `replica` of `volume` there and read its superblock.
+    pub async fn connect(
+        addr: &str,
+        node: &str,
+        volume: Uuid,
+        replica: Uuid,
+        timeout: Duration,
+    ) -> Result<Arc<RemoteReplica>, ConnectError> {
+        let seconds = timeout.as_secs();
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(ConnectError::Unreachable {
+                    addr: addr.into(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    addr: addr.into(),
+                    seconds,
+                })
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut r, mut w) = stream.into_split();
+        let protocol = |source| ConnectError::Protocol {
+            addr: addr.into(),
+            source,
+        };
+        let hello = Hello {
+            min_version: VERSION,
+            max_version: VERSION,
+            features: 0,
+            required_features: 0,
+            volume,
+            replica,
+            node: node.into(),
+        };
+        let answer = tokio::time::timeout(timeout, async {
+            Frame {
+                payload: hello.encode()?,
+                ..Frame::new(Kind::Hello, 0)
+            }
+            .write_to(&mut w)
+            .await?;
+            Frame::read_from(&mut r, 64 << 10).await
+        })
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            addr: addr.into(),
+            seconds,
+        })?
+        .map_err(protocol)?;
+        match answer.kind {
+            Kind::HelloOk => {}
+            Kind::Reply | Kind::Goodbye => {
+                return Err(ConnectError::Refused {
+                    addr: addr.into(),
+                    replica,
+                    why: String::from_utf8_lossy(&answer.payload).into_owned(),
+                })
+            }
+            other => {
+                return Err(protocol(FrameError::Malformed {
+                    what: "hello reply",
+                    why: format!("got a {other:?} frame"),
+                }))
+            }
+        }
+        let ok = HelloOk::decode(&answer.payload).map_err(protocol)?;
+        let sb = Superblock::decode(&ok.superblock).map_err(|e| {
+            protocol(FrameError::Malformed {
+                what: "superblock",
+                why: e.to_string(),
+            })
+        })?;
+        if sb.replica_uuid != replica || sb.volume_uuid != volume {
+            return Err(ConnectError::WrongReplica {
+                addr: addr.into(),
+                want: replica,
+                got: sb.replica_uuid,
+                volume: sb.volume_uuid,
+            });
+        }
+        let location = format!("peer://{addr}/{replica}");
+        let (tx, rx) = mpsc::channel::<Frame>(1024);
+        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+        let lost = Arc::new(Mutex::new(None));
+        tokio::spawn(write_frames(rx, w, lost.clone(), waiters.clone()));
+        {
+            let (waiters, lost, location) = (waiters.clone(), lost.clone(), location.clone());
+            tokio::spawn(async move {
+                let why = read_replies(&mut r, &waiters).await;
+                tracing::warn!(replica = %location, "peer connection lost: {why}");
+                mark_lost(&lost, &waiters, why);
+            });
+        }
+        Ok(Arc::new(RemoteReplica {
+            location,
+            session_generation: AtomicU64::new(sb.generation),
+            superblock: Mutex::new(sb),
+            next_id: AtomicU64::new(1),
+            tx,
+            waiters,
+            lost,
+            sb_write: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    fn lost_error(&self, op: &'static str) -> Option<BackendError> {
+        let lost = self.lost.lock().ok()?.clone()?;
+        Some(self.io_error(
+            op,
+            io::ErrorKind::NotConnected,
+            format!("connection to the peer was lost ({lost}); it is not resumed: re-add the replica (`ditto replica readd`) to connect again and check it"),
+        ))
+    }
+
+    fn io_error(&self, op: &'static str, kind: io::ErrorKind, msg: String) -> BackendError {
+        BackendError::Io {
+            op,
+            location: self.location.clone(),
+            source: io::Error::new(kind, msg),
+        }
+    }
+
+    /// Send one request and wait for its reply; a reply that is not `Ok`
+    /// becomes the error its status names.
+    async fn call(&self, op: &'static str, mut f: Frame) -> Result<Frame, BackendError> {
+        if let Some(e) = self.lost_error(op) {
+            return Err(e);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        f.id = id;
+        f.generation = f
+            .generation
+            .max(self.session_generation.load(Ordering::Acquire));
+        let (done, wait) = oneshot::channel();
+        if let Ok(mut w) = self.waiters.lock() {
+            w.insert(id, done);
+        }
+        // The loss is recorded before the waiters are dropped: checked again
+        // after inserting, no waiter can be left that nothing will wake.
+        if let Some(e) = self.lost_error(op) {
+            if let Ok(mut w) = self.waiters.lock() {
+                w.remove(&id);
+            }
+            return Err(e);
+        }
+        if self.tx.send(f).await.is_err() {
+            return Err(self.lost_error(op).unwrap_or_else(|| {
+                self.io_error(
+                    op,
+                    io::ErrorKind::NotConnected,
+                    "peer connection closed".into(),
+                )
+            }));
+        }
+        let reply = match wait.await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(self.lost_error(op).unwrap_or_else(|| {
+                    self.io_error(
+                        op,
+                        io::ErrorKind::NotConnected,
+                        "peer connection closed".into(),
+                    )
+                }))
+            }
+        };
+        let status = Status::from_u64(reply.arg);
+        if status == Some(Status::Ok) {
+            return Ok(reply);
+        }
+        let msg = String::from_utf8_lossy(&reply.payload).into_owned();
+        let kind = match status {
+            Some(Status::NoSpace) => io::ErrorKind::StorageFull,
+            Some(Status::Unsupported) => io::ErrorKind::Unsupported,
+            Some(Status::Fenced) => io::ErrorKind::PermissionDenied,
+            Some(Status::Invalid) => io::ErrorKind::InvalidInput,
+            Some(Status::Timeout) => io::ErrorKind::TimedOut,
+            _ => io::ErrorKind::Other,
+        };
+        Err(self.io_error(op, kind, format!("peer: {msg}")))
+    }
+
+    async fn simple(
+        &self,
+        op: &'static str,
+        kind: Kind,
+        offset: u64,
+        arg: u64,
+        payload: Bytes,
+    ) -> Result<Frame, BackendError> {
+        let f = Frame {
+            offset,
+            arg,
+            payload,
+            ..Frame::new(kind, 0)
+        };
+        self.call(op, f).await
+    }
+}
+
+fn mark_lost(lost: &Mutex<Option<String>>, waiters: &Waiters, why: String) {
+    if let Ok(mut l) = lost.lock() {
+        l.get_or_insert(why);
+    }
+    // Dropping the senders wakes every waiter with the loss.
+    if let Ok(mut w) = waiters.lock() {
+        w.clear();
+    }
+}
+
+async fn write_frames(
+    mut rx: mpsc::Receiver<Frame>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    lost: Arc<Mutex<Option<String>>>,
+    waiters: Waiters,
+) {
+    let mut w = BufWriter::with_capacity(256 << 10, w);
+    while let Some(f) = rx.recv().await {
+        let mut r = f.write_to(&mut w).await;
+        // Batch what is queued already into the same flush.
+        while r.is_ok() {
+            match rx.try_recv() {
+                Ok(next) => r = next.write_to(&mut w).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = r {
+            mark_lost(&lost, &waiters, e.to_string());
+            return;
+        }
+        if let Err(e) = w.flush().await {
+            mark_lost(&lost, &waiters, e.to_string());
+            return;
+        }
+    }
+}
+
+/// Dispatch replies to their waiters until the connection fails; returns why.
+async fn read_replies(r: &mut tokio::net::tcp::OwnedReadHalf, waiters: &Waiters) -> String {
+    loop {
+        let f = match Frame::read_from(r, MAX_PAYLOAD).await {
+            Ok(f) => f,
+            Err(e) => return e.to_string(),
+        };
+        match f.kind {
+            Kind::Reply => {
+                let waiter = waiters.lock().ok().and_then(|mut w| w.remove(&f.id));
+                match waiter {
+                    Some(w) => {
+                        let _ = w.send(f);
+                    }
+                    None => {
+                        return format!("the peer answered request {} that is not in flight", f.id)
+                    }
+                }
+            }
+            Kind::Goodbye => {
+                return format!("the peer closed: {}", String::from_utf8_lossy(&f.payload))
+            }
+            other => return format!("the peer sent a {other:?} frame where replies are expected"),
+        }
+    }
+}
+
+fn ok_unit(r: Result<Frame, BackendError>) -> Result<(), BackendError> {
+    r.map(|_| ())
+}
+
+impl ReplicaBackend for RemoteReplica {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn superblock(&self) -> Superblock {
+        match self.superblock.lock() {
+            Ok(sb) => sb.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn write_superblock(&self, sb: Superblock) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let _one = self.sb_write.lock().await;
+            let encoded = sb.encode().map_err(|source| BackendError::Format {
+                location: self.location.clone(),
+                source,
+            })?;
+            let f = Frame {
+                generation: sb.generation,
+                payload: Bytes::from(encoded),
+                ..Frame::new(Kind::WriteSuperblock, 0)
+            };
+            self.call("write superblock", f).await?;
+            self.session_generation
+                .fetch_max(sb.generation, Ordering::AcqRel);
+            if let Ok(mut cur) = self.superblock.lock() {
+                *cur = sb;
+            }
+            Ok(())
+        })
+    }
+
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        Box::pin(async move {
+            let reply = self
+                .simple("read", Kind::Read, offset, len as u64, Bytes::new())
+                .await?;
+            if reply.payload.len() != len {
+                return Err(self.io_error(
+                    "read",
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "peer returned {} bytes for a {len}-byte read",
+                        reply.payload.len()
+                    ),
+                ));
+            }
+            Ok(reply.payload)
+        })
+    }
+
+    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move { ok_unit(self.simple("write", Kind::Write, offset, 0, data).await) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(
+            async move { ok_unit(self.simple("flush", Kind::Flush, 0, 0, Bytes::new()).await) },
+        )
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            ok_unit(
+                self.simple("discard", Kind::Discard, offset, len, Bytes::new())
+                    .await,
+            )
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            ok_unit(
+                self.simple("write zeroes", Kind::WriteZeroes, offset, len, Bytes::new())
+                    .await,
+            )
+        })
+    }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<Allocation>, BackendError>> {
+        Box::pin(async move {
+            let reply = self
+                .simple("allocation", Kind::Allocation, offset, len, Bytes::new())
+                .await?;
+            decode_runs(&reply.payload)
+                .map_err(|e| self.io_error("allocation", io::ErrorKind::InvalidData, e.to_string()))
+        })
+    }
+
+    fn read_dirty_map(&self) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        Box::pin(async move {
+            let reply = self
+                .simple("read dirty map", Kind::ReadDirtyMap, 0, 0, Bytes::new())
+                .await?;
+            Ok(reply.payload)
+        })
+    }
+
+    fn write_dirty_map(
+        &self,
+        first_block: u64,
+        blocks: Bytes,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            ok_unit(
+                self.simple(
+                    "write dirty map",
+                    Kind::WriteDirtyMap,
+                    first_block,
+                    0,
+                    blocks,
+                )
+                .await,
+            )
+        })
+    }
+}

@@ -1,0 +1,476 @@
+//! The replica server: exposes this node's replicas to primaries on other
+//! nodes. Each connection opens one replica (by volume and replica uuid),
+//! then runs its requests concurrently (pipelined, replies in completion
+//! order), bounded in bytes. The server owns the replica's superblock and
+//! fences: a request older than the replica's generation is refused.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ditto_engine::{BackendError, ReplicaBackend};
+use ditto_format::Superblock;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use crate::wire::{
+    Frame, FrameError, Hello, HelloOk, Kind, Status, KNOWN_FEATURES, MAX_PAYLOAD, VERSION,
+};
+
+/// A replica this node serves, with its fence.
+pub struct ServedReplica {
+    pub backend: Arc<dyn ReplicaBackend>,
+    /// Data requests hold it shared from their generation check to their
+    /// completion; superblock writes hold it exclusive, so no request that
+    /// passed the check against an older generation lands after a newer one
+    /// is durable.
+    fence: tokio::sync::RwLock<()>,
+    /// The connection that may use the replica: each hello takes a new
+    /// number, and requests of older connections are refused. A primary that
+    /// reconnects (a re-add) so never races its own dead connection's writes.
+    session: std::sync::atomic::AtomicU64,
+}
+
+impl ServedReplica {
+    pub fn new(backend: Arc<dyn ReplicaBackend>) -> Arc<Self> {
+        Arc::new(ServedReplica {
+            backend,
+            fence: tokio::sync::RwLock::new(()),
+            session: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.backend.superblock().generation
+    }
+
+    /// Make a new connection the replica's only one: older connections'
+    /// requests are refused from now on, and those already running finish
+    /// before this returns (they hold the fence shared).
+    async fn open_session(&self) -> u64 {
+        let session = self.session.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(self.fence.write().await);
+        session
+    }
+}
+
+/// Where the server finds the replicas it may serve.
+pub trait ReplicaRegistry: Send + Sync + 'static {
+    fn lookup(&self, volume: Uuid, replica: Uuid) -> Option<Arc<ServedReplica>>;
+}
+
+/// A fixed set of replicas, keyed by (volume, replica) uuid.
+#[derive(Default)]
+pub struct StaticRegistry {
+    replicas: Mutex<HashMap<(Uuid, Uuid), Arc<ServedReplica>>>,
+}
+
+impl StaticRegistry {
+    pub fn insert(&self, backend: Arc<dyn ReplicaBackend>) -> Arc<ServedReplica> {
+        let sb = backend.superblock();
+        let served = ServedReplica::new(backend);
+        if let Ok(mut m) = self.replicas.lock() {
+            m.insert((sb.volume_uuid, sb.replica_uuid), served.clone());
+        }
+        served
+    }
+}
+
+impl ReplicaRegistry for StaticRegistry {
+    fn lookup(&self, volume: Uuid, replica: Uuid) -> Option<Arc<ServedReplica>> {
+        self.replicas.lock().ok()?.get(&(volume, replica)).cloned()
+    }
+}
+
+/// Limits that keep a hostile or broken peer from exhausting the daemon.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    /// Request payload and read bytes one connection may have in flight.
+    pub in_flight_bytes: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            in_flight_bytes: 128 << 20,
+        }
+    }
+}
+
+pub struct PeerServer {
+    registry: Arc<dyn ReplicaRegistry>,
+    limits: ServerLimits,
+    node: String,
+}
+
+impl PeerServer {
+    pub fn new(
+        node: impl Into<String>,
+        registry: Arc<dyn ReplicaRegistry>,
+        limits: ServerLimits,
+    ) -> Arc<Self> {
+        Arc::new(PeerServer {
+            registry,
+            limits,
+            node: node.into(),
+        })
+    }
+
+    /// Accept connections until the listener fails. The connections belong
+    /// to this future: dropping it (a stopping node) closes every one.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (stream, addr) = listener.accept().await?;
+            while connections.try_join_next().is_some() {}
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(peer = %addr, limit = self.limits.max_connections, "peer connection refused: too many connections");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            connections.spawn(async move {
+                let _slot = slot;
+                let (r, w) = stream.into_split();
+                if let Err(e) = me.connection(r, w, addr).await {
+                    tracing::warn!(peer = %addr, error = %e, "peer connection closed");
+                }
+            });
+        }
+    }
+
+    /// Run one connection: handshake, then requests until it closes.
+    pub async fn connection<R, W>(
+        self: Arc<Self>,
+        mut r: R,
+        mut w: W,
+        addr: SocketAddr,
+    ) -> Result<(), FrameError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let hello = match tokio::time::timeout(
+            self.limits.handshake_timeout,
+            Frame::read_from(&mut r, 4096),
+        )
+        .await
+        {
+            Ok(f) => f?,
+            Err(_) => {
+                return Err(FrameError::Malformed {
+                    what: "handshake",
+                    why: format!("no hello within {:?}", self.limits.handshake_timeout),
+                })
+            }
+        };
+        let Some((served, session)) = self.accept_hello(&hello, &mut w).await? else {
+            return Ok(());
+        };
+        tracing::info!(peer = %addr, replica = %served.backend.location(), "peer opened replica");
+        let (tx, mut rx) = mpsc::channel::<Frame>(1024);
+        let writer = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                f.write_to(&mut w).await?;
+            }
+            Ok::<(), FrameError>(())
+        });
+        let budget = Arc::new(Semaphore::new(self.limits.in_flight_bytes as usize));
+        let result = loop {
+            let frame = match Frame::read_from(&mut r, MAX_PAYLOAD).await {
+                Ok(f) => f,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    break Ok(())
+                }
+                Err(e) => {
+                    let _ = tx.send(goodbye(&e.to_string())).await;
+                    break Err(e);
+                }
+            };
+            let cost = request_cost(&frame).min(self.limits.in_flight_bytes as usize) as u32;
+            let Ok(permit) = budget.clone().acquire_many_owned(cost.max(1)).await else {
+                break Ok(());
+            };
+            let served = served.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let reply = handle(&served, session, frame).await;
+                let _ = tx.send(reply).await;
+                drop::<OwnedSemaphorePermit>(permit);
+            });
+        };
+        drop(tx);
+        let _ = writer.await;
+        result
+    }
+
+    /// Check the hello and answer it; the replica it opens, or None when refused.
+    async fn accept_hello<W: AsyncWrite + Unpin>(
+        &self,
+        f: &Frame,
+        w: &mut W,
+    ) -> Result<Option<(Arc<ServedReplica>, u64)>, FrameError> {
+        if f.kind != Kind::Hello {
+            let why = format!("expected a hello, got {:?}", f.kind);
+            goodbye(&why).write_to(w).await?;
+            return Err(FrameError::Malformed {
+                what: "handshake",
+                why,
+            });
+        }
+        let hello = Hello::decode(&f.payload)?;
+        let refuse = |status: Status, why: String| Frame::reply(f.id, 0, status, Bytes::from(why));
+        if hello.min_version > VERSION || hello.max_version < VERSION {
+            let why = format!(
+                "node {} speaks peer protocol versions {}..={}, node {} speaks {VERSION}; upgrade the older daemon",
+                hello.node, hello.min_version, hello.max_version, self.node
+            );
+            tracing::warn!("{why}");
+            refuse(Status::Version, why).write_to(w).await?;
+            return Ok(None);
+        }
+        let unknown = hello.required_features & !KNOWN_FEATURES;
+        if unknown != 0 {
+            let why = format!("node {} requires peer features {unknown:#x} that node {} does not know; upgrade it", hello.node, self.node);
+            tracing::warn!("{why}");
+            refuse(Status::Version, why).write_to(w).await?;
+            return Ok(None);
+        }
+        let Some(served) = self.registry.lookup(hello.volume, hello.replica) else {
+            let why = format!(
+                "node {} holds no replica {} of volume {}; check the replica's node with `ditto status`",
+                self.node, hello.replica, hello.volume
+            );
+            tracing::warn!(from = %hello.node, "{why}");
+            refuse(Status::UnknownReplica, why).write_to(w).await?;
+            return Ok(None);
+        };
+        let session = served.open_session().await;
+        let sb = served.backend.superblock();
+        let encoded = sb.encode().map_err(|e| FrameError::Malformed {
+            what: "superblock",
+            why: e.to_string(),
+        })?;
+        let ok = HelloOk {
+            version: VERSION,
+            features: hello.features & KNOWN_FEATURES,
+            superblock: Bytes::from(encoded),
+        };
+        Frame {
+            generation: sb.generation,
+            payload: ok.encode(),
+            ..Frame::new(Kind::HelloOk, f.id)
+        }
+        .write_to(w)
+        .await?;
+        Ok(Some((served, session)))
+    }
+}
+
+fn goodbye(why: &str) -> Frame {
+    Frame {
+        payload: Bytes::copy_from_slice(why.as_bytes()),
+        ..Frame::new(Kind::Goodbye, 0)
+    }
+}
+
+/// Bytes a request holds while in flight: its payload, or what it reads.
+fn request_cost(f: &Frame) -> usize {
+    match f.kind {
+        Kind::Read => f.arg.min(u64::from(MAX_PAYLOAD)) as usize,
+        Kind::ReadDirtyMap => MAX_PAYLOAD as usize / 16,
+        _ => f.payload.len(),
+    }
+}
+
+fn status_of(e: &BackendError) -> Status {
+    match e {
+        BackendError::Io { source, .. } => match source.raw_os_error() {
+            Some(28) => Status::NoSpace, // ENOSPC on Linux
+            _ if source.kind() == std::io::ErrorKind::Unsupported => Status::Unsupported,
+            _ => Status::Io,
+        },
+        BackendError::Timeout { .. } | BackendError::Abandoned { .. } => Status::Timeout,
+        BackendError::Format { .. } | BackendError::TooSmall { .. } => Status::Io,
+    }
+}
+
+/// Execute one request against the served replica.
+async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
+    let sb = served.backend.superblock();
+    let reply =
+        |status: Status, payload: Bytes| Frame::reply(f.id, served.generation(), status, payload);
+    let invalid = |why: String| reply(Status::Invalid, Bytes::from(why));
+    let fail = |e: BackendError| reply(status_of(&e), Bytes::from(e.to_string()));
+    let superseded = || {
+        reply(
+            Status::Fenced,
+            Bytes::from(format!(
+                "request refused: a newer connection opened replica {} (a re-add, or another primary took this volume over)",
+                sb.replica_uuid
+            )),
+        )
+    };
+    if f.kind == Kind::WriteSuperblock {
+        let _exclusive = served.fence.write().await;
+        if served.session.load(Ordering::Acquire) != session {
+            return superseded();
+        }
+        return match check_superblock(&served.backend.superblock(), &f) {
+            Err(r) => reply(r.0, Bytes::from(r.1)),
+            Ok(new) => match served.backend.write_superblock(new).await {
+                Ok(()) => reply(Status::Ok, Bytes::new()),
+                Err(e) => fail(e),
+            },
+        };
+    }
+    let _shared = served.fence.read().await;
+    if served.session.load(Ordering::Acquire) != session {
+        return superseded();
+    }
+    let current = served.generation();
+    if f.generation < current {
+        return reply(
+            Status::Fenced,
+            Bytes::from(format!(
+                "request at generation {} refused: replica {} is at generation {current}; another primary took this volume over",
+                f.generation, sb.replica_uuid
+            )),
+        );
+    }
+    let size = sb.layout.volume_size;
+    let in_range = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= size);
+    match f.kind {
+        Kind::Read => {
+            if f.arg > u64::from(MAX_PAYLOAD) || !in_range(f.offset, f.arg) {
+                return invalid(format!("read of {} bytes at {} outside the {size}-byte volume or over the {MAX_PAYLOAD}-byte limit", f.arg, f.offset));
+            }
+            match served.backend.read(f.offset, f.arg as usize).await {
+                Ok(data) => reply(Status::Ok, data),
+                Err(e) => fail(e),
+            }
+        }
+        Kind::Write => {
+            if !in_range(f.offset, f.payload.len() as u64) {
+                return invalid(format!(
+                    "write of {} bytes at {} outside the {size}-byte volume",
+                    f.payload.len(),
+                    f.offset
+                ));
+            }
+            match served.backend.write(f.offset, f.payload.clone()).await {
+                Ok(()) => reply(Status::Ok, Bytes::new()),
+                Err(e) => fail(e),
+            }
+        }
+        Kind::Flush => match served.backend.flush().await {
+            Ok(()) => reply(Status::Ok, Bytes::new()),
+            Err(e) => fail(e),
+        },
+        Kind::Discard | Kind::WriteZeroes => {
+            if !in_range(f.offset, f.arg) {
+                return invalid(format!(
+                    "zeroing of {} bytes at {} outside the {size}-byte volume",
+                    f.arg, f.offset
+                ));
+            }
+            let r = if f.kind == Kind::Discard {
+                served.backend.discard(f.offset, f.arg).await
+            } else {
+                served.backend.write_zeroes(f.offset, f.arg).await
+            };
+            match r {
+                Ok(()) => reply(Status::Ok, Bytes::new()),
+                Err(e) => fail(e),
+            }
+        }
+        Kind::Allocation => {
+            if !in_range(f.offset, f.arg) {
+                return invalid(format!(
+                    "allocation query of {} bytes at {} outside the {size}-byte volume",
+                    f.arg, f.offset
+                ));
+            }
+            match served.backend.allocation(f.offset, f.arg).await {
+                // Bounded: a reply larger than a frame is cut at the last run that fits.
+                Ok(runs) => {
+                    let max = MAX_PAYLOAD as usize / 24;
+                    reply(
+                        Status::Ok,
+                        crate::wire::encode_runs(&runs[..runs.len().min(max)]),
+                    )
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Kind::ReadDirtyMap => match served.backend.read_dirty_map().await {
+            Ok(map) if map.len() <= MAX_PAYLOAD as usize => reply(Status::Ok, map),
+            Ok(map) => invalid(format!("dirty map of {} bytes exceeds a frame", map.len())),
+            Err(e) => fail(e),
+        },
+        Kind::WriteDirtyMap => {
+            let blocks = f.payload.len() as u64;
+            let ok = blocks.is_multiple_of(4096)
+                && f.offset
+                    .checked_mul(4096)
+                    .and_then(|s| s.checked_add(blocks))
+                    .is_some_and(|end| end <= sb.layout.dirty_map_len);
+            if !ok {
+                return invalid(format!(
+                    "dirty map write of {blocks} bytes at block {} outside the {}-byte map",
+                    f.offset, sb.layout.dirty_map_len
+                ));
+            }
+            match served
+                .backend
+                .write_dirty_map(f.offset, f.payload.clone())
+                .await
+            {
+                Ok(()) => reply(Status::Ok, Bytes::new()),
+                Err(e) => fail(e),
+            }
+        }
+        Kind::Hello | Kind::HelloOk | Kind::Reply | Kind::Goodbye | Kind::WriteSuperblock => {
+            invalid(format!("{:?} is not a request", f.kind))
+        }
+    }
+}
+
+/// A superblock write must name this replica and keep its layout, and may
+/// not take its generation back.
+fn check_superblock(current: &Superblock, f: &Frame) -> Result<Superblock, (Status, String)> {
+    let new = Superblock::decode(&f.payload)
+        .map_err(|e| (Status::Invalid, format!("superblock: {e}")))?;
+    if new.volume_uuid != current.volume_uuid
+        || new.replica_uuid != current.replica_uuid
+        || new.layout != current.layout
+    {
+        return Err((
+            Status::Invalid,
+            "superblock names another volume, replica or layout".into(),
+        ));
+    }
+    if f.generation < current.generation || new.generation < current.generation {
+        return Err((
+            Status::Fenced,
+            format!(
+                "superblock at generation {} refused: replica {} is at generation {}; another primary took this volume over",
+                new.generation.min(f.generation),
+                current.replica_uuid,
+                current.generation
+            ),
+        ));
+    }
+    Ok(new)
+}

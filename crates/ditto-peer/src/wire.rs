@@ -1,0 +1,550 @@
+//! The peer protocol's frames: one fixed 56-byte header (versioned and
+//! checksummed) and a bounded, checksummed payload. Byte layout:
+//! `docs/peer-protocol.md`. Parsing never trusts a length before the header
+//! checksum has passed, and never allocates more than the negotiated bound.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use uuid::Uuid;
+
+/// First bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"DTPF";
+/// The frame format and protocol version this build speaks.
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 56;
+/// Largest payload accepted, and largest read requested: bounds the memory
+/// one frame can make a peer allocate.
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// Feature bits this build knows (none yet: every v1 peer is the same).
+pub const KNOWN_FEATURES: u64 = 0;
+/// Longest node name in a hello.
+pub const MAX_NAME: usize = 255;
+
+/// Frame kinds. Requests go from the primary to the replica's node; the
+/// node answers each with one [`Kind::Reply`] carrying the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    HelloOk = 2,
+    Read = 3,
+    Write = 4,
+    Flush = 5,
+    Discard = 6,
+    WriteZeroes = 7,
+    Allocation = 8,
+    ReadDirtyMap = 9,
+    WriteDirtyMap = 10,
+    WriteSuperblock = 11,
+    Reply = 12,
+    /// The sender closes the connection; the payload says why.
+    Goodbye = 13,
+}
+
+impl Kind {
+    pub fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloOk,
+            3 => Read,
+            4 => Write,
+            5 => Flush,
+            6 => Discard,
+            7 => WriteZeroes,
+            8 => Allocation,
+            9 => ReadDirtyMap,
+            10 => WriteDirtyMap,
+            11 => WriteSuperblock,
+            12 => Reply,
+            13 => Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// Status of a [`Kind::Reply`] (its `arg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Status {
+    Ok = 0,
+    /// The replica's disk failed the operation (EIO).
+    Io = 1,
+    NoSpace = 2,
+    Unsupported = 3,
+    /// The request's generation is older than the replica's: another primary
+    /// took over. Never retried.
+    Fenced = 4,
+    /// The request is malformed or out of range.
+    Invalid = 5,
+    /// The replica's disk did not answer in time.
+    Timeout = 6,
+    /// The hello named a replica this node does not serve.
+    UnknownReplica = 7,
+    /// The hello asked for a version or feature this node does not speak.
+    Version = 8,
+}
+
+impl Status {
+    pub fn from_u64(v: u64) -> Option<Status> {
+        use Status::*;
+        Some(match v {
+            0 => Ok,
+            1 => Io,
+            2 => NoSpace,
+            3 => Unsupported,
+            4 => Fenced,
+            5 => Invalid,
+            6 => Timeout,
+            7 => UnknownReplica,
+            8 => Version,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("peer connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a ditto peer (bad magic {0:02x?}); is the address a peer port (default 10811) of a ditto daemon?")]
+    Magic([u8; 4]),
+    #[error("peer speaks frame version {got}, this node speaks {ours}; upgrade the older daemon")]
+    Version { got: u16, ours: u16 },
+    #[error("corrupt frame header (checksum {got:#010x}, computed {computed:#010x}); the link or the peer is damaging data")]
+    HeaderChecksum { got: u32, computed: u32 },
+    #[error("corrupt frame payload (checksum {got:#010x}, computed {computed:#010x}); the link or the peer is damaging data")]
+    PayloadChecksum { got: u32, computed: u32 },
+    #[error("unknown frame kind {0}; the peer runs a newer protocol than it negotiated")]
+    UnknownKind(u16),
+    #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: u64, max: u32 },
+    #[error("malformed {what}: {why}")]
+    Malformed { what: &'static str, why: String },
+}
+
+/// One frame, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    /// Per-kind flags (none defined in version 1; must be 0).
+    pub flags: u32,
+    pub id: u64,
+    pub offset: u64,
+    /// Length for ranged requests, status for replies.
+    pub arg: u64,
+    /// The sender's generation, for fencing (requests) or the replica's
+    /// (replies).
+    pub generation: u64,
+    pub payload: Bytes,
+}
+
+impl Frame {
+    pub fn new(kind: Kind, id: u64) -> Frame {
+        Frame {
+            kind,
+            flags: 0,
+            id,
+            offset: 0,
+            arg: 0,
+            generation: 0,
+            payload: Bytes::new(),
+        }
+    }
+
+    pub fn reply(id: u64, generation: u64, status: Status, payload: Bytes) -> Frame {
+        Frame {
+            arg: status as u64,
+            generation,
+            payload,
+            ..Frame::new(Kind::Reply, id)
+        }
+    }
+
+    pub fn encode_header(&self) -> Result<[u8; HEADER_LEN], FrameError> {
+        let len = self.payload.len() as u64;
+        if len > u64::from(MAX_PAYLOAD) {
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        h[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        h[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        h[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&self.id.to_le_bytes());
+        h[24..32].copy_from_slice(&self.offset.to_le_bytes());
+        h[32..40].copy_from_slice(&self.arg.to_le_bytes());
+        h[40..48].copy_from_slice(&self.generation.to_le_bytes());
+        h[48..52].copy_from_slice(&crc32c::crc32c(&self.payload).to_le_bytes());
+        let crc = crc32c::crc32c(&h[..52]);
+        h[52..56].copy_from_slice(&crc.to_le_bytes());
+        Ok(h)
+    }
+
+    /// Header and payload, as sent.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&self.encode_header()?);
+        out.extend_from_slice(&self.payload);
+        Ok(out)
+    }
+
+    /// Decode one whole frame from `b` (header then exactly its payload).
+    pub fn decode(b: &[u8], max_payload: u32) -> Result<Frame, FrameError> {
+        if b.len() < HEADER_LEN {
+            return Err(FrameError::Malformed {
+                what: "frame",
+                why: format!(
+                    "{} bytes, shorter than the {HEADER_LEN}-byte header",
+                    b.len()
+                ),
+            });
+        }
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&b[..HEADER_LEN]);
+        let head = Header::decode(&h, max_payload)?;
+        let payload = &b[HEADER_LEN..];
+        if payload.len() as u64 != u64::from(head.payload_len) {
+            return Err(FrameError::Malformed {
+                what: "frame",
+                why: format!(
+                    "{} payload bytes, the header says {}",
+                    payload.len(),
+                    head.payload_len
+                ),
+            });
+        }
+        head.finish(Bytes::copy_from_slice(payload))
+    }
+
+    /// Read one frame; `max_payload` bounds what it may allocate.
+    pub async fn read_from<R: AsyncRead + Unpin>(
+        r: &mut R,
+        max_payload: u32,
+    ) -> Result<Frame, FrameError> {
+        let mut h = [0u8; HEADER_LEN];
+        r.read_exact(&mut h).await?;
+        let head = Header::decode(&h, max_payload)?;
+        let mut payload = BytesMut::zeroed(head.payload_len as usize);
+        r.read_exact(&mut payload).await?;
+        head.finish(payload.freeze())
+    }
+
+    pub async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), FrameError> {
+        w.write_all(&self.encode_header()?).await?;
+        if !self.payload.is_empty() {
+            w.write_all(&self.payload).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A header whose checksum and bounds passed, awaiting its payload.
+struct Header {
+    kind: Kind,
+    flags: u32,
+    payload_len: u32,
+    id: u64,
+    offset: u64,
+    arg: u64,
+    generation: u64,
+    payload_crc: u32,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+impl Header {
+    fn decode(h: &[u8; HEADER_LEN], max_payload: u32) -> Result<Header, FrameError> {
+        let magic = [h[0], h[1], h[2], h[3]];
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        let version = u16_at(h, 4);
+        if version != VERSION {
+            return Err(FrameError::Version {
+                got: version,
+                ours: VERSION,
+            });
+        }
+        let got = u32_at(h, 52);
+        let computed = crc32c::crc32c(&h[..52]);
+        if got != computed {
+            return Err(FrameError::HeaderChecksum { got, computed });
+        }
+        let kind_raw = u16_at(h, 6);
+        let kind = Kind::from_u16(kind_raw).ok_or(FrameError::UnknownKind(kind_raw))?;
+        let flags = u32_at(h, 8);
+        if flags != 0 {
+            return Err(FrameError::Malformed {
+                what: "frame header",
+                why: format!("flags {flags:#x} set; version 1 defines none"),
+            });
+        }
+        let payload_len = u32_at(h, 12);
+        if payload_len > max_payload.min(MAX_PAYLOAD) {
+            return Err(FrameError::TooLarge {
+                len: u64::from(payload_len),
+                max: max_payload.min(MAX_PAYLOAD),
+            });
+        }
+        Ok(Header {
+            kind,
+            flags,
+            payload_len,
+            id: u64_at(h, 16),
+            offset: u64_at(h, 24),
+            arg: u64_at(h, 32),
+            generation: u64_at(h, 40),
+            payload_crc: u32_at(h, 48),
+        })
+    }
+
+    fn finish(self, payload: Bytes) -> Result<Frame, FrameError> {
+        let computed = crc32c::crc32c(&payload);
+        if computed != self.payload_crc {
+            return Err(FrameError::PayloadChecksum {
+                got: self.payload_crc,
+                computed,
+            });
+        }
+        Ok(Frame {
+            kind: self.kind,
+            flags: self.flags,
+            id: self.id,
+            offset: self.offset,
+            arg: self.arg,
+            generation: self.generation,
+            payload,
+        })
+    }
+}
+
+/// The primary's first frame: who it is and which replica it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub features: u64,
+    pub required_features: u64,
+    pub volume: Uuid,
+    pub replica: Uuid,
+    /// The connecting node's name (for logs and, later, authorisation).
+    pub node: String,
+}
+
+pub const HELLO_FIXED: usize = 58;
+
+impl Hello {
+    pub fn encode(&self) -> Result<Bytes, FrameError> {
+        if self.node.len() > MAX_NAME {
+            return Err(FrameError::Malformed {
+                what: "hello",
+                why: format!(
+                    "node name of {} bytes (at most {MAX_NAME})",
+                    self.node.len()
+                ),
+            });
+        }
+        let mut b = Vec::with_capacity(HELLO_FIXED + self.node.len());
+        b.extend_from_slice(&self.min_version.to_le_bytes());
+        b.extend_from_slice(&self.max_version.to_le_bytes());
+        b.extend_from_slice(&[0u8; 4]);
+        b.extend_from_slice(&self.features.to_le_bytes());
+        b.extend_from_slice(&self.required_features.to_le_bytes());
+        b.extend_from_slice(self.volume.as_bytes());
+        b.extend_from_slice(self.replica.as_bytes());
+        b.extend_from_slice(&(self.node.len() as u16).to_le_bytes());
+        b.extend_from_slice(self.node.as_bytes());
+        Ok(Bytes::from(b))
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Hello, FrameError> {
+        let bad = |why: String| FrameError::Malformed { what: "hello", why };
+        if b.len() < HELLO_FIXED {
+            return Err(bad(format!(
+                "{} bytes, at least {HELLO_FIXED} expected",
+                b.len()
+            )));
+        }
+        let name_len = u16_at(b, 56) as usize;
+        if name_len > MAX_NAME || b.len() != HELLO_FIXED + name_len {
+            return Err(bad(format!(
+                "node name of {name_len} bytes in a {}-byte hello",
+                b.len()
+            )));
+        }
+        let node = std::str::from_utf8(&b[HELLO_FIXED..])
+            .map_err(|_| bad("node name is not UTF-8".into()))?
+            .to_string();
+        let uuid_at = |at: usize| {
+            let mut u = [0u8; 16];
+            u.copy_from_slice(&b[at..at + 16]);
+            Uuid::from_bytes(u)
+        };
+        Ok(Hello {
+            min_version: u16_at(b, 0),
+            max_version: u16_at(b, 2),
+            features: u64_at(b, 8),
+            required_features: u64_at(b, 16),
+            volume: uuid_at(24),
+            replica: uuid_at(40),
+            node,
+        })
+    }
+}
+
+/// The replica node's answer to a hello: the agreed version and features,
+/// and the replica's superblock (one encoded 4 KiB slot, own checksum).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloOk {
+    pub version: u16,
+    pub features: u64,
+    pub superblock: Bytes,
+}
+
+impl HelloOk {
+    pub fn encode(&self) -> Bytes {
+        let mut b = Vec::with_capacity(16 + self.superblock.len());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&[0u8; 6]);
+        b.extend_from_slice(&self.features.to_le_bytes());
+        b.extend_from_slice(&self.superblock);
+        Bytes::from(b)
+    }
+
+    pub fn decode(b: &Bytes) -> Result<HelloOk, FrameError> {
+        if b.len() < 16 {
+            return Err(FrameError::Malformed {
+                what: "hello reply",
+                why: format!("{} bytes, at least 16 expected", b.len()),
+            });
+        }
+        Ok(HelloOk {
+            version: u16_at(b, 0),
+            features: u64_at(b, 8),
+            superblock: b.slice(16..),
+        })
+    }
+}
+
+/// Allocation runs in a reply: 24 bytes each (offset, length, allocated).
+pub fn encode_runs(runs: &[ditto_engine::Allocation]) -> Bytes {
+    let mut b = Vec::with_capacity(runs.len() * 24);
+    for r in runs {
+        b.extend_from_slice(&r.offset.to_le_bytes());
+        b.extend_from_slice(&r.length.to_le_bytes());
+        b.extend_from_slice(&u64::from(r.allocated).to_le_bytes());
+    }
+    Bytes::from(b)
+}
+
+pub fn decode_runs(b: &[u8]) -> Result<Vec<ditto_engine::Allocation>, FrameError> {
+    if !b.len().is_multiple_of(24) {
+        return Err(FrameError::Malformed {
+            what: "allocation reply",
+            why: format!("{} bytes is not a whole number of 24-byte runs", b.len()),
+        });
+    }
+    Ok(b.chunks_exact(24)
+        .map(|c| ditto_engine::Allocation {
+            offset: u64_at(c, 0),
+            length: u64_at(c, 8),
+            allocated: u64_at(c, 16) != 0,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trips() {
+        let f = Frame {
+            offset: 4096,
+            arg: 7,
+            generation: 12,
+            payload: Bytes::from_static(b"hello"),
+            ..Frame::new(Kind::Write, 99)
+        };
+        let b = f.encode().unwrap();
+        assert_eq!(b.len(), HEADER_LEN + 5);
+        assert_eq!(Frame::decode(&b, MAX_PAYLOAD).unwrap(), f);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let f = Frame {
+            payload: Bytes::from_static(b"abc"),
+            ..Frame::new(Kind::Write, 1)
+        };
+        let b = f.encode().unwrap();
+        for bit in 0..b.len() * 8 {
+            let mut c = b.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(Frame::decode(&c, MAX_PAYLOAD).is_err(), "bit {bit} passed");
+        }
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_allocation() {
+        let mut h = Frame::new(Kind::Write, 1).encode_header().unwrap();
+        h[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let crc = crc32c::crc32c(&h[..52]);
+        h[52..56].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Frame::decode(&h, 1 << 20),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn other_version_names_both() {
+        let mut h = Frame::new(Kind::Hello, 1).encode_header().unwrap();
+        h[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let e = Frame::decode(&h, MAX_PAYLOAD).unwrap_err().to_string();
+        assert!(e.contains('2') && e.contains('1'), "{e}");
+    }
+
+    #[test]
+    fn hello_round_trips_and_rejects_bad_names() {
+        let h = Hello {
+            min_version: 1,
+            max_version: 1,
+            features: 0,
+            required_features: 0,
+            volume: Uuid::from_u128(1),
+            replica: Uuid::from_u128(2),
+            node: "node-a".into(),
+        };
+        let b = h.encode().unwrap();
+        assert_eq!(Hello::decode(&b).unwrap(), h);
+        let mut c = b.to_vec();
+        c[56] = 200; // name length beyond the bytes present
+        assert!(Hello::decode(&c).is_err());
+        assert!(Hello::decode(&b[..10]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(0u8..=255, 0..200)) {
+            let _ = Frame::decode(&b, 1 << 16);
+            let _ = Hello::decode(&b);
+            let _ = decode_runs(&b);
+        }
+    }
+}
