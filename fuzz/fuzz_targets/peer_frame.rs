@@ -1,0 +1,20 @@
+//! The peer protocol's parsers on arbitrary bytes: a frame (header, bounds,
+//! checksums), a hello, allocation runs. None may panic; a frame that
+//! decodes must encode back to the same bytes.
+#![no_main]
+
+use ditto_peer::wire::{decode_runs, Frame, Hello, HelloOk};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(frame) = Frame::decode(data, 1 << 20) {
+        let again = frame.encode().expect("a decoded frame encodes");
+        assert_eq!(&again[..], data, "decode/encode round trip");
+    }
+    if let Ok(hello) = Hello::decode(data) {
+        let again = hello.encode().expect("a decoded hello encodes");
+        assert_eq!(Hello::decode(&again).ok(), Some(hello));
+    }
+    let _ = HelloOk::decode(&bytes::Bytes::copy_from_slice(data));
+    let _ = decode_runs(data);
+});
