@@ -16,11 +16,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use ditto_engine::{Allocation, BackendError, BoxFuture, ReplicaBackend};
 use ditto_format::Superblock;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::tls::PeerTls;
 use crate::wire::{
     decode_runs, Frame, FrameError, Hello, HelloOk, Kind, Status, MAX_PAYLOAD, VERSION,
 };
@@ -30,6 +31,14 @@ use crate::wire::{
 pub enum ConnectError {
     #[error("cannot reach peer {addr}: {source}; check that its daemon runs and listens there (peer_listen)")]
     Unreachable { addr: String, source: io::Error },
+    #[error("peer {addr} is not on loopback and no TLS is configured: peers talk plain TCP only on 127.0.0.0/8; set peer_tls in the config")]
+    PlainNotLoopback { addr: String },
+    #[error("TLS with peer {addr} (expected node {peer}) failed: {why}; the peer needs a certificate from this cluster's CA for its node name (`ditto cert node {peer}`)")]
+    Tls {
+        addr: String,
+        peer: String,
+        why: String,
+    },
     #[error("peer {addr} did not answer the hello within {seconds} s")]
     Timeout { addr: String, seconds: u64 },
     #[error("peer {addr}: {source}")]
@@ -51,6 +60,54 @@ pub enum ConnectError {
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
+/// A byte stream to a peer: plain TCP (loopback only) or TLS.
+pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerStream for T {}
+type Stream = Box<dyn PeerStream>;
+
+/// How this node dials a peer: its own name, the name the peer must prove
+/// (its certificate), and TLS, which is required unless the address is on
+/// loopback.
+#[derive(Clone)]
+pub struct Dial {
+    pub me: String,
+    pub peer: String,
+    pub tls: Option<PeerTls>,
+}
+
+impl Dial {
+    async fn open(&self, addr: &str) -> Result<Stream, ConnectError> {
+        let unreachable = |source| ConnectError::Unreachable {
+            addr: addr.into(),
+            source,
+        };
+        let tcp = TcpStream::connect(addr).await.map_err(unreachable)?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            let remote = tcp.peer_addr().map_err(unreachable)?;
+            if !remote.ip().is_loopback() {
+                return Err(ConnectError::PlainNotLoopback { addr: addr.into() });
+            }
+            return Ok(Box::new(tcp));
+        };
+        let name = PeerTls::server_name(&self.peer).map_err(|e| ConnectError::Tls {
+            addr: addr.into(),
+            peer: self.peer.clone(),
+            why: e.to_string(),
+        })?;
+        let stream = tls
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ConnectError::Tls {
+                addr: addr.into(),
+                peer: self.peer.clone(),
+                why: e.to_string(),
+            })?;
+        Ok(Box::new(stream))
+    }
+}
+
 pub struct RemoteReplica {
     location: String,
     superblock: Mutex<Superblock>,
@@ -65,24 +122,27 @@ pub struct RemoteReplica {
     sb_write: tokio::sync::Mutex<()>,
 }
 
+impl std::fmt::Debug for RemoteReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteReplica")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
 impl RemoteReplica {
     /// Connect to `addr`, open `replica` of `volume` there and read its superblock.
     pub async fn connect(
         addr: &str,
-        node: &str,
+        dial: &Dial,
         volume: Uuid,
         replica: Uuid,
         timeout: Duration,
     ) -> Result<Arc<RemoteReplica>, ConnectError> {
         let seconds = timeout.as_secs();
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(ConnectError::Unreachable {
-                    addr: addr.into(),
-                    source,
-                })
-            }
+        let node = dial.me.as_str();
+        let stream = match tokio::time::timeout(timeout, dial.open(addr)).await {
+            Ok(r) => r?,
             Err(_) => {
                 return Err(ConnectError::Timeout {
                     addr: addr.into(),
@@ -90,8 +150,7 @@ impl RemoteReplica {
                 })
             }
         };
-        let _ = stream.set_nodelay(true);
-        let (mut r, mut w) = stream.into_split();
+        let (mut r, mut w) = tokio::io::split(stream);
         let protocol = |source| ConnectError::Protocol {
             addr: addr.into(),
             source,
@@ -119,7 +178,16 @@ impl RemoteReplica {
             addr: addr.into(),
             seconds,
         })?
-        .map_err(protocol)?;
+        .map_err(|e| match e {
+            // In TLS 1.3 the node judges our certificate after our side of
+            // the handshake: its refusal arrives as an alert on first read.
+            FrameError::Io(io) if dial.tls.is_some() => ConnectError::Tls {
+                addr: addr.into(),
+                peer: dial.peer.clone(),
+                why: io.to_string(),
+            },
+            other => protocol(other),
+        })?;
         match answer.kind {
             Kind::HelloOk => {}
             Kind::Reply | Kind::Goodbye => {
@@ -283,7 +351,7 @@ fn mark_lost(lost: &Mutex<Option<String>>, waiters: &Waiters, why: String) {
 
 async fn write_frames(
     mut rx: mpsc::Receiver<Frame>,
-    w: tokio::net::tcp::OwnedWriteHalf,
+    w: WriteHalf<Stream>,
     lost: Arc<Mutex<Option<String>>>,
     waiters: Waiters,
 ) {
@@ -309,7 +377,7 @@ async fn write_frames(
 }
 
 /// Dispatch replies to their waiters until the connection fails; returns why.
-async fn read_replies(r: &mut tokio::net::tcp::OwnedReadHalf, waiters: &Waiters) -> String {
+async fn read_replies(r: &mut ReadHalf<Stream>, waiters: &Waiters) -> String {
     loop {
         let f = match Frame::read_from(r, MAX_PAYLOAD).await {
             Ok(f) => f,

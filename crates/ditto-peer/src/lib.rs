@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
 pub use client::RemoteReplica;

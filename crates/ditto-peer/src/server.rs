@@ -13,11 +13,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use ditto_engine::{BackendError, ReplicaBackend};
 use ditto_format::Superblock;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
+use crate::tls::{cert_names_node, PeerTls};
 use crate::wire::{
     Frame, FrameError, Hello, HelloOk, Kind, Status, KNOWN_FEATURES, MAX_PAYLOAD, VERSION,
 };
@@ -106,10 +108,28 @@ impl Default for ServerLimits {
     }
 }
 
+/// How peers prove who they are.
+#[derive(Clone)]
+pub enum PeerAuth {
+    /// Plain TCP, accepted only from loopback addresses (tests, one machine).
+    LoopbackPlain,
+    /// Mutual TLS: a certificate from the cluster CA, valid for the node name
+    /// the hello claims, and that name known to this node.
+    Tls {
+        tls: PeerTls,
+        known: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    },
+}
+
+/// Told of every refused peer (for the node's events).
+pub type RefusalHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 pub struct PeerServer {
     registry: Arc<dyn ReplicaRegistry>,
     limits: ServerLimits,
     node: String,
+    auth: PeerAuth,
+    on_refusal: Option<RefusalHook>,
 }
 
 impl PeerServer {
@@ -117,12 +137,76 @@ impl PeerServer {
         node: impl Into<String>,
         registry: Arc<dyn ReplicaRegistry>,
         limits: ServerLimits,
+        auth: PeerAuth,
+    ) -> Arc<Self> {
+        Self::with_refusal_hook(node, registry, limits, auth, None)
+    }
+
+    pub fn with_refusal_hook(
+        node: impl Into<String>,
+        registry: Arc<dyn ReplicaRegistry>,
+        limits: ServerLimits,
+        auth: PeerAuth,
+        on_refusal: Option<RefusalHook>,
     ) -> Arc<Self> {
         Arc::new(PeerServer {
             registry,
             limits,
             node: node.into(),
+            auth,
+            on_refusal,
         })
+    }
+
+    /// Log a refused peer, and tell the hook.
+    fn refused(&self, why: &str) {
+        tracing::warn!("peer refused: {why}");
+        if let Some(hook) = &self.on_refusal {
+            hook(why);
+        }
+    }
+
+    /// Authenticate one accepted connection, then run it.
+    async fn accept(
+        self: Arc<Self>,
+        stream: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<(), FrameError> {
+        let tls = match &self.auth {
+            PeerAuth::LoopbackPlain => {
+                if !addr.ip().is_loopback() {
+                    self.refused(&format!("{addr} is not on loopback, and without peer_tls only loopback peers are accepted; configure peer_tls (`ditto cert`)"));
+                    return Ok(());
+                }
+                let (r, w) = stream.into_split();
+                return self.connection(r, w, addr, None).await;
+            }
+            PeerAuth::Tls { tls, .. } => tls.clone(),
+        };
+        let accepted =
+            tokio::time::timeout(self.limits.handshake_timeout, tls.acceptor.accept(stream)).await;
+        let stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.refused(&format!("TLS handshake with {addr} failed: {e} (a certificate from another CA, an expired one, or none)"));
+                return Ok(());
+            }
+            Err(_) => {
+                self.refused(&format!(
+                    "{addr} did not finish the TLS handshake within {:?}",
+                    self.limits.handshake_timeout
+                ));
+                return Ok(());
+            }
+        };
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        let (r, w) = tokio::io::split(stream);
+        self.connection(r, w, addr, cert).await
     }
 
     /// Accept connections until the listener fails. The connections belong
@@ -142,8 +226,7 @@ impl PeerServer {
             let me = self.clone();
             connections.spawn(async move {
                 let _slot = slot;
-                let (r, w) = stream.into_split();
-                if let Err(e) = me.connection(r, w, addr).await {
+                if let Err(e) = me.accept(stream, addr).await {
                     tracing::warn!(peer = %addr, error = %e, "peer connection closed");
                 }
             });
@@ -151,11 +234,12 @@ impl PeerServer {
     }
 
     /// Run one connection: handshake, then requests until it closes.
-    pub async fn connection<R, W>(
+    async fn connection<R, W>(
         self: Arc<Self>,
         mut r: R,
         mut w: W,
         addr: SocketAddr,
+        cert: Option<CertificateDer<'static>>,
     ) -> Result<(), FrameError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -175,7 +259,8 @@ impl PeerServer {
                 })
             }
         };
-        let Some((served, session)) = self.accept_hello(&hello, &mut w).await? else {
+        let Some((served, session)) = self.accept_hello(&hello, cert.as_ref(), &mut w).await?
+        else {
             return Ok(());
         };
         tracing::info!(peer = %addr, replica = %served.backend.location(), "peer opened replica");
@@ -219,6 +304,7 @@ impl PeerServer {
     async fn accept_hello<W: AsyncWrite + Unpin>(
         &self,
         f: &Frame,
+        cert: Option<&CertificateDer<'static>>,
         w: &mut W,
     ) -> Result<Option<(Arc<ServedReplica>, u64)>, FrameError> {
         if f.kind != Kind::Hello {
@@ -236,16 +322,36 @@ impl PeerServer {
                 "node {} speaks peer protocol versions {}..={}, node {} speaks {VERSION}; upgrade the older daemon",
                 hello.node, hello.min_version, hello.max_version, self.node
             );
-            tracing::warn!("{why}");
+            self.refused(&why);
             refuse(Status::Version, why).write_to(w).await?;
             return Ok(None);
         }
         let unknown = hello.required_features & !KNOWN_FEATURES;
         if unknown != 0 {
             let why = format!("node {} requires peer features {unknown:#x} that node {} does not know; upgrade it", hello.node, self.node);
-            tracing::warn!("{why}");
+            self.refused(&why);
             refuse(Status::Version, why).write_to(w).await?;
             return Ok(None);
+        }
+        if let PeerAuth::Tls { known, .. } = &self.auth {
+            let why = if !cert.is_some_and(|c| cert_names_node(c, &hello.node)) {
+                Some(format!(
+                    "the peer says it is node {:?}, but its certificate is not issued for that name",
+                    hello.node
+                ))
+            } else if !known(&hello.node) {
+                Some(format!(
+                    "node {:?} is not a node this node knows; add it with `ditto node add {} --address HOST:PORT`",
+                    hello.node, hello.node
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.refused(&why);
+                refuse(Status::Unauthorized, why).write_to(w).await?;
+                return Ok(None);
+            }
         }
         let Some(served) = self.registry.lookup(hello.volume, hello.replica) else {
             let why = format!(

@@ -83,6 +83,9 @@ pub enum Status {
     UnknownReplica = 7,
     /// The hello asked for a version or feature this node does not speak.
     Version = 8,
+    /// The peer's certificate does not prove the node name it claims, or
+    /// that node is unknown here.
+    Unauthorized = 9,
 }
 
 impl Status {
@@ -98,6 +101,7 @@ impl Status {
             6 => Timeout,
             7 => UnknownReplica,
             8 => Version,
+            9 => Unauthorized,
             _ => return None,
         })
     }

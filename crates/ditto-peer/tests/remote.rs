@@ -14,7 +14,8 @@ use ditto_engine::{
     Volume, VolumeOptions,
 };
 use ditto_format::{Layout, Superblock};
-use ditto_peer::server::{ServerLimits, StaticRegistry};
+use ditto_peer::client::Dial;
+use ditto_peer::server::{PeerAuth, ServerLimits, StaticRegistry};
 use ditto_peer::wire::{Frame, Kind, HEADER_LEN};
 use ditto_peer::{PeerServer, RemoteReplica};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -72,7 +73,12 @@ impl Two {
         registry.insert(self.file(1).await as Arc<dyn ReplicaBackend>);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = PeerServer::new("b", registry, ServerLimits::default());
+        let server = PeerServer::new(
+            "b",
+            registry,
+            ServerLimits::default(),
+            PeerAuth::LoopbackPlain,
+        );
         let task = tokio::spawn(async move {
             let _ = server.serve(listener).await;
         });
@@ -80,7 +86,7 @@ impl Two {
     }
 
     async fn remote(&self, addr: SocketAddr) -> Arc<RemoteReplica> {
-        RemoteReplica::connect(&addr.to_string(), "a", self.vol, self.ids[1], TIMEOUT)
+        RemoteReplica::connect(&addr.to_string(), &dial(), self.vol, self.ids[1], TIMEOUT)
             .await
             .unwrap()
     }
@@ -102,6 +108,15 @@ impl Two {
         Volume::open("vm1", self.vol, SIZE, members, options, Arc::new(LogSink))
             .await
             .unwrap()
+    }
+}
+
+/// Node "a" dialling node "b" in plain TCP (loopback).
+fn dial() -> Dial {
+    Dial {
+        me: "a".into(),
+        peer: "b".into(),
+        tls: None,
     }
 }
 
@@ -288,7 +303,7 @@ async fn a_request_from_an_older_generation_is_fenced() {
 async fn refusals_name_the_cause() {
     let t = Two::new().await;
     let (addr, _server) = t.serve().await;
-    let e = RemoteReplica::connect(&addr.to_string(), "a", t.vol, Uuid::new_v4(), TIMEOUT)
+    let e = RemoteReplica::connect(&addr.to_string(), &dial(), t.vol, Uuid::new_v4(), TIMEOUT)
         .await
         .err()
         .unwrap()
@@ -300,7 +315,7 @@ async fn refusals_name_the_cause() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let e = RemoteReplica::connect(&free.to_string(), "a", t.vol, t.ids[1], TIMEOUT)
+    let e = RemoteReplica::connect(&free.to_string(), &dial(), t.vol, t.ids[1], TIMEOUT)
         .await
         .err()
         .unwrap()
