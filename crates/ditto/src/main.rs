@@ -47,6 +47,9 @@ enum Command {
     /// Manage the replicas of a volume.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Make the certificates nodes authenticate each other with (mutual TLS).
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Show volumes, their replicas and clients, and pools.
     Status {
         /// Only this volume.
@@ -63,6 +66,28 @@ enum Command {
         /// Only events after this sequence number (the SEQ column).
         #[arg(long)]
         since: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create the cluster CA (ca.pem, ca.key) in DIR. Keep ca.key off the nodes.
+    Ca {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+    /// Create a node's certificate (node.pem, node.key) in DIR, signed by the CA in --ca.
+    Node {
+        /// The node's name (lowercase letters, digits, '-'): its certificate's DNS name.
+        name: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca: std::path::PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
     },
 }
 
@@ -202,6 +227,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Daemon(args) => {
             let (cfg, data_dir) = daemon::resolve_config(&args, None)?;
             tokio_main(cfg.runtime_threads(), daemon::run(args, cfg, data_dir))
+        }
+        Command::Cert(CertCommand::Ca { out }) => {
+            ditto_peer::tls::create_ca(&out)?;
+            println!(
+                "created the cluster CA: {} and {} (keep the key off the nodes; it signs node certificates)",
+                out.join(ditto_peer::tls::CA_CERT).display(),
+                out.join(ditto_peer::tls::CA_KEY).display()
+            );
+            Ok(())
+        }
+        Command::Cert(CertCommand::Node {
+            name,
+            ca,
+            out,
+            days,
+        }) => {
+            ditto_peer::tls::create_node_cert(&name, &ca, &out, -1, i64::from(days))?;
+            println!(
+                "created the certificate of node {name}: {} and {}, valid {days} days; copy them and {} to that node",
+                out.join(ditto_peer::tls::NODE_CERT).display(),
+                out.join(ditto_peer::tls::NODE_KEY).display(),
+                ca.join(ditto_peer::tls::CA_CERT).display()
+            );
+            Ok(())
         }
         Command::Quickstart(args) => tokio_main(
             DaemonConfig::default().runtime_threads(),

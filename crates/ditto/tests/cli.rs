@@ -464,3 +464,42 @@ fn daemon_refuses_the_clients_api_flag() {
         );
     }
 }
+
+/// `ditto cert ca` and `ditto cert node` make a cluster CA and a node
+/// certificate issued by it; existing files are never overwritten, and a
+/// name that cannot be a certificate's DNS name is refused, creating nothing.
+#[test]
+fn cert_commands_make_a_ca_and_node_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, node) = (dir.path().join("ca"), dir.path().join("node-a"));
+    let cert = |args: &[&str]| {
+        let mut cmd = Command::new(DITTO);
+        cmd.args(args);
+        run_with_timeout(&mut cmd, Duration::from_secs(30))
+    };
+    let out = cert(&["cert", "ca", "--out", s(&ca)]).assert_success();
+    assert!(out.stdout.contains("ca.pem"), "{}", out.describe());
+    let pem = std::fs::read_to_string(ca.join("ca.pem")).expect("ca.pem");
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let key = std::fs::read_to_string(ca.join("ca.key")).expect("ca.key");
+    let out = cert(&["cert", "ca", "--out", s(&ca)]).assert_failure();
+    assert!(out.stderr.contains("exists"), "{}", out.describe());
+    assert_eq!(
+        std::fs::read_to_string(ca.join("ca.key")).unwrap(),
+        key,
+        "the CA key changed"
+    );
+
+    let out = cert(&["cert", "node", "Node_A", "--ca", s(&ca), "--out", s(&node)]).assert_failure();
+    assert!(out.stderr.contains("lowercase"), "{}", out.describe());
+    assert!(
+        !node.join("node.pem").exists(),
+        "a refused name left a certificate"
+    );
+    cert(&["cert", "node", "a", "--ca", s(&ca), "--out", s(&node)]).assert_success();
+    let node_pem = std::fs::read_to_string(node.join("node.pem")).expect("node.pem");
+    assert!(node_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_ne!(node_pem, pem, "the node certificate is the CA's");
+    let out = cert(&["cert", "node", "a", "--ca", s(&ca), "--out", s(&node)]).assert_failure();
+    assert!(out.stderr.contains("exists"), "{}", out.describe());
+}
