@@ -61,8 +61,27 @@ pub struct DaemonConfig {
     /// READ/WRITE payload bytes all NBD connections together may hold in
     /// flight, e.g. "256M"; a connection waits for room before reading more.
     pub nbd_in_flight_bytes: String,
+    /// This node's certificates (`ditto cert`), `[tls]`: with them the NBD
+    /// server offers NBD_OPT_STARTTLS (clients need a certificate from the
+    /// same CA), and nodes authenticate each other.
+    pub tls: Option<TlsConfig>,
+    /// Refuse NBD over TCP without TLS (FORCEDTLS): needs `[tls]`. Set it
+    /// whenever `nbd_listen` is reachable from other machines.
+    pub nbd_require_tls: bool,
     /// Per-volume overrides, `[volumes.NAME]`.
     pub volumes: std::collections::BTreeMap<String, VolumeConfig>,
+}
+
+/// `[tls]`: the files `ditto cert ca` and `ditto cert node` wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (ca.pem).
+    pub ca: PathBuf,
+    /// This node's certificate (node.pem).
+    pub cert: PathBuf,
+    /// This node's private key (node.key).
+    pub key: PathBuf,
 }
 
 /// Default `nbd_max_connections`.
@@ -110,6 +129,8 @@ impl Default for DaemonConfig {
             nbd_max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
             nbd_handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
             nbd_in_flight_bytes: DEFAULT_NBD_IN_FLIGHT_BYTES.into(),
+            tls: None,
+            nbd_require_tls: false,
             volumes: Default::default(),
         }
     }
@@ -135,6 +156,12 @@ impl DaemonConfig {
     }
 
     fn check(&self, path: &Path) -> Result<(), ControlError> {
+        if self.nbd_require_tls && self.tls.is_none() {
+            return Err(ControlError::Config {
+                path: path.to_path_buf(),
+                message: "nbd_require_tls = true needs a [tls] section (ca, cert, key); make the files with `ditto cert ca` and `ditto cert node`".into(),
+            });
+        }
         if self.dirty_hot_set_regions == 0 {
             return Err(ControlError::Config {
                 path: path.to_path_buf(),

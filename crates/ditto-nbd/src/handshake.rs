@@ -64,7 +64,7 @@ pub fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
     flags
 }
 
-fn protocol_error(msg: &str) -> io::Error {
+pub(crate) fn protocol_error(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
@@ -166,15 +166,38 @@ fn info_payload(kind: u16, body: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Runs the handshake. `Ok(Some)` means the client entered transmission,
-/// `Ok(None)` that the session ended cleanly during haggling (NBD_OPT_ABORT,
-/// or a client we refuse), `Err` an I/O error or protocol violation.
+/// Where a connection stands with TLS (the protocol's "TLS support").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// No TLS configured (NOTLS): NBD_OPT_STARTTLS is refused by policy.
+    Unavailable,
+    /// TLS configured, not started. `required` is FORCEDTLS: every option
+    /// but NBD_OPT_STARTTLS and NBD_OPT_ABORT gets NBD_REP_ERR_TLS_REQD.
+    Offered { required: bool },
+    /// The session runs over TLS.
+    Active,
+}
+
+/// How option haggling ended.
+pub enum Outcome {
+    /// The client entered transmission.
+    Transmission(Negotiated),
+    /// The session ended cleanly (NBD_OPT_ABORT, or a client we refuse).
+    Ended,
+    /// NBD_OPT_STARTTLS was acknowledged: upgrade the stream, then haggle
+    /// again over TLS (with nothing kept from before but `no_zeroes`).
+    StartTls { no_zeroes: bool },
+}
+
+/// Runs the handshake from the greeting. `Err` is an I/O error or protocol
+/// violation; see [`Outcome`] for the rest.
 pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     registry: &dyn ExportRegistry,
     config: &ServerConfig,
-) -> io::Result<Option<Negotiated>>
+    tls: TlsPhase,
+) -> io::Result<Outcome>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -194,12 +217,38 @@ where
     if client_flags & NBD_FLAG_C_FIXED_NEWSTYLE == 0 {
         // Plain newstyle cannot carry option errors; we only speak fixed newstyle.
         tracing::debug!("client does not support fixed newstyle; closing");
-        return Ok(None);
+        return Ok(Outcome::Ended);
     }
+    haggle(
+        reader,
+        writer,
+        registry,
+        config,
+        client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        tls,
+    )
+    .await
+}
+
+/// Option haggling, after the greeting or after a TLS upgrade.
+pub async fn haggle<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    registry: &dyn ExportRegistry,
+    config: &ServerConfig,
+    no_zeroes: bool,
+    tls: TlsPhase,
+) -> io::Result<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
     let mut st = State {
-        no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
+        no_zeroes,
         ..State::default()
     };
+    let tls_required = tls == TlsPhase::Offered { required: true };
 
     let mut data = Vec::new();
     loop {
@@ -233,7 +282,53 @@ where
         data.resize(len as usize, 0);
         reader.read_exact(&mut data).await?;
 
+        if tls_required && !matches!(option, NBD_OPT_STARTTLS | NBD_OPT_ABORT) {
+            if option == NBD_OPT_EXPORT_NAME {
+                // Cannot be answered with an error: the protocol says to hang up.
+                tracing::info!(
+                    "client asked for an export without TLS, which this server requires; closed"
+                );
+                return Ok(Outcome::Ended);
+            }
+            put_error(
+                &mut out,
+                option,
+                NBD_REP_ERR_TLS_REQD,
+                "this server requires TLS: connect with nbds:// (or qemu's tls-creds)",
+            );
+            writer.write_all(&out).await?;
+            writer.flush().await?;
+            continue;
+        }
         match option {
+            NBD_OPT_STARTTLS => match tls {
+                TlsPhase::Unavailable => put_error(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_POLICY,
+                    "TLS is not configured on this server (nbd_tls in the daemon config)",
+                ),
+                TlsPhase::Active => put_error(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    "TLS is already running",
+                ),
+                TlsPhase::Offered { .. } if !data.is_empty() => put_error(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS takes no data",
+                ),
+                TlsPhase::Offered { .. } => {
+                    put_reply(&mut out, option, NBD_REP_ACK, &[]);
+                    writer.write_all(&out).await?;
+                    writer.flush().await?;
+                    return Ok(Outcome::StartTls {
+                        no_zeroes: st.no_zeroes,
+                    });
+                }
+            },
             NBD_OPT_EXPORT_NAME => {
                 // No way to answer an error here: the protocol says to hang up.
                 let Some(name) = wire_string(&data) else {
@@ -241,7 +336,7 @@ where
                 };
                 let Some(export) = registry.open(name) else {
                     tracing::debug!(export = name, "NBD_OPT_EXPORT_NAME for unknown export");
-                    return Ok(None);
+                    return Ok(Outcome::Ended);
                 };
                 let flags = transmission_flags(export.as_ref(), st.structured);
                 out.extend_from_slice(&export.size().to_be_bytes());
@@ -253,7 +348,7 @@ where
                 writer.flush().await?;
                 let meta_context =
                     (st.meta_for.as_deref() == Some(name)).then_some(BASE_ALLOCATION_ID);
-                return Ok(Some(Negotiated {
+                return Ok(Outcome::Transmission(Negotiated {
                     export,
                     name: name.to_string(),
                     structured: st.structured,
@@ -267,7 +362,7 @@ where
                 // The client may already have closed; that is fine.
                 let _ = writer.write_all(&out).await;
                 let _ = writer.flush().await;
-                return Ok(None);
+                return Ok(Outcome::Ended);
             }
             NBD_OPT_LIST => {
                 if !data.is_empty() {
@@ -357,7 +452,7 @@ where
                 if option == NBD_OPT_GO {
                     let meta_context =
                         (st.meta_for.as_deref() == Some(name)).then_some(BASE_ALLOCATION_ID);
-                    return Ok(Some(Negotiated {
+                    return Ok(Outcome::Transmission(Negotiated {
                         export,
                         name: name.to_string(),
                         structured: st.structured,
@@ -389,8 +484,7 @@ where
                 meta_context(&mut out, option, set, &data, &mut st, registry);
             }
             _ => {
-                // Includes NBD_OPT_STARTTLS (we run in NOTLS mode) and
-                // NBD_OPT_EXTENDED_HEADERS; the payload was already consumed.
+                // Includes NBD_OPT_EXTENDED_HEADERS; the payload was already consumed.
                 put_error(&mut out, option, NBD_REP_ERR_UNSUP, "option not supported");
             }
         }

@@ -12,7 +12,7 @@ pub mod proto;
 mod server;
 mod transmission;
 
-pub use server::{ClientInfo, Server, ServerConfig};
+pub use server::{ClientInfo, NbdStream, NbdTls, Server, ServerConfig};
 pub use transmission::CLOSE_GRACE;
 
 use std::future::Future;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -153,6 +153,8 @@ pub struct Server {
     refused_logged: Mutex<Option<std::time::Instant>>,
     /// The payload byte budget shared by every connection.
     budget: Arc<Semaphore>,
+    /// NBD_OPT_STARTTLS, when configured.
+    tls: Option<NbdTls>,
 }
 
 /// One of the `max_connections`, given back when the connection ends.
@@ -182,36 +184,50 @@ const READ_BUFFER: usize = 128 * 1024;
 
 /// Something to accept connections from.
 trait Acceptor {
+    /// Whether NBD_OPT_STARTTLS is offered on this listener (TCP; a Unix
+    /// socket is local, and stays plain).
+    const TLS: bool;
+    type Stream: NbdStream;
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)>;
+    async fn accept_stream(&self) -> io::Result<(Self::Stream, String)>;
+    /// The lock-free halves of the plain path.
+    fn into_split(stream: Self::Stream) -> (Self::Read, Self::Write);
 }
 
 impl Acceptor for TcpListener {
+    const TLS: bool = true;
+    type Stream = tokio::net::TcpStream;
     type Read = tokio::net::tcp::OwnedReadHalf;
     type Write = tokio::net::tcp::OwnedWriteHalf;
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+    async fn accept_stream(&self) -> io::Result<(Self::Stream, String)> {
         let (stream, addr) = self.accept().await?;
         // Replies are small and latency-bound; never wait for Nagle.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (r, w) = stream.into_split();
-        Ok((r, w, addr.to_string()))
+        Ok((stream, addr.to_string()))
+    }
+    fn into_split(stream: Self::Stream) -> (Self::Read, Self::Write) {
+        stream.into_split()
     }
 }
 
 impl Acceptor for UnixListener {
+    const TLS: bool = false;
+    type Stream = tokio::net::UnixStream;
     type Read = tokio::net::unix::OwnedReadHalf;
     type Write = tokio::net::unix::OwnedWriteHalf;
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, String)> {
+    async fn accept_stream(&self) -> io::Result<(Self::Stream, String)> {
         let (stream, addr) = self.accept().await?;
         let peer = match addr.as_pathname() {
             Some(p) => format!("unix:{}", p.display()),
             None => "unix:unnamed".to_string(),
         };
-        let (r, w) = stream.into_split();
-        Ok((r, w, peer))
+        Ok((stream, peer))
+    }
+    fn into_split(stream: Self::Stream) -> (Self::Read, Self::Write) {
+        stream.into_split()
     }
 }
 
@@ -236,8 +252,43 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// TLS for NBD clients (NBD_OPT_STARTTLS).
+#[derive(Clone)]
+pub struct NbdTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// FORCEDTLS: nothing but NBD_OPT_STARTTLS (and ABORT) without TLS.
+    /// Otherwise clients choose (plain clients keep working).
+    pub required: bool,
+}
+
+/// A whole client connection, plain or TLS, as the TLS-capable path sees it.
+pub trait NbdStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> NbdStream for T {}
+type Conn = Box<dyn NbdStream>;
+
+/// Turns the plain halves into TLS halves after NBD_OPT_STARTTLS.
+type Upgrade<R, W> = Box<dyn FnOnce(R, W) -> crate::BoxFuture<'static, io::Result<(R, W)>> + Send>;
+
+fn tls_upgrade(tls: NbdTls) -> Upgrade<ReadHalf<Conn>, WriteHalf<Conn>> {
+    Box::new(move |r: ReadHalf<Conn>, w: WriteHalf<Conn>| {
+        Box::pin(async move {
+            let stream = tls.acceptor.accept(r.unsplit(w)).await?;
+            Ok(tokio::io::split(Box::new(stream) as Conn))
+        })
+    })
+}
+
 impl Server {
     pub fn new(registry: Arc<dyn ExportRegistry>, config: ServerConfig) -> Arc<Server> {
+        Self::with_tls(registry, config, None)
+    }
+
+    /// A server that offers (or, with `required`, insists on) TLS.
+    pub fn with_tls(
+        registry: Arc<dyn ExportRegistry>,
+        config: ServerConfig,
+        tls: Option<NbdTls>,
+    ) -> Arc<Server> {
         let (shutdown, _) = watch::channel(false);
         let config = config.sanitized();
         Arc::new(Server {
@@ -253,6 +304,7 @@ impl Server {
             open: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             refused_logged: Mutex::new(None),
+            tls,
         })
     }
 
@@ -337,10 +389,19 @@ impl Server {
                 _ = shutdown.changed() => continue,
                 // Reap finished connections so the set does not grow.
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-                res = listener.accept_split() => match res {
-                    Ok((r, w, peer)) => {
-                        tasks.spawn(self.clone().run_connection(r, w, peer));
-                    }
+                res = listener.accept_stream() => match res {
+                    // Without TLS, the lock-free halves; with it, one stream
+                    // that NBD_OPT_STARTTLS can turn into a TLS stream.
+                    Ok((stream, peer)) => match self.tls.clone().filter(|_| A::TLS) {
+                        None => {
+                            let (r, w) = A::into_split(stream);
+                            tasks.spawn(self.clone().run_connection(r, w, peer, None));
+                        }
+                        Some(tls) => {
+                            let (r, w) = tokio::io::split(Box::new(stream) as Conn);
+                            tasks.spawn(self.clone().run_connection(r, w, peer, Some(tls_upgrade(tls))));
+                        }
+                    },
                     Err(e) if transient_accept_error(&e) => {
                         tracing::warn!(error = %e, "accept failed; retrying");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -371,12 +432,75 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (r, w) = tokio::io::split(stream);
-        self.run_connection(r, w, peer).await
+        let upgrade = self.tls.clone().map(tls_upgrade);
+        let (r, w) = tokio::io::split(Box::new(stream) as Conn);
+        self.run_connection(r, w, peer, upgrade).await
     }
 
-    async fn run_connection<R, W>(self: Arc<Self>, r: R, mut w: W, peer: String)
+    /// Greeting and option haggling; after NBD_OPT_STARTTLS, the upgrade and
+    /// a second haggle over TLS. Gives the (possibly new) halves back.
+    async fn handshake<R, W>(
+        &self,
+        mut reader: BufReader<R>,
+        mut w: W,
+        upgrade: Option<Upgrade<R, W>>,
+    ) -> io::Result<(handshake::Outcome, BufReader<R>, W)>
     where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        use handshake::{Outcome, TlsPhase};
+        let phase = match (&self.tls, &upgrade) {
+            (Some(t), Some(_)) => TlsPhase::Offered {
+                required: t.required,
+            },
+            _ => TlsPhase::Unavailable,
+        };
+        let first = handshake::negotiate(
+            &mut reader,
+            &mut w,
+            self.registry.as_ref(),
+            &self.config,
+            phase,
+        )
+        .await?;
+        let Outcome::StartTls { no_zeroes } = first else {
+            return Ok((first, reader, w));
+        };
+        let Some(upgrade) = upgrade else {
+            return Err(handshake::protocol_error("TLS upgrade without TLS"));
+        };
+        // The client must wait for our ACK before its TLS handshake: bytes
+        // already buffered would be lost to TLS, so they end the session.
+        if !reader.buffer().is_empty() {
+            return Err(handshake::protocol_error(
+                "client sent data before the TLS handshake",
+            ));
+        }
+        let (r, mut w) = upgrade(reader.into_inner(), w).await.map_err(|e| {
+            tracing::info!(error = %e, "NBD TLS handshake failed; closed (the client needs a certificate from the cluster CA, and must trust it)");
+            e
+        })?;
+        let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+        let second = handshake::haggle(
+            &mut reader,
+            &mut w,
+            self.registry.as_ref(),
+            &self.config,
+            no_zeroes,
+            TlsPhase::Active,
+        )
+        .await?;
+        Ok((second, reader, w))
+    }
+
+    async fn run_connection<R, W>(
+        self: Arc<Self>,
+        r: R,
+        w: W,
+        peer: String,
+        upgrade: Option<Upgrade<R, W>>,
+    ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -408,10 +532,10 @@ impl Server {
         let span = tracing::debug_span!("nbd", conn = id, peer = %peer);
         tracing::debug!(parent: &span, "connected");
 
-        let mut reader = BufReader::with_capacity(READ_BUFFER, r);
+        let reader = BufReader::with_capacity(READ_BUFFER, r);
         let handshake = tokio::time::timeout(
             self.config.handshake_timeout,
-            handshake::negotiate(&mut reader, &mut w, self.registry.as_ref(), &self.config),
+            self.handshake(reader, w, upgrade),
         );
         let negotiated = tokio::select! {
             _ = &mut close => {
@@ -430,9 +554,9 @@ impl Server {
                 }
             },
         };
-        let n = match negotiated {
-            Ok(Some(n)) => n,
-            Ok(None) => {
+        let (n, mut reader, w) = match negotiated {
+            Ok((handshake::Outcome::Transmission(n), reader, w)) => (n, reader, w),
+            Ok(_) => {
                 tracing::debug!(parent: &span, "handshake ended without an export");
                 return;
             }

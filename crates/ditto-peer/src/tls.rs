@@ -140,10 +140,12 @@ pub fn create_ca(dir: &Path) -> Result<(), TlsError> {
     write_new(&dir.join(CA_CERT), &cert.pem(), false)
 }
 
-/// Create `node.pem`/`node.key` for node `name` in `out`, signed by the CA
-/// in `ca_dir`, valid from `valid_from_days` to `valid_days` from now.
+/// Create `node.pem`/`node.key` for node `name` (and the other names or IP
+/// addresses in `also`) in `out`, signed by the CA in `ca_dir`, valid from
+/// `valid_from_days` to `valid_days` from now.
 pub fn create_node_cert(
     name: &str,
+    also: &[String],
     ca_dir: &Path,
     out: &Path,
     valid_from_days: i64,
@@ -171,7 +173,12 @@ pub fn create_node_cert(
             why: format!("not a CA certificate: {e}"),
         })?;
     let key = KeyPair::generate().map_err(gen_err)?;
-    let mut params = CertificateParams::new(vec![name.to_string()]).map_err(gen_err)?;
+    let mut names = vec![name.to_string()];
+    names.extend(also.iter().cloned());
+    let mut params = CertificateParams::new(names).map_err(|e| TlsError::BadName {
+        name: also.join(","),
+        why: format!("not a DNS name or IP address: {e}"),
+    })?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,

@@ -28,7 +28,7 @@ struct Cluster {
 
 fn node_cert(dir: &Path, ca: &str, name: &str, from: i64, until: i64) -> PeerTls {
     let out = dir.join(format!("{ca}-{name}"));
-    create_node_cert(name, &dir.join(ca), &out, from, until).unwrap();
+    create_node_cert(name, &[], &dir.join(ca), &out, from, until).unwrap();
     PeerTls::load(name, &TlsFiles::in_dirs(&dir.join(ca), &out)).unwrap()
 }
 
@@ -165,12 +165,12 @@ fn certificates_are_never_overwritten_and_names_are_checked() {
     create_ca(dir.path()).unwrap();
     let e = create_ca(dir.path()).unwrap_err().to_string();
     assert!(e.contains("exists"), "{e}");
-    let e = create_node_cert("Bad_Name", dir.path(), &dir.path().join("n"), 0, 1)
+    let e = create_node_cert("Bad_Name", &[], dir.path(), &dir.path().join("n"), 0, 1)
         .unwrap_err()
         .to_string();
     assert!(e.contains("lowercase"), "{e}");
-    create_node_cert("n1", dir.path(), &dir.path().join("n"), 0, 1).unwrap();
-    assert!(create_node_cert("n1", dir.path(), &dir.path().join("n"), 0, 1).is_err());
+    create_node_cert("n1", &[], dir.path(), &dir.path().join("n"), 0, 1).unwrap();
+    assert!(create_node_cert("n1", &[], dir.path(), &dir.path().join("n"), 0, 1).is_err());
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.path().join("n/node.key"))
         .unwrap()

@@ -173,7 +173,26 @@ pub async fn start(
     let _ = node.nbd_addr.set(nbd_addr.clone());
     let _ = node.api_addr.set(api_addr.clone());
 
-    let server = ditto_nbd::Server::new(
+    let nbd_tls = match &cfg.tls {
+        None => None,
+        Some(t) => {
+            let files = ditto_peer::tls::TlsFiles {
+                ca: t.ca.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            };
+            let tls = ditto_peer::tls::PeerTls::load("nbd", &files)
+                .context("cannot load the [tls] certificates")?;
+            Some(ditto_nbd::NbdTls {
+                acceptor: tls.acceptor,
+                required: cfg.nbd_require_tls,
+            })
+        }
+    };
+    if nbd_tls.is_none() && !cfg.nbd_listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.nbd_listen, "NBD listens beyond loopback without TLS: any host that reaches it can read and write every volume; add [tls] and nbd_require_tls = true");
+    }
+    let server = ditto_nbd::Server::with_tls(
         Arc::new(Registry(Arc::downgrade(&node))),
         ditto_nbd::ServerConfig {
             max_connections: cfg.nbd_max_connections,
@@ -182,6 +201,7 @@ pub async fn start(
                 .unwrap_or(usize::MAX),
             ..ditto_nbd::ServerConfig::default()
         },
+        nbd_tls,
     );
     node.set_nbd_server(server.clone());
     tokio::spawn({

@@ -88,6 +88,10 @@ enum CertCommand {
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 825)]
         days: u32,
+        /// Another name or IP address the node is reached at (repeatable),
+        /// e.g. the address NBD clients connect to.
+        #[arg(long, value_name = "HOST")]
+        san: Vec<String>,
     },
 }
 
@@ -242,8 +246,9 @@ fn run(cli: Cli) -> Result<()> {
             ca,
             out,
             days,
+            san,
         }) => {
-            ditto_peer::tls::create_node_cert(&name, &ca, &out, -1, i64::from(days))?;
+            ditto_peer::tls::create_node_cert(&name, &san, &ca, &out, -1, i64::from(days))?;
             println!(
                 "created the certificate of node {name}: {} and {}, valid {days} days; copy them and {} to that node",
                 out.join(ditto_peer::tls::NODE_CERT).display(),
