@@ -68,8 +68,26 @@ pub struct DaemonConfig {
     /// Refuse NBD over TCP without TLS (FORCEDTLS): needs `[tls]`. Set it
     /// whenever `nbd_listen` is reachable from other machines.
     pub nbd_require_tls: bool,
+    /// This node's name among its peers (a DNS label; its certificate's name).
+    pub node_name: String,
+    /// Where this node serves its replicas to primaries on other nodes (the
+    /// peer protocol, docs/peer-protocol.md), e.g. "0.0.0.0:10811"; off when
+    /// unset. Without `[tls]` only loopback peers are accepted.
+    pub peer_listen: Option<SocketAddr>,
+    /// The other nodes this node knows, `[nodes.NAME] address = "HOST:PORT"`:
+    /// where it creates and reaches replicas (`--pool NAME:POOL`), and whom
+    /// it lets in.
+    pub nodes: std::collections::BTreeMap<String, NodeConfig>,
     /// Per-volume overrides, `[volumes.NAME]`.
     pub volumes: std::collections::BTreeMap<String, VolumeConfig>,
+}
+
+/// `[nodes.NAME]`: another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Its peer address (its `peer_listen`).
+    pub address: String,
 }
 
 /// `[tls]`: the files `ditto cert ca` and `ditto cert node` wrote.
@@ -131,6 +149,9 @@ impl Default for DaemonConfig {
             nbd_in_flight_bytes: DEFAULT_NBD_IN_FLIGHT_BYTES.into(),
             tls: None,
             nbd_require_tls: false,
+            node_name: "local".into(),
+            peer_listen: None,
+            nodes: Default::default(),
             volumes: Default::default(),
         }
     }
@@ -156,6 +177,19 @@ impl DaemonConfig {
     }
 
     fn check(&self, path: &Path) -> Result<(), ControlError> {
+        let config_err = |message: String| ControlError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        for name in std::iter::once(&self.node_name).chain(self.nodes.keys()) {
+            crate::validate::node_name(name).map_err(&config_err)?;
+        }
+        if self.nodes.contains_key(&self.node_name) {
+            return Err(config_err(format!(
+                "[nodes.{0}] names this node itself (node_name = {0:?}); list only the other nodes",
+                self.node_name
+            )));
+        }
         if self.nbd_require_tls && self.tls.is_none() {
             return Err(ControlError::Config {
                 path: path.to_path_buf(),

@@ -51,8 +51,29 @@ pub struct PoolRecord {
 #[serde(deny_unknown_fields)]
 pub struct ReplicaRecord {
     pub id: Uuid,
+    /// The pool (`NODE:POOL` for a replica on another node).
+    pub pool: String,
+    /// The file, device or URI (`peer://ADDR/UUID` on another node).
+    pub path: PathBuf,
+    /// The node holding it when it is not this one (`[nodes.NAME]` in the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// A replica this node holds for a primary on another node (store table
+/// `held_replicas`, keyed by replica uuid): served over the peer protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldReplicaRecord {
+    pub version: u32,
+    pub volume: Uuid,
+    pub replica: Uuid,
+    pub volume_name: String,
     pub pool: String,
     pub path: PathBuf,
+    /// The node that asked for it (the volume's primary then).
+    pub primary: String,
+    pub created_unix: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

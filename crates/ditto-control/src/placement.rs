@@ -28,7 +28,8 @@ pub struct PoolUsage {
     pub replicas: usize,
 }
 
-fn statvfs(path: &Path) -> std::io::Result<(u64, u64)> {
+/// Total and available bytes of the filesystem holding `path`.
+pub fn statvfs(path: &Path) -> std::io::Result<(u64, u64)> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: statvfs is plain old data; zeroed is a valid value for it.

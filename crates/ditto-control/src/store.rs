@@ -11,13 +11,16 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::ControlError;
-use crate::model::{MembershipRecord, PoolRecord, VolumeRecord, RECORD_VERSION};
+use crate::model::{HeldReplicaRecord, MembershipRecord, PoolRecord, VolumeRecord, RECORD_VERSION};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 /// Keyed by volume uuid: a name reused after a delete never inherits a record.
 const MEMBERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("membership");
+/// Replicas held for primaries on other nodes, keyed by replica uuid.
+/// Added without a schema bump: an older ditto never opens it.
+const HELD: TableDefinition<&str, &[u8]> = TableDefinition::new("held_replicas");
 const SCHEMA_KEY: &str = "schema_version";
 /// Version of the store's table layout.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -63,6 +66,7 @@ impl Store {
             tx.open_table(POOLS).map_err(store_err)?;
             tx.open_table(VOLUMES).map_err(store_err)?;
             tx.open_table(MEMBERSHIP).map_err(store_err)?;
+            tx.open_table(HELD).map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
         Ok(Store { db })
@@ -175,6 +179,28 @@ impl Store {
         self.delete(MEMBERSHIP, &uuid.to_string())
     }
 
+    /// Replicas this node holds for primaries elsewhere.
+    pub fn held_replicas(&self) -> Result<Vec<HeldReplicaRecord>, ControlError> {
+        self.list(HELD)
+    }
+
+    pub fn insert_held_replica(&self, r: &HeldReplicaRecord) -> Result<(), ControlError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut t = tx.open_table(HELD).map_err(store_err)?;
+            let key = r.replica.to_string();
+            if t.get(key.as_str()).map_err(store_err)?.is_some() {
+                return Err(ControlError::InvalidRequest(format!(
+                    "replica {} is held here already",
+                    r.replica
+                )));
+            }
+            t.insert(key.as_str(), encode(r)?.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
     pub fn delete_pool(&self, name: &str) -> Result<bool, ControlError> {
         self.delete(POOLS, name)
     }
@@ -233,6 +259,7 @@ mod tests {
                 id: Uuid::new_v4(),
                 pool: "p1".into(),
                 path: dir.path().join("r"),
+                node: None,
             }],
             created_unix: now_unix(),
         };

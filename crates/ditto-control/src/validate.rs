@@ -106,6 +106,25 @@ pub fn pool_path(path: &Path) -> Result<(), ControlError> {
     }
 }
 
+/// A node name: a DNS label (lowercase letters, digits, '-', 1 to 63
+/// characters, no '-' at either end), since it is its certificate's name.
+pub fn node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node name {name:?}: use 1 to 63 lowercase letters, digits and '-' (not at either end)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

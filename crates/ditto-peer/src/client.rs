@@ -130,6 +130,120 @@ impl std::fmt::Debug for RemoteReplica {
     }
 }
 
+/// Connect and say hello for `replica` of `volume` (both nil: a control
+/// session). Returns the halves and the node's answer.
+async fn open_session(
+    addr: &str,
+    dial: &Dial,
+    volume: Uuid,
+    replica: Uuid,
+    timeout: Duration,
+) -> Result<(ReadHalf<Stream>, WriteHalf<Stream>, HelloOk), ConnectError> {
+    let seconds = timeout.as_secs();
+    let stream = match tokio::time::timeout(timeout, dial.open(addr)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ConnectError::Timeout {
+                addr: addr.into(),
+                seconds,
+            })
+        }
+    };
+    let (mut r, mut w) = tokio::io::split(stream);
+    let protocol = |source| ConnectError::Protocol {
+        addr: addr.into(),
+        source,
+    };
+    let hello = Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        features: 0,
+        required_features: 0,
+        volume,
+        replica,
+        node: dial.me.clone(),
+    };
+    let answer = tokio::time::timeout(timeout, async {
+        Frame {
+            payload: hello.encode()?,
+            ..Frame::new(Kind::Hello, 0)
+        }
+        .write_to(&mut w)
+        .await?;
+        Frame::read_from(&mut r, 64 << 10).await
+    })
+    .await
+    .map_err(|_| ConnectError::Timeout {
+        addr: addr.into(),
+        seconds,
+    })?
+    .map_err(|e| match e {
+        // In TLS 1.3 the node judges our certificate after our side of
+        // the handshake: its refusal arrives as an alert on first read.
+        FrameError::Io(io) if dial.tls.is_some() => ConnectError::Tls {
+            addr: addr.into(),
+            peer: dial.peer.clone(),
+            why: io.to_string(),
+        },
+        other => protocol(other),
+    })?;
+    match answer.kind {
+        Kind::HelloOk => {}
+        Kind::Reply | Kind::Goodbye => {
+            return Err(ConnectError::Refused {
+                addr: addr.into(),
+                replica,
+                why: String::from_utf8_lossy(&answer.payload).into_owned(),
+            })
+        }
+        other => {
+            return Err(protocol(FrameError::Malformed {
+                what: "hello reply",
+                why: format!("got a {other:?} frame"),
+            }))
+        }
+    }
+    let ok = HelloOk::decode(&answer.payload).map_err(protocol)?;
+    Ok((r, w, ok))
+}
+
+/// Ask the node at `addr` to create a replica in one of its pools.
+pub async fn create_replica(
+    addr: &str,
+    dial: &Dial,
+    req: &crate::wire::CreateReplica,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    let protocol = |source| ConnectError::Protocol {
+        addr: addr.into(),
+        source,
+    };
+    let (mut r, mut w, _) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
+    let answer = tokio::time::timeout(timeout, async {
+        Frame {
+            payload: req.encode()?,
+            ..Frame::new(Kind::CreateReplica, 1)
+        }
+        .write_to(&mut w)
+        .await?;
+        Frame::read_from(&mut r, 64 << 10).await
+    })
+    .await
+    .map_err(|_| ConnectError::Timeout {
+        addr: addr.into(),
+        seconds: timeout.as_secs(),
+    })?
+    .map_err(protocol)?;
+    if answer.kind == Kind::Reply && answer.arg == Status::Ok as u64 {
+        return Ok(());
+    }
+    Err(ConnectError::Refused {
+        addr: addr.into(),
+        replica: req.replica,
+        why: String::from_utf8_lossy(&answer.payload).into_owned(),
+    })
+}
+
 impl RemoteReplica {
     /// Connect to `addr`, open `replica` of `volume` there and read its superblock.
     pub async fn connect(
@@ -139,72 +253,12 @@ impl RemoteReplica {
         replica: Uuid,
         timeout: Duration,
     ) -> Result<Arc<RemoteReplica>, ConnectError> {
-        let seconds = timeout.as_secs();
-        let node = dial.me.as_str();
-        let stream = match tokio::time::timeout(timeout, dial.open(addr)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(ConnectError::Timeout {
-                    addr: addr.into(),
-                    seconds,
-                })
-            }
-        };
-        let (mut r, mut w) = tokio::io::split(stream);
+        let (r, w, ok) = open_session(addr, dial, volume, replica, timeout).await?;
+        let mut r = r;
         let protocol = |source| ConnectError::Protocol {
             addr: addr.into(),
             source,
         };
-        let hello = Hello {
-            min_version: VERSION,
-            max_version: VERSION,
-            features: 0,
-            required_features: 0,
-            volume,
-            replica,
-            node: node.into(),
-        };
-        let answer = tokio::time::timeout(timeout, async {
-            Frame {
-                payload: hello.encode()?,
-                ..Frame::new(Kind::Hello, 0)
-            }
-            .write_to(&mut w)
-            .await?;
-            Frame::read_from(&mut r, 64 << 10).await
-        })
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            addr: addr.into(),
-            seconds,
-        })?
-        .map_err(|e| match e {
-            // In TLS 1.3 the node judges our certificate after our side of
-            // the handshake: its refusal arrives as an alert on first read.
-            FrameError::Io(io) if dial.tls.is_some() => ConnectError::Tls {
-                addr: addr.into(),
-                peer: dial.peer.clone(),
-                why: io.to_string(),
-            },
-            other => protocol(other),
-        })?;
-        match answer.kind {
-            Kind::HelloOk => {}
-            Kind::Reply | Kind::Goodbye => {
-                return Err(ConnectError::Refused {
-                    addr: addr.into(),
-                    replica,
-                    why: String::from_utf8_lossy(&answer.payload).into_owned(),
-                })
-            }
-            other => {
-                return Err(protocol(FrameError::Malformed {
-                    what: "hello reply",
-                    why: format!("got a {other:?} frame"),
-                }))
-            }
-        }
-        let ok = HelloOk::decode(&answer.payload).map_err(protocol)?;
         let sb = Superblock::decode(&ok.superblock).map_err(|e| {
             protocol(FrameError::Malformed {
                 what: "superblock",

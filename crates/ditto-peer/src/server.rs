@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ditto_engine::{BackendError, ReplicaBackend};
+use ditto_engine::{BackendError, BoxFuture, ReplicaBackend};
 use ditto_format::Superblock;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use crate::tls::{cert_names_node, PeerTls};
 use crate::wire::{
-    Frame, FrameError, Hello, HelloOk, Kind, Status, KNOWN_FEATURES, MAX_PAYLOAD, VERSION,
+    CreateReplica, Frame, FrameError, Hello, HelloOk, Kind, Status, KNOWN_FEATURES, MAX_PAYLOAD,
+    VERSION,
 };
 
 /// A replica this node serves, with its fence.
@@ -64,6 +65,12 @@ impl ServedReplica {
 /// Where the server finds the replicas it may serve.
 pub trait ReplicaRegistry: Send + Sync + 'static {
     fn lookup(&self, volume: Uuid, replica: Uuid) -> Option<Arc<ServedReplica>>;
+    /// Create (format and record) a replica that node `from` asked for, and
+    /// serve it from then on. The error says why not, for that node's user.
+    fn create(&self, from: &str, req: CreateReplica) -> BoxFuture<'_, Result<(), String>> {
+        let _ = (from, req);
+        Box::pin(async { Err("this node does not create replicas for peers".to_string()) })
+    }
 }
 
 /// A fixed set of replicas, keyed by (volume, replica) uuid.
@@ -259,9 +266,10 @@ impl PeerServer {
                 })
             }
         };
-        let Some((served, session)) = self.accept_hello(&hello, cert.as_ref(), &mut w).await?
-        else {
-            return Ok(());
+        let (served, session) = match self.accept_hello(&hello, cert.as_ref(), &mut w).await? {
+            Opened::Refused => return Ok(()),
+            Opened::Control(peer) => return self.control(r, w, &peer).await,
+            Opened::Replica(served, session) => (served, session),
         };
         tracing::info!(peer = %addr, replica = %served.backend.location(), "peer opened replica");
         let (tx, mut rx) = mpsc::channel::<Frame>(1024);
@@ -306,7 +314,7 @@ impl PeerServer {
         f: &Frame,
         cert: Option<&CertificateDer<'static>>,
         w: &mut W,
-    ) -> Result<Option<(Arc<ServedReplica>, u64)>, FrameError> {
+    ) -> Result<Opened, FrameError> {
         if f.kind != Kind::Hello {
             let why = format!("expected a hello, got {:?}", f.kind);
             goodbye(&why).write_to(w).await?;
@@ -324,14 +332,14 @@ impl PeerServer {
             );
             self.refused(&why);
             refuse(Status::Version, why).write_to(w).await?;
-            return Ok(None);
+            return Ok(Opened::Refused);
         }
         let unknown = hello.required_features & !KNOWN_FEATURES;
         if unknown != 0 {
             let why = format!("node {} requires peer features {unknown:#x} that node {} does not know; upgrade it", hello.node, self.node);
             self.refused(&why);
             refuse(Status::Version, why).write_to(w).await?;
-            return Ok(None);
+            return Ok(Opened::Refused);
         }
         if let PeerAuth::Tls { known, .. } = &self.auth {
             let why = if !cert.is_some_and(|c| cert_names_node(c, &hello.node)) {
@@ -350,8 +358,22 @@ impl PeerServer {
             if let Some(why) = why {
                 self.refused(&why);
                 refuse(Status::Unauthorized, why).write_to(w).await?;
-                return Ok(None);
+                return Ok(Opened::Refused);
             }
+        }
+        if hello.volume.is_nil() && hello.replica.is_nil() {
+            let ok = HelloOk {
+                version: VERSION,
+                features: hello.features & KNOWN_FEATURES,
+                superblock: Bytes::new(),
+            };
+            Frame {
+                payload: ok.encode(),
+                ..Frame::new(Kind::HelloOk, f.id)
+            }
+            .write_to(w)
+            .await?;
+            return Ok(Opened::Control(hello.node));
         }
         let Some(served) = self.registry.lookup(hello.volume, hello.replica) else {
             let why = format!(
@@ -360,7 +382,7 @@ impl PeerServer {
             );
             tracing::warn!(from = %hello.node, "{why}");
             refuse(Status::UnknownReplica, why).write_to(w).await?;
-            return Ok(None);
+            return Ok(Opened::Refused);
         };
         let session = served.open_session().await;
         let sb = served.backend.superblock();
@@ -380,7 +402,53 @@ impl PeerServer {
         }
         .write_to(w)
         .await?;
-        Ok(Some((served, session)))
+        Ok(Opened::Replica(served, session))
+    }
+}
+
+/// What a hello opened.
+enum Opened {
+    Refused,
+    /// A control session (nil volume and replica) from the named node.
+    Control(String),
+    Replica(Arc<ServedReplica>, u64),
+}
+
+impl PeerServer {
+    /// A control session: node-level requests, one at a time.
+    async fn control<R, W>(&self, mut r: R, mut w: W, peer: &str) -> Result<(), FrameError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let f = match Frame::read_from(&mut r, 64 << 10).await {
+                Ok(f) => f,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            let reply = match f.kind {
+                Kind::CreateReplica => match CreateReplica::decode(&f.payload) {
+                    Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
+                    Ok(req) => match self.registry.create(peer, req).await {
+                        Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                        Err(why) => {
+                            self.refused(&format!("node {peer}: cannot create replica: {why}"));
+                            Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why))
+                        }
+                    },
+                },
+                other => Frame::reply(
+                    f.id,
+                    0,
+                    Status::Invalid,
+                    Bytes::from(format!("{other:?} is not a control request")),
+                ),
+            };
+            reply.write_to(&mut w).await?;
+        }
     }
 }
 
@@ -547,9 +615,12 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
                 Err(e) => fail(e),
             }
         }
-        Kind::Hello | Kind::HelloOk | Kind::Reply | Kind::Goodbye | Kind::WriteSuperblock => {
-            invalid(format!("{:?} is not a request", f.kind))
-        }
+        Kind::Hello
+        | Kind::HelloOk
+        | Kind::Reply
+        | Kind::Goodbye
+        | Kind::WriteSuperblock
+        | Kind::CreateReplica => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

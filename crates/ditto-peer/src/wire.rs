@@ -39,6 +39,9 @@ pub enum Kind {
     Reply = 12,
     /// The sender closes the connection; the payload says why.
     Goodbye = 13,
+    /// On a control session (hello for the nil replica): create a replica
+    /// in one of the node's pools ([`CreateReplica`]).
+    CreateReplica = 14,
 }
 
 impl Kind {
@@ -58,6 +61,7 @@ impl Kind {
             11 => WriteSuperblock,
             12 => Reply,
             13 => Goodbye,
+            14 => CreateReplica,
             _ => return None,
         })
     }
@@ -445,6 +449,77 @@ impl HelloOk {
     }
 }
 
+/// Payload of [`Kind::CreateReplica`]: which replica of which volume, its
+/// size and region size, the pool on the receiving node, and the volume's
+/// name (for the file name and status there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateReplica {
+    pub volume: Uuid,
+    pub replica: Uuid,
+    pub size: u64,
+    pub region_size: u32,
+    pub pool: String,
+    pub volume_name: String,
+}
+
+impl CreateReplica {
+    pub fn encode(&self) -> Result<Bytes, FrameError> {
+        for (what, s) in [("pool", &self.pool), ("volume name", &self.volume_name)] {
+            if s.len() > MAX_NAME {
+                return Err(FrameError::Malformed {
+                    what: "create replica",
+                    why: format!("{what} of {} bytes (at most {MAX_NAME})", s.len()),
+                });
+            }
+        }
+        let mut b = Vec::with_capacity(48 + self.pool.len() + self.volume_name.len());
+        b.extend_from_slice(self.volume.as_bytes());
+        b.extend_from_slice(self.replica.as_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.region_size.to_le_bytes());
+        b.extend_from_slice(&(self.pool.len() as u16).to_le_bytes());
+        b.extend_from_slice(&(self.volume_name.len() as u16).to_le_bytes());
+        b.extend_from_slice(self.pool.as_bytes());
+        b.extend_from_slice(self.volume_name.as_bytes());
+        Ok(Bytes::from(b))
+    }
+
+    pub fn decode(b: &[u8]) -> Result<CreateReplica, FrameError> {
+        let bad = |why: String| FrameError::Malformed {
+            what: "create replica",
+            why,
+        };
+        if b.len() < 48 {
+            return Err(bad(format!("{} bytes, at least 48 expected", b.len())));
+        }
+        let (pool_len, name_len) = (u16_at(b, 44) as usize, u16_at(b, 46) as usize);
+        if pool_len > MAX_NAME || name_len > MAX_NAME || b.len() != 48 + pool_len + name_len {
+            return Err(bad(format!(
+                "names of {pool_len} and {name_len} bytes in a {}-byte request",
+                b.len()
+            )));
+        }
+        let text = |r: std::ops::Range<usize>| {
+            std::str::from_utf8(&b[r])
+                .map(str::to_string)
+                .map_err(|_| bad("a name is not UTF-8".into()))
+        };
+        let uuid_at = |at: usize| {
+            let mut u = [0u8; 16];
+            u.copy_from_slice(&b[at..at + 16]);
+            Uuid::from_bytes(u)
+        };
+        Ok(CreateReplica {
+            volume: uuid_at(0),
+            replica: uuid_at(16),
+            size: u64_at(b, 32),
+            region_size: u32_at(b, 40),
+            pool: text(48..48 + pool_len)?,
+            volume_name: text(48 + pool_len..48 + pool_len + name_len)?,
+        })
+    }
+}
+
 /// Allocation runs in a reply: 24 bytes each (offset, length, allocated).
 pub fn encode_runs(runs: &[ditto_engine::Allocation]) -> Bytes {
     let mut b = Vec::with_capacity(runs.len() * 24);
@@ -525,6 +600,21 @@ mod tests {
     }
 
     #[test]
+    fn create_replica_round_trips() {
+        let c = CreateReplica {
+            volume: Uuid::from_u128(3),
+            replica: Uuid::from_u128(4),
+            size: 1 << 30,
+            region_size: 1 << 20,
+            pool: "disk1".into(),
+            volume_name: "vm1".into(),
+        };
+        let b = c.encode().unwrap();
+        assert_eq!(CreateReplica::decode(&b).unwrap(), c);
+        assert!(CreateReplica::decode(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
     fn hello_round_trips_and_rejects_bad_names() {
         let h = Hello {
             min_version: 1,
@@ -548,6 +638,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(0u8..=255, 0..200)) {
             let _ = Frame::decode(&b, 1 << 16);
             let _ = Hello::decode(&b);
+            let _ = CreateReplica::decode(&b);
             let _ = decode_runs(&b);
         }
     }

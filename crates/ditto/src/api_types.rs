@@ -226,4 +226,7 @@ pub struct DaemonAddresses {
     pub api: String,
     pub nbd: String,
     pub pid: u32,
+    /// The peer protocol address (`peer_listen`), when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }

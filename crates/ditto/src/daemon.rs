@@ -26,6 +26,9 @@ pub struct DaemonArgs {
     /// NBD Unix socket path.
     #[arg(long)]
     pub nbd_socket: Option<PathBuf>,
+    /// Peer protocol listen address (serves replicas to other nodes) [default: off].
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
     /// REST API listen address [default: 127.0.0.1:10810].
     #[arg(long)]
     pub api_listen: Option<SocketAddr>,
@@ -75,6 +78,9 @@ pub fn resolve_config(
     };
     if let Some(a) = args.nbd_listen {
         cfg.nbd_listen = a;
+    }
+    if let Some(a) = args.peer_listen {
+        cfg.peer_listen = Some(a);
     }
     if let Some(a) = args.api_listen {
         cfg.api_listen = a;
@@ -164,6 +170,7 @@ pub async fn start(
         )
     })?;
     let node_engine = engine.name();
+    let held_engine = engine.clone();
     // Open before the node, so the events of volumes starting are recorded.
     let event_log = crate::events::EventLog::open(&data_dir, cfg.event_program.clone())?;
     let events: ditto_engine::SharedSink = event_log.clone();
@@ -229,10 +236,15 @@ pub async fn start(
             tracing::error!(error = %e, "API server stopped");
         }
     });
+    let peer_addr = match cfg.peer_listen {
+        None => None,
+        Some(listen) => Some(start_peer_server(cfg, &node, held_engine, listen).await?),
+    };
     let addresses = DaemonAddresses {
         api: api_addr,
         nbd: nbd_addr,
         pid: std::process::id(),
+        peer: peer_addr,
     };
     let tmp = data_dir.join("daemon.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&addresses)?)?;
@@ -246,6 +258,45 @@ pub async fn start(
         data_dir,
         _lock: lock,
     })
+}
+
+/// Serve the replicas this node holds for other nodes on `listen`.
+async fn start_peer_server(
+    cfg: &DaemonConfig,
+    node: &Arc<Node>,
+    engine: Arc<dyn ditto_engine::IoEngine>,
+    listen: std::net::SocketAddr,
+) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for peers on {listen} (peer_listen)"))?;
+    let held = crate::peers::HeldReplicas::open(node.store(), engine).await;
+    let auth = match crate::peers::peer_tls(cfg)? {
+        None => {
+            tracing::info!("peer protocol in plain TCP: only peers on loopback are accepted; configure [tls] for other machines");
+            ditto_peer::server::PeerAuth::LoopbackPlain
+        }
+        Some(tls) => {
+            let dialer = node.dialer().clone();
+            ditto_peer::server::PeerAuth::Tls {
+                tls,
+                known: Arc::new(move |name: &str| dialer.knows(name)),
+            }
+        }
+    };
+    let server = ditto_peer::PeerServer::new(
+        cfg.node_name.clone(),
+        held,
+        ditto_peer::server::ServerLimits::default(),
+        auth,
+    );
+    let addr = listener.local_addr()?.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = server.serve(listener).await {
+            tracing::error!(error = %e, "peer server stopped");
+        }
+    });
+    Ok(addr)
 }
 
 impl Running {

@@ -7,6 +7,7 @@ mod daemon;
 mod events;
 mod export;
 mod node;
+mod peers;
 mod quickstart;
 
 use anyhow::Result;
@@ -128,7 +129,8 @@ enum VolumeCommand {
         /// Number of replicas, each on its own pool [default: 2].
         #[arg(long, conflicts_with = "pool")]
         replicas: Option<usize>,
-        /// Put a replica on this pool (repeat for each replica).
+        /// Put a replica on this pool (repeat for each replica); NODE:POOL
+        /// for a pool on another node (`[nodes.NODE]` in the config).
         #[arg(long)]
         pool: Vec<String>,
         /// Dirty-map region size (power of two, 4K..1G) [default: 1M].

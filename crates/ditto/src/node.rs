@@ -55,6 +55,8 @@ pub struct Node {
     /// Stopped volumes whose disks still hold operations given up at a
     /// timeout: a new instance must not write these files before they land.
     draining: std::sync::Mutex<BTreeMap<String, Arc<Volume>>>,
+    /// How replicas on other nodes (`[nodes.NAME]`) are reached.
+    dialer: crate::peers::Dialer,
 }
 
 fn layout_of(v: &VolumeRecord) -> Result<Layout, ControlError> {
@@ -84,6 +86,11 @@ impl Node {
         events: SharedSink,
     ) -> Result<Arc<Self>, ControlError> {
         let store = Arc::new(Store::open(&data_dir.join("state.redb"))?);
+        let tls = crate::peers::peer_tls(&config).map_err(|e| ControlError::Config {
+            path: data_dir.to_path_buf(),
+            message: format!("[tls]: {e:#}"),
+        })?;
+        let dialer = crate::peers::Dialer::new(&config, tls);
         let membership_log = MembershipLogRef(Arc::new(StoreMembershipLog(store.clone())));
         let (resync_min_rate, resync_max_rate) = config.resync_rates();
         let node = Arc::new(Node {
@@ -108,6 +115,7 @@ impl Node {
             config,
             degraded_override,
             draining: std::sync::Mutex::new(BTreeMap::new()),
+            dialer,
         });
         for record in node.store.volumes()? {
             let (members, missing) = node.open_members(&record).await;
@@ -206,12 +214,39 @@ impl Node {
         }
     }
 
+    /// The node's store (shared with the replicas it holds for peers).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    pub fn dialer(&self) -> &crate::peers::Dialer {
+        &self.dialer
+    }
+
     async fn open_replica(
         &self,
         record: &VolumeRecord,
         r: &ReplicaRecord,
-    ) -> Result<Arc<FileReplica>, BackendError> {
+    ) -> Result<Arc<dyn ReplicaBackend>, BackendError> {
         let location = r.path.display().to_string();
+        if let Some(node) = &r.node {
+            let io_err = |why: String| BackendError::Io {
+                op: "connect",
+                location: location.clone(),
+                source: std::io::Error::other(why),
+            };
+            let (addr, dial) = self.dialer.dial(node).map_err(io_err)?;
+            let remote = ditto_peer::RemoteReplica::connect(
+                &addr,
+                &dial,
+                record.uuid,
+                r.id,
+                crate::peers::PEER_TIMEOUT,
+            )
+            .await
+            .map_err(|e| io_err(e.to_string()))?;
+            return Ok(remote);
+        }
         let file = self
             .open_io(self.pool_kind(&r.pool), &r.path)
             .await
@@ -220,7 +255,7 @@ impl Node {
                 location: location.clone(),
                 source,
             })?;
-        FileReplica::open_on(file, location, record.uuid).await
+        Ok(FileReplica::open_on(file, location, record.uuid).await?)
     }
 
     /// Open every replica; those that cannot be opened become placeholders.
@@ -567,7 +602,7 @@ impl Node {
         volume_name: &str,
         volume_uuid: Uuid,
         layout: Layout,
-    ) -> Result<(ReplicaRecord, Arc<FileReplica>), ControlError> {
+    ) -> Result<(ReplicaRecord, Arc<dyn ReplicaBackend>), ControlError> {
         let id = Uuid::new_v4();
         let (path, backend) = match pool.kind {
             PoolKind::Directory => {
@@ -606,6 +641,57 @@ impl Node {
                 id,
                 pool: pool.name.clone(),
                 path,
+                node: None,
+            },
+            backend as Arc<dyn ReplicaBackend>,
+        ))
+    }
+
+    /// Create one replica of `volume` in pool `pool` of node `node`, and
+    /// connect to it.
+    async fn create_remote_replica(
+        &self,
+        node: &str,
+        pool: &str,
+        volume_name: &str,
+        volume_uuid: Uuid,
+        layout: Layout,
+    ) -> Result<(ReplicaRecord, Arc<dyn ReplicaBackend>), ControlError> {
+        let id = Uuid::new_v4();
+        let (addr, dial) = self
+            .dialer
+            .dial(node)
+            .map_err(ControlError::InvalidRequest)?;
+        let req = ditto_peer::wire::CreateReplica {
+            volume: volume_uuid,
+            replica: id,
+            size: layout.volume_size,
+            region_size: layout.region_size,
+            pool: pool.to_string(),
+            volume_name: volume_name.to_string(),
+        };
+        let remote_err = |e: ditto_peer::client::ConnectError| {
+            ControlError::Engine(format!("creating a replica on node {node}: {e}"))
+        };
+        ditto_peer::client::create_replica(&addr, &dial, &req, crate::peers::PEER_TIMEOUT)
+            .await
+            .map_err(remote_err)?;
+        let backend = ditto_peer::RemoteReplica::connect(
+            &addr,
+            &dial,
+            volume_uuid,
+            id,
+            crate::peers::PEER_TIMEOUT,
+        )
+        .await
+        .map_err(remote_err)?;
+        let location = backend.location().to_string();
+        Ok((
+            ReplicaRecord {
+                id,
+                pool: format!("{node}:{pool}"),
+                path: PathBuf::from(location),
+                node: Some(node.to_string()),
             },
             backend,
         ))
@@ -614,6 +700,10 @@ impl Node {
     /// Remove a replica's storage: delete the file of a directory pool; leave
     /// devices and remote exports as they are (their superblock names the old volume).
     fn discard_replica(&self, r: &ReplicaRecord) {
+        if let Some(node) = &r.node {
+            tracing::warn!(node = %node, replica = %r.id, "replica on another node left in place (removing it there is not implemented yet)");
+            return;
+        }
         if self.pool_kind(&r.pool) == PoolKind::Directory {
             if let Err(e) = std::fs::remove_file(&r.path) {
                 tracing::warn!(path = %r.path.display(), error = %e, "could not remove replica file");
@@ -646,7 +736,7 @@ impl Node {
                 "--replicas {count}: between 1 and 8 replicas"
             )));
         }
-        for p in &req.pools {
+        for p in req.pools.iter().filter(|p| !p.contains(':')) {
             validate::name("pool", p)?;
         }
         let region_size = match &req.region_size {
@@ -671,15 +761,53 @@ impl Node {
         }
         let pools = self.store.pools()?;
         let usages = self.pool_usages(&pools, &volumes);
-        let chosen = placement::place(count, &req.pools, &usages, layout.replica_len())?;
+        // `NODE:POOL` is a pool on another node: created there, reached over
+        // the peer protocol. The rest are placed here.
+        let (remote, local): (Vec<String>, Vec<String>) =
+            req.pools.iter().cloned().partition(|p| p.contains(':'));
+        let mut remote_pools = Vec::new();
+        for spec in &remote {
+            let (node, pool) = spec.split_once(':').unwrap_or_default();
+            validate::node_name(node).map_err(ControlError::InvalidRequest)?;
+            validate::name("pool", pool)?;
+            self.dialer
+                .dial(node)
+                .map_err(ControlError::InvalidRequest)?;
+            if remote_pools
+                .iter()
+                .any(|(n, _): &(String, String)| n == node)
+            {
+                return Err(ControlError::InvalidRequest(format!(
+                    "two replicas on node {node}: a second copy on the same machine does not survive its loss; use another node"
+                )));
+            }
+            remote_pools.push((node.to_string(), pool.to_string()));
+        }
+        let chosen = if local.is_empty() && !remote.is_empty() {
+            Vec::new()
+        } else {
+            placement::place(count, &local, &usages, layout.replica_len())?
+        };
 
         let uuid = Uuid::new_v4();
-        let mut created: Vec<(ReplicaRecord, Arc<FileReplica>)> = Vec::new();
-        let cleanup = |created: &[(ReplicaRecord, Arc<FileReplica>)]| {
+        let mut created: Vec<(ReplicaRecord, Arc<dyn ReplicaBackend>)> = Vec::new();
+        let cleanup = |created: &[(ReplicaRecord, Arc<dyn ReplicaBackend>)]| {
             for (r, _) in created {
                 self.discard_replica(r);
             }
         };
+        for (node, pool) in &remote_pools {
+            match self
+                .create_remote_replica(node, pool, &req.name, uuid, layout)
+                .await
+            {
+                Ok(c) => created.push(c),
+                Err(e) => {
+                    cleanup(&created);
+                    return Err(e);
+                }
+            }
+        }
         for pool_name in &chosen {
             let Some(pool) = pools.iter().find(|p| &p.name == pool_name) else {
                 cleanup(&created);

@@ -1,0 +1,206 @@
+//! This node among its peers: the replicas it holds for primaries on other
+//! nodes (served by `ditto-peer`'s replica server), and how it dials the
+//! nodes named in its config. Kept apart from `Node`, which runs the
+//! volumes this node is primary of.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ditto_control::model::{now_unix, HeldReplicaRecord, PoolKind, RECORD_VERSION};
+use ditto_control::{DaemonConfig, Store};
+use ditto_engine::{BoxFuture, FileReplica, IoEngine, ReplicaBackend};
+use ditto_format::Layout;
+use ditto_peer::client::Dial;
+use ditto_peer::server::{ReplicaRegistry, ServedReplica};
+use ditto_peer::tls::{PeerTls, TlsFiles};
+use ditto_peer::wire::CreateReplica;
+use uuid::Uuid;
+
+/// How long a peer may take to answer a connect, hello or create.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The replicas this node holds for other nodes' volumes.
+pub struct HeldReplicas {
+    store: Arc<Store>,
+    engine: Arc<dyn IoEngine>,
+    served: Mutex<HashMap<(Uuid, Uuid), Arc<ServedReplica>>>,
+    /// One create at a time: the space check and the file must agree.
+    creating: tokio::sync::Mutex<()>,
+}
+
+impl HeldReplicas {
+    /// Open every held replica recorded in the store; one that cannot be
+    /// opened is logged and not served (its primary fails it out).
+    pub async fn open(store: Arc<Store>, engine: Arc<dyn IoEngine>) -> Arc<HeldReplicas> {
+        let held = Arc::new(HeldReplicas {
+            store,
+            engine,
+            served: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+        });
+        let records = held.store.held_replicas().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list held replicas");
+            Vec::new()
+        });
+        for r in records {
+            match FileReplica::open(held.engine.as_ref(), &r.path, r.volume).await {
+                Ok(b) => held.serve(r.volume, r.replica, b),
+                Err(e) => {
+                    tracing::error!(volume = %r.volume_name, replica = %r.replica, error = %e, "held replica cannot be opened; not served")
+                }
+            }
+        }
+        held
+    }
+
+    fn serve(&self, volume: Uuid, replica: Uuid, backend: Arc<FileReplica>) {
+        if let Ok(mut m) = self.served.lock() {
+            m.insert(
+                (volume, replica),
+                ServedReplica::new(backend as Arc<dyn ReplicaBackend>),
+            );
+        }
+    }
+
+    async fn create_held(&self, from: &str, req: CreateReplica) -> Result<(), String> {
+        let _one = self.creating.lock().await;
+        let layout = Layout::new(req.size, req.region_size).map_err(|e| e.to_string())?;
+        ditto_control::validate::name("volume", &req.volume_name).map_err(|e| e.to_string())?;
+        let pools = self.store.pools().map_err(|e| e.to_string())?;
+        let Some(pool) = pools.iter().find(|p| p.name == req.pool) else {
+            return Err(format!(
+                "this node has no pool {:?} (its pools: {})",
+                req.pool,
+                pools
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        if pool.kind != PoolKind::Directory {
+            return Err(format!(
+                "pool {:?} is a {} pool; replicas for other nodes go in directory pools",
+                pool.name,
+                pool.kind.as_str()
+            ));
+        }
+        let free = free_bytes(&pool.path);
+        if free < layout.replica_len() {
+            return Err(format!(
+                "pool {:?} has {free} bytes free, the replica needs {}",
+                pool.name,
+                layout.replica_len()
+            ));
+        }
+        if self
+            .store
+            .held_replicas()
+            .map_err(|e| e.to_string())?
+            .iter()
+            .any(|h| h.replica == req.replica)
+        {
+            return Err(format!("replica {} exists here already", req.replica));
+        }
+        let path = pool.path.join(format!(
+            "{}-{}.replica",
+            req.volume_name,
+            &req.replica.simple().to_string()[..8]
+        ));
+        let backend =
+            FileReplica::create(self.engine.as_ref(), &path, req.volume, req.replica, layout)
+                .await
+                .map_err(|e| e.to_string())?;
+        let record = HeldReplicaRecord {
+            version: RECORD_VERSION,
+            volume: req.volume,
+            replica: req.replica,
+            volume_name: req.volume_name.clone(),
+            pool: pool.name.clone(),
+            path: path.clone(),
+            primary: from.to_string(),
+            created_unix: now_unix(),
+        };
+        if let Err(e) = self.store.insert_held_replica(&record) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.to_string());
+        }
+        tracing::info!(volume = %req.volume_name, replica = %req.replica, pool = %pool.name, primary = from, "replica created for a peer");
+        self.serve(req.volume, req.replica, backend);
+        Ok(())
+    }
+}
+
+fn free_bytes(path: &std::path::Path) -> u64 {
+    ditto_control::placement::statvfs(path).map_or(0, |(_, free)| free)
+}
+
+impl ReplicaRegistry for HeldReplicas {
+    fn lookup(&self, volume: Uuid, replica: Uuid) -> Option<Arc<ServedReplica>> {
+        self.served.lock().ok()?.get(&(volume, replica)).cloned()
+    }
+
+    fn create(&self, from: &str, req: CreateReplica) -> BoxFuture<'_, Result<(), String>> {
+        let from = from.to_string();
+        Box::pin(async move { self.create_held(&from, req).await })
+    }
+}
+
+/// This node's TLS identity, when `[tls]` is configured.
+pub fn peer_tls(cfg: &DaemonConfig) -> anyhow::Result<Option<PeerTls>> {
+    let Some(t) = &cfg.tls else {
+        return Ok(None);
+    };
+    let files = TlsFiles {
+        ca: t.ca.clone(),
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+    };
+    Ok(Some(PeerTls::load(&cfg.node_name, &files)?))
+}
+
+/// How this node dials the nodes in its config.
+#[derive(Clone)]
+pub struct Dialer {
+    me: String,
+    tls: Option<PeerTls>,
+    nodes: std::collections::BTreeMap<String, String>,
+}
+
+impl Dialer {
+    pub fn new(cfg: &DaemonConfig, tls: Option<PeerTls>) -> Dialer {
+        Dialer {
+            me: cfg.node_name.clone(),
+            tls,
+            nodes: cfg
+                .nodes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.address.clone()))
+                .collect(),
+        }
+    }
+
+    /// The address of node `name` and how to dial it.
+    pub fn dial(&self, name: &str) -> Result<(String, Dial), String> {
+        let Some(addr) = self.nodes.get(name) else {
+            let known: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+            return Err(format!(
+                "node {name:?} is not in this node's config (known: {}); add `[nodes.{name}] address = \"HOST:PORT\"`",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ));
+        };
+        Ok((
+            addr.clone(),
+            Dial {
+                me: self.me.clone(),
+                peer: name.to_string(),
+                tls: self.tls.clone(),
+            },
+        ))
+    }
+
+    pub fn knows(&self, name: &str) -> bool {
+        self.nodes.contains_key(name)
+    }
+}

@@ -1,0 +1,175 @@
+//! A volume replicated to a second node (two real daemons on loopback,
+//! plain peer protocol): `--pool b:p0` creates the replica on node b through
+//! its daemon, writes reach both machines, a kill -9 of node b fails its
+//! replica out without losing an acknowledged write, and a re-add after it
+//! comes back catches up only what it missed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const SIZE: u64 = 32 * MIB;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn write_config(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).expect("write config");
+    path.to_path_buf()
+}
+
+/// The data area of the one replica file in `pool` (node b's side).
+fn replica_data(pool: &Path) -> Vec<u8> {
+    let file = std::fs::read_dir(pool)
+        .expect("pool dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "replica"))
+        .expect("a replica file in node b's pool");
+    let all = std::fs::read(&file).expect("read replica");
+    let sb = ditto_format::Superblock::decode_slots(&all).expect("superblock");
+    all[sb.layout.data_offset as usize..].to_vec()
+}
+
+fn qemu_write(uri: &str, pattern: u8, offset: u64, len: u64) {
+    let cmd = format!("write -P {pattern:#x} {offset} {len}");
+    let out = qemu_io_ok(uri, &[cmd]);
+    assert!(!qemu_io_failed(&out), "{}", out.describe());
+}
+
+#[test]
+fn a_volume_replicated_to_another_node_survives_its_death() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-")
+        .tempdir()
+        .expect("tempdir");
+    let peer_port = free_port();
+    // Node b: holds a replica for node a.
+    let b_cfg = write_config(
+        &dir.path().join("b.toml"),
+        &format!(
+            "node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\nio_timeout_secs = 2\n"
+        ),
+    );
+    let b_data = dir.path().join("b-data");
+    std::fs::create_dir(&b_data).unwrap();
+    let b_pool = dir.path().join("b-p0");
+    std::fs::create_dir(&b_pool).unwrap();
+    let mut b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
+
+    // Node a: the primary, one local replica and one on b.
+    let a_cfg = write_config(
+        &dir.path().join("a.toml"),
+        &format!(
+            "node_name = \"a\"\nio_timeout_secs = 2\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"
+        ),
+    );
+    let a_data = dir.path().join("a-data");
+    std::fs::create_dir(&a_data).unwrap();
+    let a_pool = dir.path().join("a-p0");
+    std::fs::create_dir(&a_pool).unwrap();
+    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
+    a.cli_ok(&["pool", "create", "p0", "--path", s(&a_pool)]);
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    let v = a.wait_healthy("vm1");
+    let reps = replicas(&v);
+    assert!(
+        reps.iter()
+            .any(|r| r.pool == "b:p0" && r.path.to_string_lossy().starts_with("peer://")),
+        "the replica on node b: {v:#}"
+    );
+    let uri = a.uri("vm1");
+
+    // Writes reach node b's disk.
+    qemu_write(&uri, 0x11, 0, MIB);
+    assert!(
+        replica_data(&b_pool)[..MIB as usize]
+            .iter()
+            .all(|x| *x == 0x11),
+        "node b lacks the write"
+    );
+
+    // Node b dies; writes go on (acknowledged by a alone); b is failed out.
+    b.stop_with(libc::SIGKILL);
+    qemu_write(&uri, 0x22, 4 * MIB, MIB);
+    qemu_write(&uri, 0x33, 0, 4096);
+    let v = a.volume("vm1");
+    let remote = replicas(&v)
+        .into_iter()
+        .find(|r| r.pool == "b:p0")
+        .expect("remote replica");
+    assert_eq!(remote.state, "failed", "{v:#}");
+
+    // Node b comes back; a re-add reconnects and catches up.
+    let _b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    let readd = a.cli_ok(&["replica", "readd", "vm1", "b:p0"]);
+    assert!(
+        readd.stdout.contains("copying only the"),
+        "a short absence is caught up, not rebuilt: {}",
+        readd.describe()
+    );
+    let v = a.wait_healthy("vm1");
+    assert!(replicas(&v).iter().all(|r| r.state == "in_sync"), "{v:#}");
+
+    // Every acknowledged write is on both machines, and they agree.
+    let copy = dir.path().join("copy.raw");
+    run_with_timeout(Command::new(nbdcopy()).args([&uri, s(&copy)]), TOOL_TIMEOUT).assert_success();
+    let data = std::fs::read(&copy).unwrap();
+    assert!(data[..4096].iter().all(|x| *x == 0x33));
+    assert!(data[4096..MIB as usize].iter().all(|x| *x == 0x11));
+    assert!(data[4 * MIB as usize..5 * MIB as usize]
+        .iter()
+        .all(|x| *x == 0x22));
+    let local = reps.iter().find(|r| r.pool == "p0").expect("local replica");
+    let local_data = read_replica(local, 0, SIZE as usize);
+    assert!(
+        local_data == data,
+        "the local replica differs from what the volume serves"
+    );
+    assert!(
+        replica_data(&b_pool)[..SIZE as usize] == data[..],
+        "node b's replica differs after the catch-up"
+    );
+
+    // Node a restarts: it reconnects to node b at start, both in sync.
+    let mut a = a;
+    a.stop();
+    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
+    let v = a.wait_healthy("vm1");
+    assert!(replicas(&v).iter().all(|r| r.state == "in_sync"), "{v:#}");
+    let again = dir.path().join("again.raw");
+    run_with_timeout(
+        Command::new(nbdcopy()).args([&a.uri("vm1"), s(&again)]),
+        TOOL_TIMEOUT,
+    )
+    .assert_success();
+    assert!(
+        std::fs::read(&again).unwrap() == data,
+        "data changed across a restart"
+    );
+}
+
+#[test]
+fn a_pool_on_an_unknown_node_is_refused_and_nothing_is_created() {
+    let node = Node::with_pools(1);
+    let out = node.daemon.cli(&[
+        "volume", "create", "vm1", "--size", "16M", "--pool", "p0", "--pool", "zz:p0",
+    ]);
+    let out = out.assert_failure();
+    assert!(
+        out.stderr.contains("zz") && out.stderr.contains("[nodes.zz]"),
+        "the refusal should name the node and the fix: {}",
+        out.describe()
+    );
+    assert!(node.daemon.volume_names().is_empty());
+}
