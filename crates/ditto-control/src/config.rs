@@ -78,6 +78,9 @@ pub struct DaemonConfig {
     /// where it creates and reaches replicas (`--pool NAME:POOL`), and whom
     /// it lets in.
     pub nodes: std::collections::BTreeMap<String, NodeConfig>,
+    /// Seconds between attempts to reconnect replicas on other nodes that
+    /// are out; one that answers is re-added (caught up). 0: only `replica readd`.
+    pub peer_reconnect_secs: u64,
     /// Per-volume overrides, `[volumes.NAME]`.
     pub volumes: std::collections::BTreeMap<String, VolumeConfig>,
 }
@@ -152,6 +155,7 @@ impl Default for DaemonConfig {
             node_name: "local".into(),
             peer_listen: None,
             nodes: Default::default(),
+            peer_reconnect_secs: 5,
             volumes: Default::default(),
         }
     }

@@ -201,6 +201,20 @@ pub struct StatusInfo {
     pub node: NodeInfo,
     pub volumes: Vec<VolumeInfo>,
     pub pools: Vec<PoolInfo>,
+    /// Replicas this node holds for volumes whose primary is another node.
+    #[serde(default)]
+    pub held: Vec<HeldInfo>,
+}
+
+/// A replica held here for another node (this node is its secondary).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldInfo {
+    pub volume: String,
+    pub replica: Uuid,
+    pub pool: String,
+    pub path: String,
+    /// The node that created it: the volume's primary, which serves it over NBD.
+    pub primary: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -286,8 +286,17 @@ fn since(unix: u64) -> String {
 /// The at-a-glance view, as `zpool status` gives it.
 pub fn render_status(s: &StatusInfo) -> String {
     let mut out = String::new();
-    if s.volumes.is_empty() {
+    if s.volumes.is_empty() && s.held.is_empty() {
         out.push_str("no volumes; create one with `ditto volume create NAME --size SIZE`\n");
+    }
+    for h in &s.held {
+        out.push_str(&format!(
+            "volume: {} (secondary: this node holds replica {} in pool {}; primary: node {}, which serves it)\n",
+            h.volume,
+            &h.replica.simple().to_string()[..8],
+            h.pool,
+            h.primary
+        ));
     }
     for v in &s.volumes {
         out.push_str(&format!("volume: {}\n", v.name));

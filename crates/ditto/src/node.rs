@@ -57,6 +57,9 @@ pub struct Node {
     draining: std::sync::Mutex<BTreeMap<String, Arc<Volume>>>,
     /// How replicas on other nodes (`[nodes.NAME]`) are reached.
     dialer: crate::peers::Dialer,
+    /// Replicas the operator failed on purpose (`replica fail`): never
+    /// re-added by the reconnect loop, only by `replica readd`.
+    failed_on_purpose: std::sync::Mutex<std::collections::BTreeSet<Uuid>>,
 }
 
 fn layout_of(v: &VolumeRecord) -> Result<Layout, ControlError> {
@@ -116,6 +119,7 @@ impl Node {
             degraded_override,
             draining: std::sync::Mutex::new(BTreeMap::new()),
             dialer,
+            failed_on_purpose: std::sync::Mutex::new(Default::default()),
         });
         for record in node.store.volumes()? {
             let (members, missing) = node.open_members(&record).await;
@@ -133,6 +137,7 @@ impl Node {
             }
         }
         node.clone().spawn_scrub_schedule();
+        node.clone().spawn_peer_reconnect();
         Ok(node)
     }
 
@@ -978,6 +983,9 @@ impl Node {
         let backend = self.open_replica(&record, &replica).await.map_err(|e| {
             ControlError::Engine(format!("{e}; if the replica is lost for good, `ditto replica remove {name} {key}` and `ditto replica add`"))
         })?;
+        if let Ok(mut set) = self.failed_on_purpose.lock() {
+            set.remove(&replica.id);
+        }
         volume
             .readd(replica.id, backend as Arc<dyn ReplicaBackend>, false)
             .await
@@ -992,7 +1000,11 @@ impl Node {
         volume
             .fail_replica(replica.id, "failed by the operator")
             .await
-            .map_err(engine_err)
+            .map_err(engine_err)?;
+        if let Ok(mut set) = self.failed_on_purpose.lock() {
+            set.insert(replica.id);
+        }
+        Ok(())
     }
 
     /// `ditto replica remove VOLUME REPLICA`: drop a replica from the volume.
@@ -1256,7 +1268,88 @@ impl Node {
             },
             volumes,
             pools: self.pools()?,
+            held: self
+                .store
+                .held_replicas()?
+                .into_iter()
+                .filter(|h| volume.is_none_or(|v| v == h.volume_name))
+                .map(|h| crate::api_types::HeldInfo {
+                    volume: h.volume_name,
+                    replica: h.replica,
+                    pool: h.pool,
+                    path: h.path.display().to_string(),
+                    primary: h.primary,
+                })
+                .collect(),
         })
+    }
+
+    /// Every `peer_reconnect_secs`, try the replicas on other nodes that are
+    /// out (their node died or was cut off) and re-add those that answer:
+    /// the engine then catches each up by its dirty map, or rebuilds it when
+    /// the generations say so. Replicas failed on purpose are left alone.
+    fn spawn_peer_reconnect(self: Arc<Self>) {
+        let every = self.config.peer_reconnect_secs;
+        if every == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(every)).await;
+                let Some(node) = weak.upgrade() else { return };
+                node.reconnect_peers().await;
+            }
+        });
+    }
+
+    async fn reconnect_peers(&self) {
+        for (name, rt) in self.runtimes() {
+            let VolumeRuntime::Running(volume) = rt.as_ref() else {
+                continue;
+            };
+            let Ok(record) = self.record(&name) else {
+                continue;
+            };
+            let out: Vec<Uuid> = volume
+                .members()
+                .iter()
+                .filter(|m| {
+                    matches!(
+                        m.state,
+                        ReplicaState::Failed | ReplicaState::Missing | ReplicaState::Stale
+                    ) && m.pending == 0
+                })
+                .map(|m| m.id)
+                .collect();
+            for r in record
+                .replicas
+                .iter()
+                .filter(|r| r.node.is_some() && out.contains(&r.id))
+            {
+                if self
+                    .failed_on_purpose
+                    .lock()
+                    .is_ok_and(|s| s.contains(&r.id))
+                {
+                    continue;
+                }
+                // Connect first (it may take PEER_TIMEOUT), then re-add under
+                // the control lock, as `replica readd` does.
+                let Ok(backend) = self.open_replica(&record, r).await else {
+                    continue; // still away; try again next round
+                };
+                let _guard = self.ops.lock().await;
+                match volume.readd(r.id, backend, false).await {
+                    Ok(plan) => {
+                        tracing::info!(volume = %name, replica = %r.pool, ?plan, "replica on another node is back; re-added")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %name, replica = %r.pool, error = %e, "replica on another node answers but cannot be re-added")
+                    }
+                }
+            }
+        }
     }
 
     /// Scrub volumes on the configured schedule (`scrub_interval_hours`).

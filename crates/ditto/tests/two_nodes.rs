@@ -45,6 +45,22 @@ fn qemu_write(uri: &str, pattern: u8, offset: u64, len: u64) {
 
 #[test]
 fn a_volume_replicated_to_another_node_survives_its_death() {
+    two_nodes(false);
+}
+
+/// The same, without the operator: the primary reconnects by itself once
+/// node b answers again (`peer_reconnect_secs`) and catches it up.
+#[test]
+fn a_returning_node_is_reconnected_and_caught_up_by_itself() {
+    two_nodes(true);
+}
+
+fn two_nodes(auto_reconnect: bool) {
+    let reconnect = if auto_reconnect {
+        "peer_reconnect_secs = 1\n"
+    } else {
+        "peer_reconnect_secs = 0\n"
+    };
     let dir = tempfile::Builder::new()
         .prefix("ditto-2n-")
         .tempdir()
@@ -68,7 +84,7 @@ fn a_volume_replicated_to_another_node_survives_its_death() {
     let a_cfg = write_config(
         &dir.path().join("a.toml"),
         &format!(
-            "node_name = \"a\"\nio_timeout_secs = 2\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"
+            "node_name = \"a\"\nio_timeout_secs = 2\n{reconnect}[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"
         ),
     );
     let a_data = dir.path().join("a-data");
@@ -89,6 +105,23 @@ fn a_volume_replicated_to_another_node_survives_its_death() {
         "the replica on node b: {v:#}"
     );
     let uri = a.uri("vm1");
+    // Node b is the secondary: it says who the primary is, and does not
+    // serve the volume itself.
+    let held = b.status();
+    assert_eq!(held["held"][0]["volume"], "vm1", "{held:#}");
+    assert_eq!(held["held"][0]["primary"], "a", "{held:#}");
+    let shown = b.cli_ok(&["status"]);
+    assert!(
+        shown.stdout.contains("primary: node a"),
+        "{}",
+        shown.describe()
+    );
+    let out = run_with_timeout(Command::new(nbdinfo()).arg(b.uri("vm1")), TOOL_TIMEOUT);
+    assert!(
+        !out.status.success(),
+        "node b served the volume: {}",
+        out.describe()
+    );
 
     // Writes reach node b's disk.
     qemu_write(&uri, 0x11, 0, MIB);
@@ -112,12 +145,23 @@ fn a_volume_replicated_to_another_node_survives_its_death() {
 
     // Node b comes back; a re-add reconnects and catches up.
     let _b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
-    let readd = a.cli_ok(&["replica", "readd", "vm1", "b:p0"]);
-    assert!(
-        readd.stdout.contains("copying only the"),
-        "a short absence is caught up, not rebuilt: {}",
-        readd.describe()
-    );
+    if auto_reconnect {
+        // No command: node a finds node b again and catches it up.
+        let v = a.wait_healthy("vm1");
+        let events = a.cli_ok(&["events", "--volume", "vm1"]);
+        assert!(
+            events.stdout.contains("catch"),
+            "a short absence is caught up, not rebuilt: {}\n{v:#}",
+            events.describe()
+        );
+    } else {
+        let readd = a.cli_ok(&["replica", "readd", "vm1", "b:p0"]);
+        assert!(
+            readd.stdout.contains("copying only the"),
+            "a short absence is caught up, not rebuilt: {}",
+            readd.describe()
+        );
+    }
     let v = a.wait_healthy("vm1");
     assert!(replicas(&v).iter().all(|r| r.state == "in_sync"), "{v:#}");
 
