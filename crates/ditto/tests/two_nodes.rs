@@ -217,3 +217,102 @@ fn a_pool_on_an_unknown_node_is_refused_and_nothing_is_created() {
     );
     assert!(node.daemon.volume_names().is_empty());
 }
+
+/// Two nodes with the cluster's certificates (mutual TLS on the peer
+/// protocol): the replicated volume works, and a node whose certificate is
+/// from another CA cannot create or reach replicas on node b.
+#[test]
+fn nodes_with_cluster_certificates_replicate_over_tls() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-tls-")
+        .tempdir()
+        .expect("tempdir");
+    let cert = |args: &[&str]| {
+        run_with_timeout(Command::new(DITTO).args(args), CLI_TIMEOUT).assert_success();
+    };
+    let ca = dir.path().join("ca");
+    cert(&["cert", "ca", "--out", s(&ca)]);
+    let other_ca = dir.path().join("other-ca");
+    cert(&["cert", "ca", "--out", s(&other_ca)]);
+    for n in ["a", "b"] {
+        let out = dir.path().join(format!("cert-{n}"));
+        cert(&[
+            "cert",
+            "node",
+            n,
+            "--san",
+            "127.0.0.1",
+            "--ca",
+            s(&ca),
+            "--out",
+            s(&out),
+        ]);
+    }
+    let evil = dir.path().join("cert-evil");
+    cert(&["cert", "node", "a", "--ca", s(&other_ca), "--out", s(&evil)]);
+    let tls = |ca_dir: &Path, node_dir: &Path| {
+        format!(
+            "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            ca_dir.join("ca.pem").display(),
+            node_dir.join("node.pem").display(),
+            node_dir.join("node.key").display()
+        )
+    };
+    let peer_port = free_port();
+    let b_cfg = write_config(
+        &dir.path().join("b.toml"),
+        &format!(
+            "node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n[nodes.a]\naddress = \"127.0.0.1:1\"\n{}",
+            tls(&ca, &dir.path().join("cert-b"))
+        ),
+    );
+    let b_data = dir.path().join("b-data");
+    std::fs::create_dir(&b_data).unwrap();
+    let b_pool = dir.path().join("b-p0");
+    std::fs::create_dir(&b_pool).unwrap();
+    let b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
+
+    let node_a = |name: &str, node_dir: &Path, ca_dir: &Path| {
+        let cfg = write_config(
+            &dir.path().join(format!("{name}.toml")),
+            &format!(
+                "node_name = \"a\"\nio_timeout_secs = 2\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n{}",
+                tls(ca_dir, node_dir)
+            ),
+        );
+        let data = dir.path().join(format!("{name}-data"));
+        std::fs::create_dir(&data).unwrap();
+        let pool = dir.path().join(format!("{name}-p0"));
+        std::fs::create_dir(&pool).unwrap();
+        let d = Daemon::start_with(&data, &["--config", s(&cfg)]);
+        d.cli_ok(&["pool", "create", "p0", "--path", s(&pool)]);
+        d
+    };
+    // An impostor "a" with a certificate from another CA gets nothing.
+    let impostor = node_a("evil", &evil, &other_ca);
+    let out = impostor
+        .cli(&[
+            "volume", "create", "vm0", "--size", "16M", "--pool", "p0", "--pool", "b:p0",
+        ])
+        .assert_failure();
+    assert!(out.stderr.contains("TLS"), "{}", out.describe());
+    assert!(
+        b.status()["held"].as_array().is_some_and(Vec::is_empty),
+        "node b created a replica for an impostor"
+    );
+
+    let a = node_a("a", &dir.path().join("cert-a"), &ca);
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    a.wait_healthy("vm1");
+    qemu_write(&a.uri("vm1"), 0x5a, 0, MIB);
+    assert!(
+        replica_data(&b_pool)[..MIB as usize]
+            .iter()
+            .all(|x| *x == 0x5a),
+        "node b lacks the write"
+    );
+}
