@@ -55,6 +55,84 @@ fn a_returning_node_is_reconnected_and_caught_up_by_itself() {
     two_nodes(true);
 }
 
+/// Node b hangs (SIGSTOP: its connections stay open, nothing answers). The
+/// primary fails its replica out within io_timeout and acknowledges writes
+/// with its own replica; when node b wakes (SIGCONT), requests it still had
+/// from the old connection cannot land over the catch-up (each hello makes
+/// the new connection the only one), and it is caught up by itself.
+#[test]
+fn a_hung_node_is_failed_out_within_io_timeout_and_caught_up() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-hang-")
+        .tempdir()
+        .expect("tempdir");
+    let peer_port = free_port();
+    let b_cfg = write_config(
+        &dir.path().join("b.toml"),
+        &format!("node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n"),
+    );
+    let b_data = dir.path().join("b-data");
+    std::fs::create_dir(&b_data).unwrap();
+    let b_pool = dir.path().join("b-p0");
+    std::fs::create_dir(&b_pool).unwrap();
+    let b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
+    let a_cfg = write_config(
+        &dir.path().join("a.toml"),
+        &format!(
+            "node_name = \"a\"\nio_timeout_secs = 2\npeer_reconnect_secs = 1\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"
+        ),
+    );
+    let a_data = dir.path().join("a-data");
+    std::fs::create_dir(&a_data).unwrap();
+    let a_pool = dir.path().join("a-p0");
+    std::fs::create_dir(&a_pool).unwrap();
+    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
+    a.cli_ok(&["pool", "create", "p0", "--path", s(&a_pool)]);
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    a.wait_healthy("vm1");
+    let uri = a.uri("vm1");
+    qemu_write(&uri, 0x01, 0, MIB);
+
+    send_signal(b.pid, libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    qemu_write(&uri, 0x02, 0, MIB);
+    let took = started.elapsed();
+    let v = a.volume("vm1");
+    let remote = replicas(&v)
+        .into_iter()
+        .find(|r| r.pool == "b:p0")
+        .expect("remote replica");
+    assert_eq!(remote.state, "failed", "{v:#}");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the write waited {took:?}"
+    );
+    qemu_write(&uri, 0x03, 8 * MIB, MIB);
+    // Newer data over the range whose write node b still holds, unanswered.
+    qemu_write(&uri, 0x04, 0, MIB);
+
+    send_signal(b.pid, libc::SIGCONT);
+    a.wait_healthy("vm1");
+    let copy = dir.path().join("copy.raw");
+    run_with_timeout(Command::new(nbdcopy()).args([&uri, s(&copy)]), TOOL_TIMEOUT).assert_success();
+    let data = std::fs::read(&copy).unwrap();
+    assert!(
+        data[..MIB as usize].iter().all(|x| *x == 0x04),
+        "an acknowledged write was lost"
+    );
+    assert!(data[8 * MIB as usize..9 * MIB as usize]
+        .iter()
+        .all(|x| *x == 0x03));
+    assert!(
+        replica_data(&b_pool)[..SIZE as usize] == data[..],
+        "node b's replica differs after the catch-up (a late write from the hung connection?)"
+    );
+}
+
 fn two_nodes(auto_reconnect: bool) {
     let reconnect = if auto_reconnect {
         "peer_reconnect_secs = 1\n"
