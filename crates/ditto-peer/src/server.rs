@@ -101,8 +101,11 @@ impl ReplicaRegistry for StaticRegistry {
 pub struct ServerLimits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
-    /// Request payload and read bytes one connection may have in flight.
-    pub in_flight_bytes: u32,
+    /// Request payload and read bytes all peer connections together may
+    /// have in flight; one connection holds at most a quarter of it (and at
+    /// least one largest frame), so a few peers that never read their
+    /// replies cannot pin all of it.
+    pub in_flight_bytes: usize,
 }
 
 impl Default for ServerLimits {
@@ -110,8 +113,20 @@ impl Default for ServerLimits {
         ServerLimits {
             max_connections: 256,
             handshake_timeout: Duration::from_secs(10),
-            in_flight_bytes: 128 << 20,
+            in_flight_bytes: 256 << 20,
         }
+    }
+}
+
+impl ServerLimits {
+    /// The node's budget, at least one largest frame.
+    fn total_bytes(&self) -> usize {
+        self.in_flight_bytes.max(MAX_PAYLOAD as usize)
+    }
+
+    /// One connection's share of it.
+    fn per_connection_bytes(&self) -> usize {
+        (self.total_bytes() / 4).max(MAX_PAYLOAD as usize)
     }
 }
 
@@ -134,6 +149,8 @@ pub type RefusalHook = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct PeerServer {
     registry: Arc<dyn ReplicaRegistry>,
     limits: ServerLimits,
+    /// The bytes all connections' requests hold ([`ServerLimits::in_flight_bytes`]).
+    budget: Arc<Semaphore>,
     node: String,
     auth: PeerAuth,
     on_refusal: Option<RefusalHook>,
@@ -158,11 +175,20 @@ impl PeerServer {
     ) -> Arc<Self> {
         Arc::new(PeerServer {
             registry,
+            budget: Arc::new(Semaphore::new(limits.total_bytes())),
             limits,
             node: node.into(),
             auth,
             on_refusal,
         })
+    }
+
+    /// Request bytes held by all connections now; never more than
+    /// [`ServerLimits::in_flight_bytes`] (or one largest frame, if larger).
+    pub fn in_flight_bytes(&self) -> usize {
+        self.limits
+            .total_bytes()
+            .saturating_sub(self.budget.available_permits())
     }
 
     /// Log a refused peer, and tell the hook.
@@ -272,35 +298,55 @@ impl PeerServer {
             Opened::Replica(served, session) => (served, session),
         };
         tracing::info!(peer = %addr, replica = %served.backend.location(), "peer opened replica");
-        let (tx, mut rx) = mpsc::channel::<Frame>(1024);
+        // A reply travels with the bytes its request reserved, released only
+        // once it is written: replies queued for a peer that does not read
+        // them stay within the budget too.
+        type Reserved = Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>;
+        let (tx, mut rx) = mpsc::channel::<(Frame, Reserved)>(1024);
         let writer = tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
+            while let Some((f, reserved)) = rx.recv().await {
                 f.write_to(&mut w).await?;
+                drop(reserved);
             }
             Ok::<(), FrameError>(())
         });
-        let budget = Arc::new(Semaphore::new(self.limits.in_flight_bytes as usize));
+        let mine = Arc::new(Semaphore::new(self.limits.per_connection_bytes()));
         let result = loop {
-            let frame = match Frame::read_from(&mut r, MAX_PAYLOAD).await {
+            // Reserve the request's bytes (its payload, or what it reads) in
+            // this connection's share and in the node's budget before the
+            // payload is read or the read is done.
+            let head = match Frame::read_head(&mut r, MAX_PAYLOAD).await {
+                Ok(h) => h,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    break Ok(())
+                }
+                Err(e) => {
+                    let _ = tx.send((goodbye(&e.to_string()), None)).await;
+                    break Err(e);
+                }
+            };
+            let cost = request_cost(&head).clamp(1, self.limits.per_connection_bytes()) as u32;
+            let (Ok(own), Ok(shared)) = (
+                mine.clone().acquire_many_owned(cost).await,
+                self.budget.clone().acquire_many_owned(cost).await,
+            ) else {
+                break Ok(());
+            };
+            let frame = match head.read_payload(&mut r).await {
                 Ok(f) => f,
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     break Ok(())
                 }
                 Err(e) => {
-                    let _ = tx.send(goodbye(&e.to_string())).await;
+                    let _ = tx.send((goodbye(&e.to_string()), None)).await;
                     break Err(e);
                 }
-            };
-            let cost = request_cost(&frame).min(self.limits.in_flight_bytes as usize) as u32;
-            let Ok(permit) = budget.clone().acquire_many_owned(cost.max(1)).await else {
-                break Ok(());
             };
             let served = served.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let reply = handle(&served, session, frame).await;
-                let _ = tx.send(reply).await;
-                drop::<OwnedSemaphorePermit>(permit);
+                let _ = tx.send((reply, Some((own, shared)))).await;
             });
         };
         drop(tx);
@@ -460,11 +506,11 @@ fn goodbye(why: &str) -> Frame {
 }
 
 /// Bytes a request holds while in flight: its payload, or what it reads.
-fn request_cost(f: &Frame) -> usize {
-    match f.kind {
-        Kind::Read => f.arg.min(u64::from(MAX_PAYLOAD)) as usize,
+fn request_cost(f: &crate::wire::FrameHead) -> usize {
+    match f.kind() {
+        Kind::Read => f.arg().min(u64::from(MAX_PAYLOAD)) as usize,
         Kind::ReadDirtyMap => MAX_PAYLOAD as usize / 16,
-        _ => f.payload.len(),
+        _ => f.payload_len() as usize,
     }
 }
 

@@ -234,12 +234,18 @@ impl Frame {
         r: &mut R,
         max_payload: u32,
     ) -> Result<Frame, FrameError> {
+        Self::read_head(r, max_payload).await?.read_payload(r).await
+    }
+
+    /// Read and check a header only, so the caller can reserve memory for
+    /// the payload (or the read it asks for) before anything is allocated.
+    pub async fn read_head<R: AsyncRead + Unpin>(
+        r: &mut R,
+        max_payload: u32,
+    ) -> Result<FrameHead, FrameError> {
         let mut h = [0u8; HEADER_LEN];
         r.read_exact(&mut h).await?;
-        let head = Header::decode(&h, max_payload)?;
-        let mut payload = BytesMut::zeroed(head.payload_len as usize);
-        r.read_exact(&mut payload).await?;
-        head.finish(payload.freeze())
+        Ok(FrameHead(Header::decode(&h, max_payload)?))
     }
 
     pub async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), FrameError> {
@@ -251,7 +257,28 @@ impl Frame {
     }
 }
 
-/// A header whose checksum and bounds passed, awaiting its payload.
+/// A frame header whose checksum and bounds passed, awaiting its payload.
+pub struct FrameHead(Header);
+
+impl FrameHead {
+    pub fn kind(&self) -> Kind {
+        self.0.kind
+    }
+    pub fn payload_len(&self) -> u32 {
+        self.0.payload_len
+    }
+    /// Length for ranged requests.
+    pub fn arg(&self) -> u64 {
+        self.0.arg
+    }
+    /// Read the payload (exactly `payload_len` bytes) and check its checksum.
+    pub async fn read_payload<R: AsyncRead + Unpin>(self, r: &mut R) -> Result<Frame, FrameError> {
+        let mut payload = BytesMut::zeroed(self.0.payload_len as usize);
+        r.read_exact(&mut payload).await?;
+        self.0.finish(payload.freeze())
+    }
+}
+
 struct Header {
     kind: Kind,
     flags: u32,

@@ -393,3 +393,83 @@ async fn hostile_input_closes_only_its_connection() {
         "bytes written outside the requests"
     );
 }
+
+/// Peers that ask for reads and never read the replies hold at most the
+/// node's byte budget, and each at most its share: the server stops reading
+/// their requests instead of growing.
+#[tokio::test]
+async fn peers_that_never_read_replies_stay_within_the_byte_budget() {
+    let t = Two::new().await;
+    let registry = Arc::new(StaticRegistry::default());
+    registry.insert(t.file(1).await as Arc<dyn ReplicaBackend>);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = ServerLimits {
+        in_flight_bytes: 256 << 20,
+        ..ServerLimits::default()
+    };
+    let server = PeerServer::new("b", registry, limits, PeerAuth::LoopbackPlain);
+    tokio::spawn(server.clone().serve(listener));
+    let rss_before = rss_bytes();
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let hello = ditto_peer::wire::Hello {
+            min_version: 1,
+            max_version: 1,
+            features: 0,
+            required_features: 0,
+            volume: t.vol,
+            replica: t.ids[1],
+            node: "a".into(),
+        };
+        Frame {
+            payload: hello.encode().unwrap(),
+            ..Frame::new(Kind::Hello, 0)
+        }
+        .write_to(&mut s)
+        .await
+        .unwrap();
+        let ok = Frame::read_from(&mut s, 1 << 16).await.unwrap();
+        streams.push((s, ok.generation));
+    }
+    // Each asks for 8 MiB reads (48 of them) and never reads the replies.
+    for (s, generation) in streams.iter_mut() {
+        for i in 0..48u64 {
+            let f = Frame {
+                offset: (i % 2) * (8 << 20),
+                arg: 8 << 20,
+                generation: *generation,
+                ..Frame::new(Kind::Read, i + 1)
+            };
+            let sent = tokio::time::timeout(Duration::from_millis(300), f.write_to(s)).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = server.in_flight_bytes();
+    assert!(
+        held > 0,
+        "nothing was held: the test did not load the server"
+    );
+    assert!(
+        held <= 256 << 20,
+        "{held} bytes held, over the 256 MiB budget"
+    );
+    // What the process really allocated: 48 unread 8 MiB replies would be
+    // 384 MiB; the current connection's share is 64 MiB.
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 200 << 20, "the server grew by {} MiB", grown >> 20);
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
