@@ -184,6 +184,10 @@ impl Store {
         self.list(HELD)
     }
 
+    pub fn delete_held_replica(&self, replica: Uuid) -> Result<bool, ControlError> {
+        self.delete(HELD, &replica.to_string())
+    }
+
     pub fn insert_held_replica(&self, r: &HeldReplicaRecord) -> Result<(), ControlError> {
         let tx = self.db.begin_write().map_err(store_err)?;
         {

@@ -214,18 +214,46 @@ pub async fn create_replica(
     req: &crate::wire::CreateReplica,
     timeout: Duration,
 ) -> Result<(), ConnectError> {
+    let frame = Frame {
+        payload: req.encode().map_err(|source| ConnectError::Protocol {
+            addr: addr.into(),
+            source,
+        })?,
+        ..Frame::new(Kind::CreateReplica, 1)
+    };
+    control(addr, dial, frame, req.replica, timeout).await
+}
+
+/// Ask the node at `addr` to delete a replica it holds for this node.
+pub async fn delete_replica(
+    addr: &str,
+    dial: &Dial,
+    volume: Uuid,
+    replica: Uuid,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    let frame = Frame {
+        payload: crate::wire::encode_replica_ref(volume, replica),
+        ..Frame::new(Kind::DeleteReplica, 1)
+    };
+    control(addr, dial, frame, replica, timeout).await
+}
+
+/// One request on a control session.
+async fn control(
+    addr: &str,
+    dial: &Dial,
+    frame: Frame,
+    replica: Uuid,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
     let protocol = |source| ConnectError::Protocol {
         addr: addr.into(),
         source,
     };
     let (mut r, mut w, _) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
     let answer = tokio::time::timeout(timeout, async {
-        Frame {
-            payload: req.encode()?,
-            ..Frame::new(Kind::CreateReplica, 1)
-        }
-        .write_to(&mut w)
-        .await?;
+        frame.write_to(&mut w).await?;
         Frame::read_from(&mut r, 64 << 10).await
     })
     .await
@@ -239,7 +267,7 @@ pub async fn create_replica(
     }
     Err(ConnectError::Refused {
         addr: addr.into(),
-        replica: req.replica,
+        replica,
         why: String::from_utf8_lossy(&answer.payload).into_owned(),
     })
 }

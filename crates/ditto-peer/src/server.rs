@@ -60,6 +60,12 @@ impl ServedReplica {
         drop(self.fence.write().await);
         session
     }
+
+    /// Refuse every connection's requests from now on (the replica is being
+    /// deleted); returns once those already running have finished.
+    pub async fn retire(&self) {
+        self.open_session().await;
+    }
 }
 
 /// Where the server finds the replicas it may serve.
@@ -70,6 +76,11 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
     fn create(&self, from: &str, req: CreateReplica) -> BoxFuture<'_, Result<(), String>> {
         let _ = (from, req);
         Box::pin(async { Err("this node does not create replicas for peers".to_string()) })
+    }
+    /// Stop serving and delete a replica node `from` had created here.
+    fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
+        let _ = (from, volume, replica);
+        Box::pin(async { Err("this node does not delete replicas for peers".to_string()) })
     }
 }
 
@@ -486,6 +497,15 @@ impl PeerServer {
                         }
                     },
                 },
+                Kind::DeleteReplica => match crate::wire::decode_replica_ref(&f.payload) {
+                    Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
+                    Ok((volume, replica)) => {
+                        match self.registry.delete(peer, volume, replica).await {
+                            Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                            Err(why) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why)),
+                        }
+                    }
+                },
                 other => Frame::reply(
                     f.id,
                     0,
@@ -666,7 +686,8 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::Reply
         | Kind::Goodbye
         | Kind::WriteSuperblock
-        | Kind::CreateReplica => invalid(format!("{:?} is not a request", f.kind)),
+        | Kind::CreateReplica
+        | Kind::DeleteReplica => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

@@ -42,6 +42,9 @@ pub enum Kind {
     /// On a control session (hello for the nil replica): create a replica
     /// in one of the node's pools ([`CreateReplica`]).
     CreateReplica = 14,
+    /// On a control session: delete a replica this node holds for the
+    /// sender (payload: volume uuid, replica uuid).
+    DeleteReplica = 15,
 }
 
 impl Kind {
@@ -62,6 +65,7 @@ impl Kind {
             12 => Reply,
             13 => Goodbye,
             14 => CreateReplica,
+            15 => DeleteReplica,
             _ => return None,
         })
     }
@@ -545,6 +549,28 @@ impl CreateReplica {
             volume_name: text(48 + pool_len..48 + pool_len + name_len)?,
         })
     }
+}
+
+/// Payload of [`Kind::DeleteReplica`]: volume uuid then replica uuid.
+pub fn encode_replica_ref(volume: Uuid, replica: Uuid) -> Bytes {
+    let mut b = Vec::with_capacity(32);
+    b.extend_from_slice(volume.as_bytes());
+    b.extend_from_slice(replica.as_bytes());
+    Bytes::from(b)
+}
+
+pub fn decode_replica_ref(b: &[u8]) -> Result<(Uuid, Uuid), FrameError> {
+    if b.len() != 32 {
+        return Err(FrameError::Malformed {
+            what: "replica reference",
+            why: format!("{} bytes, 32 expected", b.len()),
+        });
+    }
+    let mut v = [0u8; 16];
+    let mut r = [0u8; 16];
+    v.copy_from_slice(&b[..16]);
+    r.copy_from_slice(&b[16..]);
+    Ok((Uuid::from_bytes(v), Uuid::from_bytes(r)))
 }
 
 /// Allocation runs in a reply: 24 bytes each (offset, length, allocated).

@@ -704,9 +704,33 @@ impl Node {
 
     /// Remove a replica's storage: delete the file of a directory pool; leave
     /// devices and remote exports as they are (their superblock names the old volume).
-    fn discard_replica(&self, r: &ReplicaRecord) {
+    fn discard_replica(&self, r: &ReplicaRecord, volume: Uuid) {
         if let Some(node) = &r.node {
-            tracing::warn!(node = %node, replica = %r.id, "replica on another node left in place (removing it there is not implemented yet)");
+            // Asked of that node in the background: it may be down, and the
+            // volume is gone here either way (its copy there is logged).
+            let Ok((addr, dial)) = self.dialer.dial(node) else {
+                tracing::warn!(node = %node, replica = %r.id, "replica on a node no longer in the config left in place");
+                return;
+            };
+            let (node, id) = (node.clone(), r.id);
+            tokio::spawn(async move {
+                match ditto_peer::client::delete_replica(
+                    &addr,
+                    &dial,
+                    volume,
+                    id,
+                    crate::peers::PEER_TIMEOUT,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        tracing::info!(node = %node, replica = %id, "replica on another node deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node, replica = %id, error = %e, "replica on another node could not be deleted; it stays there (held_replicas in its status)")
+                    }
+                }
+            });
             return;
         }
         if self.pool_kind(&r.pool) == PoolKind::Directory {
@@ -798,7 +822,7 @@ impl Node {
         let mut created: Vec<(ReplicaRecord, Arc<dyn ReplicaBackend>)> = Vec::new();
         let cleanup = |created: &[(ReplicaRecord, Arc<dyn ReplicaBackend>)]| {
             for (r, _) in created {
-                self.discard_replica(r);
+                self.discard_replica(r, uuid);
             }
         };
         for (node, pool) in &remote_pools {
@@ -887,7 +911,7 @@ impl Node {
         self.store.delete_volume(name)?;
         let _ = self.store.delete_membership(record.uuid);
         for r in &record.replicas {
-            self.discard_replica(r);
+            self.discard_replica(r, record.uuid);
         }
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
@@ -961,14 +985,14 @@ impl Node {
         let (replica, backend) = self.create_replica(pool, name, record.uuid, layout).await?;
         record.replicas.push(replica.clone());
         if let Err(e) = self.store.update_volume(&record) {
-            self.discard_replica(&replica);
+            self.discard_replica(&replica, record.uuid);
             return Err(e);
         }
         let member = Member::new(replica.id, pool_name, backend as Arc<dyn ReplicaBackend>);
         if let Err(e) = volume.add_replica(member).await {
             record.replicas.retain(|r| r.id != replica.id);
             let _ = self.store.update_volume(&record);
-            self.discard_replica(&replica);
+            self.discard_replica(&replica, record.uuid);
             return Err(engine_err(e));
         }
         self.volume_info(&record)

@@ -136,6 +136,44 @@ fn free_bytes(path: &std::path::Path) -> u64 {
     ditto_control::placement::statvfs(path).map_or(0, |(_, free)| free)
 }
 
+impl HeldReplicas {
+    async fn delete_held(&self, from: &str, volume: Uuid, replica: Uuid) -> Result<(), String> {
+        let _one = self.creating.lock().await;
+        let records = self.store.held_replicas().map_err(|e| e.to_string())?;
+        let Some(r) = records
+            .into_iter()
+            .find(|r| r.replica == replica && r.volume == volume)
+        else {
+            return Err(format!(
+                "this node holds no replica {replica} of volume {volume}"
+            ));
+        };
+        if r.primary != from {
+            return Err(format!(
+                "replica {replica} was created by node {}, not {from}; only its primary deletes it",
+                r.primary
+            ));
+        }
+        let served = self
+            .served
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&(volume, replica)));
+        if let Some(served) = served {
+            // Nothing more lands on it: connections are refused from here on.
+            served.retire().await;
+        }
+        self.store
+            .delete_held_replica(replica)
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = std::fs::remove_file(&r.path) {
+            tracing::warn!(path = %r.path.display(), error = %e, "could not remove a deleted held replica's file");
+        }
+        tracing::info!(volume = %r.volume_name, replica = %replica, primary = from, "held replica deleted");
+        Ok(())
+    }
+}
+
 impl ReplicaRegistry for HeldReplicas {
     fn lookup(&self, volume: Uuid, replica: Uuid) -> Option<Arc<ServedReplica>> {
         self.served.lock().ok()?.get(&(volume, replica)).cloned()
@@ -144,6 +182,11 @@ impl ReplicaRegistry for HeldReplicas {
     fn create(&self, from: &str, req: CreateReplica) -> BoxFuture<'_, Result<(), String>> {
         let from = from.to_string();
         Box::pin(async move { self.create_held(&from, req).await })
+    }
+
+    fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
+        let from = from.to_string();
+        Box::pin(async move { self.delete_held(&from, volume, replica).await })
     }
 }
 

@@ -222,7 +222,7 @@ fn two_nodes(auto_reconnect: bool) {
     assert_eq!(remote.state, "failed", "{v:#}");
 
     // Node b comes back; a re-add reconnects and catches up.
-    let _b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    let b2 = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
     if auto_reconnect {
         // No command: node a finds node b again and catches it up.
         let v = a.wait_healthy("vm1");
@@ -278,6 +278,20 @@ fn two_nodes(auto_reconnect: bool) {
     assert!(
         std::fs::read(&again).unwrap() == data,
         "data changed across a restart"
+    );
+
+    // Deleting the volume deletes its replica on node b too.
+    a.cli_ok(&["volume", "delete", "vm1"]);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let files = std::fs::read_dir(&b_pool).unwrap().count();
+        files == 0
+    });
+    assert!(gone, "node b kept the deleted volume's replica file");
+    let held = b2.status();
+    assert!(
+        held["held"].as_array().is_some_and(Vec::is_empty),
+        "node b still lists the replica: {held:#}"
     );
 }
 
