@@ -239,6 +239,46 @@ pub async fn delete_replica(
     control(addr, dial, frame, replica, timeout).await
 }
 
+/// What a ping of a node found.
+#[derive(Debug, Clone)]
+pub struct Pong {
+    /// Protocol version the node agreed to.
+    pub version: u16,
+    /// Round trip of one request on an open session.
+    pub rtt: Duration,
+}
+
+/// Connect to the node at `addr` (proving who each side is, with TLS), and
+/// time one request.
+pub async fn ping(addr: &str, dial: &Dial, timeout: Duration) -> Result<Pong, ConnectError> {
+    let (mut r, mut w, ok) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(timeout, async {
+        Frame::new(Kind::Ping, 1).write_to(&mut w).await?;
+        Frame::read_from(&mut r, 64 << 10).await
+    })
+    .await
+    .map_err(|_| ConnectError::Timeout {
+        addr: addr.into(),
+        seconds: timeout.as_secs(),
+    })?
+    .map_err(|source| ConnectError::Protocol {
+        addr: addr.into(),
+        source,
+    })?;
+    if answer.kind != Kind::Reply || answer.arg != Status::Ok as u64 {
+        return Err(ConnectError::Refused {
+            addr: addr.into(),
+            replica: Uuid::nil(),
+            why: String::from_utf8_lossy(&answer.payload).into_owned(),
+        });
+    }
+    Ok(Pong {
+        version: ok.version,
+        rtt: started.elapsed(),
+    })
+}
+
 /// One request on a control session.
 async fn control(
     addr: &str,

@@ -497,6 +497,7 @@ impl PeerServer {
                         }
                     },
                 },
+                Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
                 Kind::DeleteReplica => match crate::wire::decode_replica_ref(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
                     Ok((volume, replica)) => {
@@ -687,7 +688,8 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::Goodbye
         | Kind::WriteSuperblock
         | Kind::CreateReplica
-        | Kind::DeleteReplica => invalid(format!("{:?} is not a request", f.kind)),
+        | Kind::DeleteReplica
+        | Kind::Ping => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

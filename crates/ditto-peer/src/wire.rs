@@ -45,6 +45,9 @@ pub enum Kind {
     /// On a control session: delete a replica this node holds for the
     /// sender (payload: volume uuid, replica uuid).
     DeleteReplica = 15,
+    /// On a control session: answered at once with an empty Ok reply (round
+    /// trip time, liveness).
+    Ping = 16,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
             13 => Goodbye,
             14 => CreateReplica,
             15 => DeleteReplica,
+            16 => Ping,
             _ => return None,
         })
     }

@@ -120,6 +120,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}/replicas/readd", post(readd_replica))
         .route("/v1/volumes/{name}/replicas/fail", post(fail_replica))
         .route("/v1/volumes/{name}/replicas/remove", post(remove_replica))
+        .route("/v1/nodes", get(list_nodes))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async {
             ApiError(ControlError::InvalidRequest(
@@ -141,6 +142,12 @@ async fn status(
         Ok(s) => Json(s).into_response(),
         Err(e) => ApiError(e).into_response(),
     }
+}
+
+async fn list_nodes(
+    State(node): State<Arc<Node>>,
+) -> ApiResult<Vec<crate::api_types::PeerNodeInfo>> {
+    Ok(Json(node.dialer().probe_all().await))
 }
 
 async fn list_pools(State(node): State<Arc<Node>>) -> ApiResult<Vec<crate::api_types::PoolInfo>> {
@@ -310,6 +317,10 @@ pub fn openapi_document() -> serde_json::Value {
                 "get": {"summary": "List pools", "responses": {"200": {"description": "pools", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}}}}}}},
                 "post": {"summary": "Create a directory pool", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CreatePool"}}}},
                     "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pool"}}}}, "400": err, "409": err}}},
+            "/v1/nodes": {"get": {"summary": "The other nodes in this node's config, each tried now: connected, round trip, protocol version, or why not",
+                "responses": {"200": {"description": "nodes", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object",
+                    "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "connected": {"type": "boolean"},
+                        "rtt_ms": {"type": ["number", "null"]}, "protocol": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]}}}}}}}}}},
             "/v1/pools/{name}": {"delete": {"summary": "Delete an empty pool", "parameters": [name_param],
                 "responses": {"204": {"description": "deleted"}, "404": err, "409": err}}},
             "/v1/volumes": {

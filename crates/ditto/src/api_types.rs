@@ -244,3 +244,18 @@ pub struct DaemonAddresses {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
 }
+
+/// A node this node knows (`[nodes.NAME]`), as found just now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerNodeInfo {
+    pub name: String,
+    pub address: String,
+    /// It answered, and proved its name when TLS is on.
+    pub connected: bool,
+    /// Round trip of one request, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Peer protocol version agreed.
+    pub protocol: Option<u16>,
+    /// Why not, when not connected.
+    pub error: Option<String>,
+}

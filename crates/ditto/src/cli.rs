@@ -167,6 +167,38 @@ pub fn pool_table(pools: &[PoolInfo]) -> String {
     table(&["POOL", "KIND", "SIZE", "FREE", "REPLICAS", "PATH"], &rows)
 }
 
+pub fn node_list(c: &Client, json: bool) -> Result<()> {
+    let nodes: Vec<crate::api_types::PeerNodeInfo> = c.get("/v1/nodes")?;
+    if json {
+        return print_json(&nodes);
+    }
+    if nodes.is_empty() {
+        println!("no other nodes; add `[nodes.NAME] address = \"HOST:PORT\"` to the config");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.address.clone(),
+                if n.connected { "yes" } else { "no" }.to_string(),
+                n.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+                n.protocol.map_or("-".into(), |v| v.to_string()),
+                n.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["NODE", "ADDRESS", "CONNECTED", "RTT", "PROTOCOL", "ERROR"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
 pub fn pool_list(c: &Client, json: bool) -> Result<()> {
     let pools: Vec<PoolInfo> = c.get("/v1/pools")?;
     if json {

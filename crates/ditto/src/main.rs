@@ -51,6 +51,9 @@ enum Command {
     /// Make the certificates nodes authenticate each other with (mutual TLS).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The other nodes this node knows.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Show volumes, their replicas and clients, and pools.
     Status {
         /// Only this volume.
@@ -68,6 +71,12 @@ enum Command {
         #[arg(long)]
         since: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Each node in the config's `[nodes]`, tried now: connected, round trip, protocol version.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -234,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             let (cfg, data_dir) = daemon::resolve_config(&args, None)?;
             tokio_main(cfg.runtime_threads(), daemon::run(args, cfg, data_dir))
         }
+        Command::Node(NodeCommand::List) => cli::node_list(&client(), cli.json),
         Command::Cert(CertCommand::Ca { out }) => {
             ditto_peer::tls::create_ca(&out)?;
             println!(

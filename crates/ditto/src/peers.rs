@@ -246,4 +246,35 @@ impl Dialer {
     pub fn knows(&self, name: &str) -> bool {
         self.nodes.contains_key(name)
     }
+
+    /// Every known node, tried now (all at once, each within 3 s).
+    pub async fn probe_all(&self) -> Vec<crate::api_types::PeerNodeInfo> {
+        let probes = self.nodes.keys().map(|name| async move {
+            let address = self.nodes.get(name).cloned().unwrap_or_default();
+            let result = match self.dial(name) {
+                Err(e) => Err(e),
+                Ok((addr, dial)) => ditto_peer::client::ping(&addr, &dial, Duration::from_secs(3))
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            let (connected, rtt_ms, protocol, error) = match result {
+                Ok(p) => (
+                    true,
+                    Some(p.rtt.as_secs_f64() * 1000.0),
+                    Some(p.version),
+                    None,
+                ),
+                Err(e) => (false, None, None, Some(e)),
+            };
+            crate::api_types::PeerNodeInfo {
+                name: name.clone(),
+                address,
+                connected,
+                rtt_ms,
+                protocol,
+                error,
+            }
+        });
+        futures::future::join_all(probes).await
+    }
 }

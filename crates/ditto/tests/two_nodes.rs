@@ -394,7 +394,26 @@ fn nodes_with_cluster_certificates_replicate_over_tls() {
         "node b created a replica for an impostor"
     );
 
+    let nodes = impostor.cli_json(&["node", "list"]);
+    assert_eq!(nodes[0]["name"], "b", "{nodes:#}");
+    assert_eq!(nodes[0]["connected"], false, "{nodes:#}");
+    assert!(
+        nodes[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TLS")),
+        "{nodes:#}"
+    );
+
     let a = node_a("a", &dir.path().join("cert-a"), &ca);
+    let nodes = a.cli_json(&["node", "list"]);
+    assert_eq!(nodes[0]["connected"], true, "{nodes:#}");
+    assert_eq!(nodes[0]["protocol"], 1, "{nodes:#}");
+    assert!(
+        nodes[0]["rtt_ms"].as_f64().is_some_and(|r| r >= 0.0),
+        "{nodes:#}"
+    );
+    let shown = a.cli_ok(&["node", "list"]);
+    assert!(shown.stdout.contains("yes"), "{}", shown.describe());
     let size = SIZE.to_string();
     a.cli_ok(&[
         "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
