@@ -968,21 +968,41 @@ impl Node {
                 "volume {name:?} already has a replica in pool {pool_name:?}: each replica needs its own pool"
             )));
         }
-        let pools = self.store.pools()?;
-        let pool = pools
-            .iter()
-            .find(|p| p.name == pool_name)
-            .ok_or_else(|| ControlError::PoolNotFound(pool_name.into()))?;
         let layout = layout_of(&record)?;
-        let usage = self.pool_usages(std::slice::from_ref(pool), &self.store.volumes()?);
-        if usage[0].free_bytes < layout.replica_len() {
-            return Err(ControlError::NoSpace {
-                pool: pool_name.into(),
-                need: layout.replica_len(),
-                free: usage[0].free_bytes,
-            });
-        }
-        let (replica, backend) = self.create_replica(pool, name, record.uuid, layout).await?;
+        let (replica, backend) = match pool_name.split_once(':') {
+            // A pool on another node: created (and its room checked) there.
+            Some((node, pool)) => {
+                validate::node_name(node).map_err(ControlError::InvalidRequest)?;
+                validate::name("pool", pool)?;
+                if record
+                    .replicas
+                    .iter()
+                    .any(|r| r.node.as_deref() == Some(node))
+                {
+                    return Err(ControlError::InvalidRequest(format!(
+                        "volume {name:?} already has a replica on node {node}: a second copy on one machine does not survive its loss"
+                    )));
+                }
+                self.create_remote_replica(node, pool, name, record.uuid, layout)
+                    .await?
+            }
+            None => {
+                let pools = self.store.pools()?;
+                let pool = pools
+                    .iter()
+                    .find(|p| p.name == pool_name)
+                    .ok_or_else(|| ControlError::PoolNotFound(pool_name.into()))?;
+                let usage = self.pool_usages(std::slice::from_ref(pool), &self.store.volumes()?);
+                if usage[0].free_bytes < layout.replica_len() {
+                    return Err(ControlError::NoSpace {
+                        pool: pool_name.into(),
+                        need: layout.replica_len(),
+                        free: usage[0].free_bytes,
+                    });
+                }
+                self.create_replica(pool, name, record.uuid, layout).await?
+            }
+        };
         record.replicas.push(replica.clone());
         if let Err(e) = self.store.update_volume(&record) {
             self.discard_replica(&replica, record.uuid);

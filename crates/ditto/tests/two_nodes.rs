@@ -427,3 +427,51 @@ fn nodes_with_cluster_certificates_replicate_over_tls() {
         "node b lacks the write"
     );
 }
+
+/// `replica add --pool NODE:POOL` gives an existing volume a copy on
+/// another node: it is rebuilt there in full and joins in sync.
+#[test]
+fn an_existing_volume_gets_a_replica_on_another_node() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-add-")
+        .tempdir()
+        .expect("tempdir");
+    let peer_port = free_port();
+    let b_cfg = write_config(
+        &dir.path().join("b.toml"),
+        &format!("node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n"),
+    );
+    let b_data = dir.path().join("b-data");
+    std::fs::create_dir(&b_data).unwrap();
+    let b_pool = dir.path().join("b-p0");
+    std::fs::create_dir(&b_pool).unwrap();
+    let b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
+    let a_cfg = write_config(
+        &dir.path().join("a.toml"),
+        &format!("node_name = \"a\"\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"),
+    );
+    let a_data = dir.path().join("a-data");
+    std::fs::create_dir(&a_data).unwrap();
+    let a_pool = dir.path().join("a-p0");
+    std::fs::create_dir(&a_pool).unwrap();
+    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
+    a.cli_ok(&["pool", "create", "p0", "--path", s(&a_pool)]);
+    let size = SIZE.to_string();
+    a.cli_ok(&["volume", "create", "vm1", "--size", &size, "--pool", "p0"]);
+    a.wait_healthy("vm1");
+    qemu_write(&a.uri("vm1"), 0x77, 3 * MIB, 2 * MIB);
+    a.cli_ok(&["replica", "add", "vm1", "--pool", "b:p0"]);
+    let v = a.wait_healthy("vm1");
+    assert_eq!(replicas(&v).len(), 2, "{v:#}");
+    let data = replica_data(&b_pool);
+    assert!(data[3 * MIB as usize..5 * MIB as usize]
+        .iter()
+        .all(|x| *x == 0x77));
+    assert!(data[..3 * MIB as usize].iter().all(|x| *x == 0));
+    // A second copy on the same node is refused.
+    let out = a
+        .cli(&["replica", "add", "vm1", "--pool", "b:p1"])
+        .assert_failure();
+    assert!(out.stderr.contains("node b"), "{}", out.describe());
+}
