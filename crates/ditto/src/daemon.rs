@@ -270,7 +270,10 @@ async fn start_peer_server(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for peers on {listen} (peer_listen)"))?;
-    let held = crate::peers::HeldReplicas::open(node.store(), engine).await;
+    let weak = Arc::downgrade(node);
+    let pool_free: crate::peers::PoolFree =
+        Box::new(move |pool: &str| weak.upgrade().map_or(0, |n| n.pool_free_bytes(pool)));
+    let held = crate::peers::HeldReplicas::open(node.store(), engine, pool_free).await;
     let auth = match crate::peers::peer_tls(cfg)? {
         None => {
             tracing::info!("peer protocol in plain TCP: only peers on loopback are accepted; configure [tls] for other machines");

@@ -477,6 +477,27 @@ impl Node {
     }
 
     fn pool_usages(&self, pools: &[PoolRecord], volumes: &[VolumeRecord]) -> Vec<PoolUsage> {
+        // Replicas held for other nodes take room too: each counts as a
+        // one-replica volume the size of its (sparse) file.
+        let mut volumes = volumes.to_vec();
+        for h in self.store.held_replicas().unwrap_or_default() {
+            let size = std::fs::metadata(&h.path).map_or(0, |m| m.len());
+            volumes.push(VolumeRecord {
+                version: RECORD_VERSION,
+                name: format!("{} (held for {})", h.volume_name, h.primary),
+                uuid: h.volume,
+                size,
+                region_size: 0,
+                replicas: vec![ReplicaRecord {
+                    id: h.replica,
+                    pool: h.pool,
+                    path: h.path,
+                    node: None,
+                }],
+                created_unix: h.created_unix,
+            });
+        }
+        let volumes = volumes.as_slice();
         pools
             .iter()
             .map(|p| {
@@ -489,6 +510,7 @@ impl Node {
                 placement::usage(
                     p,
                     volumes,
+                    // A held replica (region_size 0) is its file's length.
                     |v| layout_of(v).map(|l| l.replica_len()).unwrap_or(v.size),
                     device_size,
                 )
@@ -579,14 +601,36 @@ impl Node {
             .filter(|v| v.replicas.iter().any(|r| r.pool == name))
             .map(|v| v.name)
             .collect();
-        if !users.is_empty() {
+        let held: Vec<String> = self
+            .store
+            .held_replicas()?
+            .into_iter()
+            .filter(|h| h.pool == name)
+            .map(|h| format!("{} (replica held for node {})", h.volume_name, h.primary))
+            .collect();
+        if !users.is_empty() || !held.is_empty() {
             return Err(ControlError::PoolInUse {
                 pool: name.to_string(),
-                volumes: users,
+                volumes: users.into_iter().chain(held).collect(),
             });
         }
         self.store.delete_pool(name)?;
         Ok(())
+    }
+
+    /// Bytes a new replica may still take in pool `name` (reservations of
+    /// every replica there, held ones included, subtracted).
+    pub fn pool_free_bytes(&self, name: &str) -> u64 {
+        let Ok(pools) = self.store.pools() else {
+            return 0;
+        };
+        let Some(pool) = pools.iter().find(|p| p.name == name) else {
+            return 0;
+        };
+        let volumes = self.store.volumes().unwrap_or_default();
+        self.pool_usages(std::slice::from_ref(pool), &volumes)
+            .first()
+            .map_or(0, |u| u.free_bytes)
     }
 
     pub fn pools(&self) -> Result<Vec<PoolInfo>, ControlError> {

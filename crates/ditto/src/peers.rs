@@ -21,9 +21,13 @@ use uuid::Uuid;
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The replicas this node holds for other nodes' volumes.
+/// Room a new replica may take in a pool (the node's own accounting).
+pub type PoolFree = Box<dyn Fn(&str) -> u64 + Send + Sync>;
+
 pub struct HeldReplicas {
     store: Arc<Store>,
     engine: Arc<dyn IoEngine>,
+    pool_free: PoolFree,
     served: Mutex<HashMap<(Uuid, Uuid), Arc<ServedReplica>>>,
     /// One create at a time: the space check and the file must agree.
     creating: tokio::sync::Mutex<()>,
@@ -32,10 +36,15 @@ pub struct HeldReplicas {
 impl HeldReplicas {
     /// Open every held replica recorded in the store; one that cannot be
     /// opened is logged and not served (its primary fails it out).
-    pub async fn open(store: Arc<Store>, engine: Arc<dyn IoEngine>) -> Arc<HeldReplicas> {
+    pub async fn open(
+        store: Arc<Store>,
+        engine: Arc<dyn IoEngine>,
+        pool_free: PoolFree,
+    ) -> Arc<HeldReplicas> {
         let held = Arc::new(HeldReplicas {
             store,
             engine,
+            pool_free,
             served: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
         });
@@ -86,10 +95,10 @@ impl HeldReplicas {
                 pool.kind.as_str()
             ));
         }
-        let free = free_bytes(&pool.path);
+        let free = (self.pool_free)(&pool.name);
         if free < layout.replica_len() {
             return Err(format!(
-                "pool {:?} has {free} bytes free, the replica needs {}",
+                "pool {:?} has {free} bytes free (after what its replicas reserve), the replica needs {}",
                 pool.name,
                 layout.replica_len()
             ));
@@ -130,10 +139,6 @@ impl HeldReplicas {
         self.serve(req.volume, req.replica, backend);
         Ok(())
     }
-}
-
-fn free_bytes(path: &std::path::Path) -> u64 {
-    ditto_control::placement::statvfs(path).map_or(0, |(_, free)| free)
 }
 
 impl HeldReplicas {

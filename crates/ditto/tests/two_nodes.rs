@@ -194,6 +194,18 @@ fn two_nodes(auto_reconnect: bool) {
         "{}",
         shown.describe()
     );
+    // Its pool counts the held replica: reserved room, one replica, and
+    // it cannot be deleted from under it.
+    let pools = b.cli_json(&["pool", "list"]);
+    assert_eq!(pools[0]["replicas"], 1, "{pools:#}");
+    assert!(
+        pools[0]["reserved_bytes"]
+            .as_u64()
+            .is_some_and(|r| r >= SIZE - MIB),
+        "the held replica reserves no room: {pools:#}"
+    );
+    let out = b.cli(&["pool", "delete", "p0"]).assert_failure();
+    assert!(out.stderr.contains("held for node a"), "{}", out.describe());
     let out = run_with_timeout(Command::new(nbdinfo()).arg(b.uri("vm1")), TOOL_TIMEOUT);
     assert!(
         !out.status.success(),
