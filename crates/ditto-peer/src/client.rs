@@ -239,6 +239,44 @@ pub async fn delete_replica(
     control(addr, dial, frame, replica, timeout).await
 }
 
+/// Ask the node at `addr`, the primary of `volume`, to hand it over to this
+/// node; returns the volume's replicas.
+pub async fn demote(
+    addr: &str,
+    dial: &Dial,
+    volume: Uuid,
+    timeout: Duration,
+) -> Result<Vec<crate::wire::MemberRef>, ConnectError> {
+    let (mut r, mut w, _) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
+    let protocol = |source| ConnectError::Protocol {
+        addr: addr.into(),
+        source,
+    };
+    let answer = tokio::time::timeout(timeout, async {
+        Frame {
+            payload: crate::wire::encode_replica_ref(volume, Uuid::nil()),
+            ..Frame::new(Kind::Demote, 1)
+        }
+        .write_to(&mut w)
+        .await?;
+        Frame::read_from(&mut r, 1 << 20).await
+    })
+    .await
+    .map_err(|_| ConnectError::Timeout {
+        addr: addr.into(),
+        seconds: timeout.as_secs(),
+    })?
+    .map_err(protocol)?;
+    if answer.kind == Kind::Reply && answer.arg == Status::Ok as u64 {
+        return crate::wire::decode_members(&answer.payload).map_err(protocol);
+    }
+    Err(ConnectError::Refused {
+        addr: addr.into(),
+        replica: Uuid::nil(),
+        why: String::from_utf8_lossy(&answer.payload).into_owned(),
+    })
+}
+
 /// What a ping of a node found.
 #[derive(Debug, Clone)]
 pub struct Pong {

@@ -77,6 +77,16 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
         let _ = (from, req);
         Box::pin(async { Err("this node does not create replicas for peers".to_string()) })
     }
+    /// Node `from` takes volume `volume` over: stop being its primary here
+    /// and hold its replicas for `from`. Returns the volume's replicas.
+    fn demote(
+        &self,
+        from: &str,
+        volume: Uuid,
+    ) -> BoxFuture<'_, Result<Vec<crate::wire::MemberRef>, String>> {
+        let _ = (from, volume);
+        Box::pin(async { Err("this node does not hand volumes over".to_string()) })
+    }
     /// Stop serving and delete a replica node `from` had created here.
     fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
         let _ = (from, volume, replica);
@@ -498,6 +508,15 @@ impl PeerServer {
                     },
                 },
                 Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                Kind::Demote => match crate::wire::decode_replica_ref(&f.payload) {
+                    Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
+                    Ok((volume, _)) => match self.registry.demote(peer, volume).await {
+                        Ok(members) => {
+                            Frame::reply(f.id, 0, Status::Ok, crate::wire::encode_members(&members))
+                        }
+                        Err(why) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why)),
+                    },
+                },
                 Kind::DeleteReplica => match crate::wire::decode_replica_ref(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
                     Ok((volume, replica)) => {
@@ -689,7 +708,8 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::WriteSuperblock
         | Kind::CreateReplica
         | Kind::DeleteReplica
-        | Kind::Ping => invalid(format!("{:?} is not a request", f.kind)),
+        | Kind::Ping
+        | Kind::Demote => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

@@ -48,6 +48,11 @@ pub enum Kind {
     /// On a control session: answered at once with an empty Ok reply (round
     /// trip time, liveness).
     Ping = 16,
+    /// On a control session: the sender (a node holding an in-sync replica)
+    /// takes the volume over; the receiver stops being its primary and holds
+    /// its replicas for the sender. Payload: volume uuid. Reply: the
+    /// volume's replicas ([`encode_members`]).
+    Demote = 17,
 }
 
 impl Kind {
@@ -70,6 +75,7 @@ impl Kind {
             14 => CreateReplica,
             15 => DeleteReplica,
             16 => Ping,
+            17 => Demote,
             _ => return None,
         })
     }
@@ -577,6 +583,77 @@ pub fn decode_replica_ref(b: &[u8]) -> Result<(Uuid, Uuid), FrameError> {
     Ok((Uuid::from_bytes(v), Uuid::from_bytes(r)))
 }
 
+/// A volume's replica as a demote reply lists it: which node holds it, in
+/// which of its pools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRef {
+    pub replica: Uuid,
+    pub node: String,
+    pub pool: String,
+}
+
+/// count u16, then per member: uuid (16), node length u16, node, pool length u16, pool.
+pub fn encode_members(members: &[MemberRef]) -> Bytes {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(members.len().min(u16::MAX as usize) as u16).to_le_bytes());
+    for m in members.iter().take(u16::MAX as usize) {
+        b.extend_from_slice(m.replica.as_bytes());
+        for text in [&m.node, &m.pool] {
+            let t = &text.as_bytes()[..text.len().min(MAX_NAME)];
+            b.extend_from_slice(&(t.len() as u16).to_le_bytes());
+            b.extend_from_slice(t);
+        }
+    }
+    Bytes::from(b)
+}
+
+pub fn decode_members(b: &[u8]) -> Result<Vec<MemberRef>, FrameError> {
+    let bad = |why: &str| FrameError::Malformed {
+        what: "member list",
+        why: why.into(),
+    };
+    if b.len() < 2 {
+        return Err(bad("shorter than its count"));
+    }
+    let count = u16_at(b, 0) as usize;
+    let mut at = 2;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        if b.len() < at + 16 {
+            return Err(bad("truncated"));
+        }
+        let mut u = [0u8; 16];
+        u.copy_from_slice(&b[at..at + 16]);
+        at += 16;
+        let mut texts = Vec::new();
+        for _ in 0..2 {
+            if b.len() < at + 2 {
+                return Err(bad("truncated"));
+            }
+            let len = u16_at(b, at) as usize;
+            at += 2;
+            if len > MAX_NAME || b.len() < at + len {
+                return Err(bad("a name runs past the end"));
+            }
+            texts.push(
+                std::str::from_utf8(&b[at..at + len])
+                    .map_err(|_| bad("a name is not UTF-8"))?
+                    .to_string(),
+            );
+            at += len;
+        }
+        out.push(MemberRef {
+            replica: Uuid::from_bytes(u),
+            node: texts.remove(0),
+            pool: texts.remove(0),
+        });
+    }
+    if at != b.len() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(out)
+}
+
 /// Allocation runs in a reply: 24 bytes each (offset, length, allocated).
 pub fn encode_runs(runs: &[ditto_engine::Allocation]) -> Bytes {
     let mut b = Vec::with_capacity(runs.len() * 24);
@@ -657,6 +734,25 @@ mod tests {
     }
 
     #[test]
+    fn members_round_trip() {
+        let m = vec![
+            MemberRef {
+                replica: Uuid::from_u128(1),
+                node: "a".into(),
+                pool: "p0".into(),
+            },
+            MemberRef {
+                replica: Uuid::from_u128(2),
+                node: "b".into(),
+                pool: "disk1".into(),
+            },
+        ];
+        let b = encode_members(&m);
+        assert_eq!(decode_members(&b).unwrap(), m);
+        assert!(decode_members(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
     fn create_replica_round_trips() {
         let c = CreateReplica {
             volume: Uuid::from_u128(3),
@@ -696,6 +792,7 @@ mod tests {
             let _ = Frame::decode(&b, 1 << 16);
             let _ = Hello::decode(&b);
             let _ = CreateReplica::decode(&b);
+            let _ = decode_members(&b);
             let _ = decode_runs(&b);
         }
     }

@@ -114,6 +114,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/start", post(start_volume))
         .route("/v1/volumes/{name}/stop", post(stop_volume))
+        .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/scrub", post(scrub_volume))
         .route("/v1/volumes/{name}/resolve", post(resolve_volume))
         .route("/v1/volumes/{name}/replicas", post(add_replica))
@@ -215,6 +216,15 @@ async fn start_volume(
         node.start_volume(&name, req.degraded, req.force_stale)
             .await?,
     ))
+}
+
+async fn promote_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<crate::api_types::PromoteVolume>, JsonRejection>,
+) -> ApiResult<VolumeInfo> {
+    let req = body(b)?;
+    Ok(Json(node.promote(&name, req.force).await?))
 }
 
 async fn stop_volume(
@@ -341,6 +351,9 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/volumes/{name}/start": {"post": {"summary": "Start a stopped volume", "parameters": [name_param],
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"degraded": {"type": ["boolean", "null"]}, "force_stale": {"type": "boolean"}}}}}},
                 "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "404": err}}},
+            "/v1/volumes/{name}/promote": {"post": {"summary": "Make this node the volume's primary: the current primary hands it over (only with this node's replica in sync) and this node serves it", "parameters": [name_param],
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"force": {"type": "boolean"}}}}}},
+                "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "500": err}}},
             "/v1/volumes/{name}/stop": {"post": {"summary": "Stop serving a volume", "parameters": [name_param],
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"force": {"type": "boolean"}}}}}},
                 "responses": {"200": {"description": "stopped"}, "409": err}}},

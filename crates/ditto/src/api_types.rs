@@ -18,6 +18,15 @@ pub struct CreatePool {
     pub nbd: Option<String>,
 }
 
+/// `POST /v1/volumes/{name}/promote`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteVolume {
+    /// Promote without the current primary's consent (not available yet).
+    #[serde(default)]
+    pub force: bool,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartVolume {

@@ -584,6 +584,21 @@ pub fn job_line(j: &JobInfo) -> String {
     )
 }
 
+pub fn volume_promote(c: &Client, name: &str, force: bool, json: bool) -> Result<()> {
+    let v: VolumeInfo = c.post(
+        &format!("/v1/volumes/{name}/promote"),
+        &crate::api_types::PromoteVolume { force },
+    )?;
+    if json {
+        return print_json(&v);
+    }
+    println!(
+        "volume {name}: this node is its primary now ({}); it serves it at {}",
+        v.state, v.export
+    );
+    Ok(())
+}
+
 pub fn volume_start(
     c: &Client,
     name: &str,

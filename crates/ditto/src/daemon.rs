@@ -273,7 +273,18 @@ async fn start_peer_server(
     let weak = Arc::downgrade(node);
     let pool_free: crate::peers::PoolFree =
         Box::new(move |pool: &str| weak.upgrade().map_or(0, |n| n.pool_free_bytes(pool)));
-    let held = crate::peers::HeldReplicas::open(node.store(), engine, pool_free).await;
+    let weak = Arc::downgrade(node);
+    let demoter: crate::peers::Demoter = Box::new(move |to: String, volume| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            match weak.upgrade() {
+                Some(n) => n.demote_to(&to, volume).await,
+                None => Err("this node is stopping".to_string()),
+            }
+        })
+    });
+    let held = crate::peers::HeldReplicas::open(node.store(), engine, pool_free, demoter).await;
+    node.set_held(held.clone());
     let auth = match crate::peers::peer_tls(cfg)? {
         None => {
             tracing::info!("peer protocol in plain TCP: only peers on loopback are accepted; configure [tls] for other machines");

@@ -129,6 +129,14 @@ enum PoolCommand {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
+    /// Make this node the volume's primary: the current primary hands it
+    /// over (only when this node's replica is in sync) and this node serves it.
+    Promote {
+        name: String,
+        /// Without the current primary's consent (not available yet).
+        #[arg(long)]
+        force: bool,
+    },
     /// Create a mirrored volume.
     Create {
         name: String,
@@ -297,6 +305,10 @@ fn run(cli: Cli) -> Result<()> {
             region_size,
         }) => cli::volume_create(&client(), name, size, replicas, pool, region_size, cli.json),
         Command::Volume(VolumeCommand::List) => cli::volume_list(&client(), cli.json),
+        Command::Volume(VolumeCommand::Promote { name, force }) => {
+            check_name("volume", &name)?;
+            cli::volume_promote(&client(), &name, force, cli.json)
+        }
         Command::Volume(VolumeCommand::Delete { name, force }) => {
             check_name("volume", &name)?;
             cli::volume_delete(&client(), &name, force, cli.json)

@@ -14,7 +14,7 @@ use ditto_format::Layout;
 use ditto_peer::client::Dial;
 use ditto_peer::server::{ReplicaRegistry, ServedReplica};
 use ditto_peer::tls::{PeerTls, TlsFiles};
-use ditto_peer::wire::CreateReplica;
+use ditto_peer::wire::{CreateReplica, MemberRef};
 use uuid::Uuid;
 
 /// How long a peer may take to answer a connect, hello or create.
@@ -24,10 +24,22 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room a new replica may take in a pool (the node's own accounting).
 pub type PoolFree = Box<dyn Fn(&str) -> u64 + Send + Sync>;
 
+/// Hands a volume this node is primary of over to another node
+/// (`Node::demote_to`): the replicas now held for it, and all the volume's.
+pub type Demoter = Box<
+    dyn Fn(
+            String,
+            Uuid,
+        ) -> BoxFuture<'static, Result<(Vec<HeldReplicaRecord>, Vec<MemberRef>), String>>
+        + Send
+        + Sync,
+>;
+
 pub struct HeldReplicas {
     store: Arc<Store>,
     engine: Arc<dyn IoEngine>,
     pool_free: PoolFree,
+    demoter: Demoter,
     served: Mutex<HashMap<(Uuid, Uuid), Arc<ServedReplica>>>,
     /// One create at a time: the space check and the file must agree.
     creating: tokio::sync::Mutex<()>,
@@ -40,11 +52,13 @@ impl HeldReplicas {
         store: Arc<Store>,
         engine: Arc<dyn IoEngine>,
         pool_free: PoolFree,
+        demoter: Demoter,
     ) -> Arc<HeldReplicas> {
         let held = Arc::new(HeldReplicas {
             store,
             engine,
             pool_free,
+            demoter,
             served: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
         });
@@ -142,6 +156,32 @@ impl HeldReplicas {
 }
 
 impl HeldReplicas {
+    /// Stop serving a replica this node takes for its own volume (a
+    /// promote): every connection to it is refused from now on.
+    pub async fn release(&self, volume: Uuid, replica: Uuid) {
+        let served = self
+            .served
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&(volume, replica)));
+        if let Some(served) = served {
+            served.retire().await;
+        }
+    }
+
+    async fn demote_for(&self, from: &str, volume: Uuid) -> Result<Vec<MemberRef>, String> {
+        let (held, members) = (self.demoter)(from.to_string(), volume).await?;
+        for h in held {
+            match FileReplica::open(self.engine.as_ref(), &h.path, h.volume).await {
+                Ok(b) => self.serve(h.volume, h.replica, b),
+                Err(e) => {
+                    tracing::error!(volume = %h.volume_name, error = %e, "handed-over replica cannot be opened; not served")
+                }
+            }
+        }
+        Ok(members)
+    }
+
     async fn delete_held(&self, from: &str, volume: Uuid, replica: Uuid) -> Result<(), String> {
         let _one = self.creating.lock().await;
         let records = self.store.held_replicas().map_err(|e| e.to_string())?;
@@ -187,6 +227,11 @@ impl ReplicaRegistry for HeldReplicas {
     fn create(&self, from: &str, req: CreateReplica) -> BoxFuture<'_, Result<(), String>> {
         let from = from.to_string();
         Box::pin(async move { self.create_held(&from, req).await })
+    }
+
+    fn demote(&self, from: &str, volume: Uuid) -> BoxFuture<'_, Result<Vec<MemberRef>, String>> {
+        let from = from.to_string();
+        Box::pin(async move { self.demote_for(&from, volume).await })
     }
 
     fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {

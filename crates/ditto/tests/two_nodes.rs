@@ -487,3 +487,135 @@ fn an_existing_volume_gets_a_replica_on_another_node() {
         .assert_failure();
     assert!(out.stderr.contains("node b"), "{}", out.describe());
 }
+
+/// A planned switch-over: `volume promote` on node b makes it the primary
+/// (node a hands the volume over, with b's replica in sync, and holds its
+/// own replica for b), and promoting on a again switches back. Nothing
+/// written on either side is lost, and only the primary serves NBD.
+#[test]
+fn promote_switches_the_primary_over_and_back() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-promote-")
+        .tempdir()
+        .expect("tempdir");
+    let (pa, pb) = (free_port(), free_port());
+    let start = |me: &str, port: u16, other: &str, other_port: u16| {
+        let cfg = write_config(
+            &dir.path().join(format!("{me}.toml")),
+            &format!(
+                "node_name = \"{me}\"\npeer_listen = \"127.0.0.1:{port}\"\nio_timeout_secs = 2\n[nodes.{other}]\naddress = \"127.0.0.1:{other_port}\"\n"
+            ),
+        );
+        let data = dir.path().join(format!("{me}-data"));
+        std::fs::create_dir(&data).unwrap();
+        let pool = dir.path().join(format!("{me}-p0"));
+        std::fs::create_dir(&pool).unwrap();
+        let d = Daemon::start_with(&data, &["--config", s(&cfg)]);
+        d.cli_ok(&["pool", "create", "p0", "--path", s(&pool)]);
+        (d, pool)
+    };
+    let (a, a_pool) = start("a", pa, "b", pb);
+    let (b, b_pool) = start("b", pb, "a", pa);
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    a.wait_healthy("vm1");
+    qemu_write(&a.uri("vm1"), 0x11, 0, MIB);
+
+    // Refused while a client is connected to the primary (qemu-io holds
+    // its connection for 3 s).
+    let mut client = Command::new(qemu_io_bin())
+        .args(["-f", "raw", "-c", "sleep 3000", &a.uri("vm1")])
+        .spawn()
+        .expect("qemu-io");
+    wait_until(
+        "the client to connect",
+        std::time::Duration::from_secs(10),
+        || {
+            let v = a.volume("vm1");
+            v["clients"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+                .then_some(())
+        },
+    );
+    let out = b.cli(&["volume", "promote", "vm1"]).assert_failure();
+    assert!(
+        out.stderr.contains("connected NBD client"),
+        "{}",
+        out.describe()
+    );
+    let _ = client.wait();
+    let out = b
+        .cli(&["volume", "promote", "vm1", "--force"])
+        .assert_failure();
+    assert!(
+        out.stderr.contains("not available yet"),
+        "{}",
+        out.describe()
+    );
+    b.cli_ok(&["volume", "promote", "vm1"]);
+    let v = b.wait_healthy("vm1");
+    assert!(
+        replicas(&v).iter().any(|r| r.pool == "a:p0"),
+        "node a's replica is a member on b: {v:#}"
+    );
+    let held = a.status();
+    assert_eq!(held["held"][0]["primary"], "b", "{held:#}");
+    let out = run_with_timeout(Command::new(nbdinfo()).arg(a.uri("vm1")), TOOL_TIMEOUT);
+    assert!(
+        !out.status.success(),
+        "node a still serves the volume: {}",
+        out.describe()
+    );
+
+    qemu_write(&b.uri("vm1"), 0x22, MIB, MIB);
+    let copy = dir.path().join("on-b.raw");
+    run_with_timeout(
+        Command::new(nbdcopy()).args([&b.uri("vm1"), s(&copy)]),
+        TOOL_TIMEOUT,
+    )
+    .assert_success();
+    let data = std::fs::read(&copy).unwrap();
+    assert!(
+        data[..MIB as usize].iter().all(|x| *x == 0x11),
+        "a's write lost in the switch-over"
+    );
+    assert!(data[MIB as usize..2 * MIB as usize]
+        .iter()
+        .all(|x| *x == 0x22));
+    assert!(
+        replica_data(&a_pool)[..SIZE as usize] == data[..],
+        "node a's replica is not mirrored from b"
+    );
+
+    // And back.
+    a.cli_ok(&["volume", "promote", "vm1"]);
+    a.wait_healthy("vm1");
+    let back = dir.path().join("on-a.raw");
+    run_with_timeout(
+        Command::new(nbdcopy()).args([&a.uri("vm1"), s(&back)]),
+        TOOL_TIMEOUT,
+    )
+    .assert_success();
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "data changed switching back"
+    );
+    assert!(replica_data(&b_pool)[..SIZE as usize] == data[..]);
+    let out = run_with_timeout(Command::new(nbdinfo()).arg(b.uri("vm1")), TOOL_TIMEOUT);
+    assert!(
+        !out.status.success(),
+        "node b still serves the volume: {}",
+        out.describe()
+    );
+
+    // A node holding no replica of it cannot promote it.
+    let out = b.cli(&["volume", "promote", "nosuch"]).assert_failure();
+    assert!(
+        out.stderr.contains("holds no replica"),
+        "{}",
+        out.describe()
+    );
+}
