@@ -1,0 +1,273 @@
+//! Opening replicas and starting and stopping volumes, under the degraded-start policy.
+
+use super::*;
+
+impl Node {
+    pub(super) fn pool_kind(&self, pool: &str) -> PoolKind {
+        self.store
+            .pools()
+            .ok()
+            .and_then(|ps| ps.into_iter().find(|p| p.name == pool))
+            .map_or(PoolKind::Directory, |p| p.kind)
+    }
+
+    /// Open the file, device or remote export a replica lives on.
+    pub(super) async fn open_io(
+        &self,
+        kind: PoolKind,
+        location: &Path,
+    ) -> Result<Arc<dyn IoFile>, std::io::Error> {
+        match kind {
+            PoolKind::Directory | PoolKind::Device => self.engine.open(location, false),
+            PoolKind::Nbd => open_remote(&location.to_string_lossy()).await,
+        }
+    }
+
+    pub(super) async fn open_replica(
+        &self,
+        record: &VolumeRecord,
+        r: &ReplicaRecord,
+    ) -> Result<Arc<dyn ReplicaBackend>, BackendError> {
+        let location = r.path.display().to_string();
+        if let Some(node) = &r.node {
+            let io_err = |why: String| BackendError::Io {
+                op: "connect",
+                location: location.clone(),
+                source: std::io::Error::other(why),
+            };
+            let (addr, dial) = self.dialer.dial(node).map_err(io_err)?;
+            let remote = ditto_peer::RemoteReplica::connect(
+                &addr,
+                &dial,
+                record.uuid,
+                r.id,
+                crate::peers::PEER_TIMEOUT,
+            )
+            .await
+            .map_err(|e| io_err(e.to_string()))?;
+            return Ok(remote);
+        }
+        let file = self
+            .open_io(self.pool_kind(&r.pool), &r.path)
+            .await
+            .map_err(|source| BackendError::Io {
+                op: "open",
+                location: location.clone(),
+                source,
+            })?;
+        Ok(FileReplica::open_on(file, location, record.uuid).await?)
+    }
+
+    /// Open every replica; those that cannot be opened become placeholders.
+    pub(super) async fn open_members(&self, record: &VolumeRecord) -> (Vec<Member>, Vec<String>) {
+        let mut members = Vec::new();
+        let mut missing = Vec::new();
+        let layout = layout_of(record).ok();
+        for r in &record.replicas {
+            let backend: Arc<dyn ReplicaBackend> =
+                match (self.open_replica(record, r).await, layout) {
+                    (Ok(b), _) => b,
+                    (Err(e), Some(layout)) => {
+                        missing.push(format!("{} ({e})", r.pool));
+                        Arc::new(MissingReplica::new(
+                            r.path.display().to_string(),
+                            e.to_string(),
+                            record.uuid,
+                            r.id,
+                            layout,
+                        ))
+                    }
+                    (Err(e), None) => {
+                        missing.push(format!("{} ({e})", r.pool));
+                        continue;
+                    }
+                };
+            members.push(Member::new(r.id, r.pool.clone(), backend));
+        }
+        (members, missing)
+    }
+
+    /// Assemble the engine volume of a stored record from its members.
+    /// `accept_stale`: the operator accepts starting from replicas older
+    /// than the node's membership record (`--force-stale`, `resolve --keep`).
+    pub(super) async fn open_record(
+        &self,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+        accept_stale: bool,
+    ) -> Result<Arc<Volume>, ditto_engine::EngineError> {
+        Volume::open(
+            &record.name,
+            record.uuid,
+            record.size,
+            members,
+            VolumeOptions {
+                accept_stale,
+                ..self.volume_options.clone()
+            },
+            self.events.clone(),
+        )
+        .await
+    }
+
+    /// Assemble a volume and publish it (or record why it is stopped).
+    pub(super) async fn assemble(
+        &self,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+        accept_stale: bool,
+    ) -> bool {
+        let opened = self.open_record(record, members, accept_stale).await;
+        match opened {
+            Ok(v) => {
+                tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
+                self.set_runtime(&record.name, Some(VolumeRuntime::Running(v)));
+                true
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.emit(
+                    EventKind::StartRefused,
+                    &record.name,
+                    format!("not started: {why}"),
+                );
+                self.set_runtime(&record.name, Some(VolumeRuntime::Stopped(why)));
+                false
+            }
+        }
+    }
+
+    /// Start a volume under the degraded-start policy: wait up to the
+    /// configured time for missing replicas, then start degraded or refuse.
+    /// `degraded` (from `volume start --degraded/--no-degraded`) wins over
+    /// the daemon's override, which wins over the config file.
+    pub(super) async fn start_with_policy(
+        self: Arc<Self>,
+        name: String,
+        degraded: Option<bool>,
+        wait: Option<u64>,
+        force_stale: bool,
+    ) -> bool {
+        let Ok(record) = self.record(&name) else {
+            return false;
+        };
+        if let Some(pending) = self.still_draining(&name) {
+            let why = format!(
+                "the previous instance of {name} still has {pending} disk operation(s) given up at a timeout in flight; starting now could let them land over new writes. Wait until the hung disk answers (or fails) and run `ditto volume start {name}` again"
+            );
+            self.emit(EventKind::StartRefused, &name, why.clone());
+            self.set_runtime(&name, Some(VolumeRuntime::Stopped(why)));
+            return false;
+        }
+        let wait_secs = wait.unwrap_or_else(|| self.config.degraded_wait_for(&name));
+        let allow = degraded
+            .or(self.degraded_override)
+            .unwrap_or_else(|| self.config.start_degraded_for(&name));
+        let deadline = Instant::now() + Duration::from_secs(wait_secs);
+        loop {
+            let (members, missing) = self.open_members(&record).await;
+            if missing.is_empty() {
+                return self.assemble(&record, members, force_stale).await;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                if allow {
+                    tracing::warn!(volume = %name, missing = ?missing, "starting degraded by policy");
+                    return self.assemble(&record, members, force_stale).await;
+                }
+                let why = format!(
+                    "replica(s) missing: {}. Not started degraded (policy: start_degraded = false). Bring the disk back and run `ditto volume start {name}`, or start without it: `ditto volume start {name} --degraded`",
+                    missing.join(", ")
+                );
+                self.emit(EventKind::StartRefused, &name, why.clone());
+                self.set_runtime(&name, Some(VolumeRuntime::Stopped(why)));
+                return false;
+            }
+            self.set_runtime(
+                &name,
+                Some(VolumeRuntime::Starting(format!(
+                    "waiting {}s more for replica(s): {}; then {}",
+                    left.as_secs(),
+                    missing.join(", "),
+                    if allow {
+                        "starting degraded"
+                    } else {
+                        "refusing to start degraded"
+                    }
+                ))),
+            );
+            tokio::time::sleep(Duration::from_millis(500).min(left)).await;
+        }
+    }
+
+    /// Operations still pending on the stopped instance of `name`, if any.
+    pub(super) fn still_draining(&self, name: &str) -> Option<usize> {
+        let mut d = self.draining.lock().ok()?;
+        let pending = d.get(name).map_or(0, |v| v.abandoned_ops());
+        if pending == 0 {
+            d.remove(name);
+            return None;
+        }
+        Some(pending)
+    }
+
+    pub(super) fn refuse_if_running(&self, name: &str, why: &str) -> Result<(), ControlError> {
+        match self.runtime(name).as_deref() {
+            Some(VolumeRuntime::Running(_)) => Err(ControlError::InvalidRequest(format!(
+                "volume {name:?} is running: {why}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `ditto volume start NAME [--degraded|--no-degraded]`.
+    pub async fn start_volume(
+        self: &Arc<Self>,
+        name: &str,
+        degraded: Option<bool>,
+        force_stale: bool,
+    ) -> Result<VolumeInfo, ControlError> {
+        let record = self.record(name)?;
+        self.refuse_if_running(name, "it is already running")?;
+        let _guard = self.ops.lock().await;
+        self.clone()
+            .start_with_policy(name.to_string(), degraded, Some(0), force_stale)
+            .await;
+        self.volume_info(&record)
+    }
+
+    /// `ditto volume stop NAME [--force]`: unpublish and close cleanly.
+    pub async fn stop_volume(&self, name: &str, force: bool) -> Result<(), ControlError> {
+        let v = self.running(name)?;
+        let _guard = self.ops.lock().await;
+        let clients = self.clients_of(name).len();
+        if clients > 0 && !force {
+            return Err(ControlError::VolumeBusy {
+                name: name.to_string(),
+                clients,
+            });
+        }
+        self.set_runtime(
+            name,
+            Some(VolumeRuntime::Stopped(format!(
+                "stopped by the operator; `ditto volume start {name}` serves it again"
+            ))),
+        );
+        if let Some(server) = self.nbd.get() {
+            server.disconnect_export(name);
+        }
+        let closed = v.close().await;
+        if v.abandoned_ops() > 0 {
+            if let Ok(mut d) = self.draining.lock() {
+                d.insert(name.to_string(), v.clone());
+            }
+        }
+        closed.map_err(engine_err)?;
+        self.emit(
+            EventKind::VolumeStopped,
+            name,
+            "stopped by the operator".into(),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,492 @@
+//! Volumes: creating and deleting them with their replicas, scrubbing, and what status shows.
+
+use super::*;
+
+impl Node {
+    /// Create one replica of `volume` in `pool`: a new sparse file in a
+    /// directory pool, or a freshly formatted device or remote export.
+    pub(super) async fn create_replica(
+        &self,
+        pool: &PoolRecord,
+        volume_name: &str,
+        volume_uuid: Uuid,
+        layout: Layout,
+    ) -> Result<(ReplicaRecord, Arc<dyn ReplicaBackend>), ControlError> {
+        let id = Uuid::new_v4();
+        let (path, backend) = match pool.kind {
+            PoolKind::Directory => {
+                let path = pool.path.join(format!(
+                    "{volume_name}-{}.replica",
+                    &id.simple().to_string()[..8]
+                ));
+                let b =
+                    FileReplica::create(self.engine.as_ref(), &path, volume_uuid, id, layout).await;
+                (path, b)
+            }
+            PoolKind::Device | PoolKind::Nbd => {
+                let file = self.open_io(pool.kind, &pool.path).await.map_err(|e| {
+                    ControlError::Engine(format!(
+                        "cannot open pool {:?} at {}: {e}",
+                        pool.name,
+                        pool.path.display()
+                    ))
+                })?;
+                let b = FileReplica::format_on(
+                    file,
+                    pool.path.display().to_string(),
+                    volume_uuid,
+                    id,
+                    layout,
+                )
+                .await;
+                (pool.path.clone(), b)
+            }
+        };
+        let backend = backend.map_err(|e| {
+            ControlError::Engine(format!("creating replica in pool {:?}: {e}", pool.name))
+        })?;
+        Ok((
+            ReplicaRecord {
+                id,
+                pool: pool.name.clone(),
+                path,
+                node: None,
+            },
+            backend as Arc<dyn ReplicaBackend>,
+        ))
+    }
+
+    /// Remove a replica's storage: delete the file of a directory pool; leave
+    /// devices and remote exports as they are (their superblock names the old volume).
+    pub(super) fn discard_replica(&self, r: &ReplicaRecord, volume: Uuid) {
+        if let Some(node) = &r.node {
+            // Asked of that node in the background: it may be down, and the
+            // volume is gone here either way (its copy there is logged).
+            let Ok((addr, dial)) = self.dialer.dial(node) else {
+                tracing::warn!(node = %node, replica = %r.id, "replica on a node no longer in the config left in place");
+                return;
+            };
+            let (node, id) = (node.clone(), r.id);
+            tokio::spawn(async move {
+                match ditto_peer::client::delete_replica(
+                    &addr,
+                    &dial,
+                    volume,
+                    id,
+                    crate::peers::PEER_TIMEOUT,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        tracing::info!(node = %node, replica = %id, "replica on another node deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node, replica = %id, error = %e, "replica on another node could not be deleted; it stays there (held_replicas in its status)")
+                    }
+                }
+            });
+            return;
+        }
+        if self.pool_kind(&r.pool) == PoolKind::Directory {
+            if let Err(e) = std::fs::remove_file(&r.path) {
+                tracing::warn!(path = %r.path.display(), error = %e, "could not remove replica file");
+            }
+        }
+    }
+
+    pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeInfo, ControlError> {
+        validate::name("volume", &req.name)?;
+        let size = match &req.size {
+            SizeInput::Bytes(b) => {
+                if *b == 0 {
+                    return Err(ControlError::InvalidSize {
+                        input: "0".into(),
+                        why: "a volume cannot be empty".into(),
+                    });
+                }
+                *b
+            }
+            SizeInput::Text(t) => validate::parse_size(t)?,
+        };
+        if req.replicas.is_some() && !req.pools.is_empty() {
+            return Err(ControlError::InvalidRequest(
+                "give either --replicas N or --pool options, not both".into(),
+            ));
+        }
+        let count = req.replicas.unwrap_or(2);
+        if req.pools.is_empty() && !(1..=8).contains(&count) {
+            return Err(ControlError::InvalidRequest(format!(
+                "--replicas {count}: between 1 and 8 replicas"
+            )));
+        }
+        for p in req.pools.iter().filter(|p| !p.contains(':')) {
+            validate::name("pool", p)?;
+        }
+        let region_size = match &req.region_size {
+            None => DEFAULT_REGION_SIZE,
+            Some(text) => {
+                let r = validate::parse_size(text)?;
+                if !r.is_power_of_two() || !(4096..=1 << 30).contains(&r) {
+                    return Err(ControlError::InvalidSize {
+                        input: text.clone(),
+                        why: "a region size must be a power of two between 4K and 1G".into(),
+                    });
+                }
+                r as u32
+            }
+        };
+        let layout = Layout::new(size, region_size)
+            .map_err(|e| ControlError::InvalidRequest(e.to_string()))?;
+        let _guard = self.ops.lock().await;
+        let volumes = self.store.volumes()?;
+        if volumes.iter().any(|v| v.name == req.name) {
+            return Err(ControlError::VolumeExists(req.name));
+        }
+        let pools = self.store.pools()?;
+        let usages = self.pool_usages(&pools, &volumes);
+        // `NODE:POOL` is a pool on another node: created there, reached over
+        // the peer protocol. The rest are placed here.
+        let (remote, local): (Vec<String>, Vec<String>) =
+            req.pools.iter().cloned().partition(|p| p.contains(':'));
+        let mut remote_pools = Vec::new();
+        for spec in &remote {
+            let (node, pool) = spec.split_once(':').unwrap_or_default();
+            validate::node_name(node).map_err(ControlError::InvalidRequest)?;
+            validate::name("pool", pool)?;
+            self.dialer
+                .dial(node)
+                .map_err(ControlError::InvalidRequest)?;
+            if remote_pools
+                .iter()
+                .any(|(n, _): &(String, String)| n == node)
+            {
+                return Err(ControlError::InvalidRequest(format!(
+                    "two replicas on node {node}: a second copy on the same machine does not survive its loss; use another node"
+                )));
+            }
+            remote_pools.push((node.to_string(), pool.to_string()));
+        }
+        let chosen = if local.is_empty() && !remote.is_empty() {
+            Vec::new()
+        } else {
+            placement::place(count, &local, &usages, layout.replica_len())?
+        };
+
+        let uuid = Uuid::new_v4();
+        let mut created: Vec<(ReplicaRecord, Arc<dyn ReplicaBackend>)> = Vec::new();
+        let cleanup = |created: &[(ReplicaRecord, Arc<dyn ReplicaBackend>)]| {
+            for (r, _) in created {
+                self.discard_replica(r, uuid);
+            }
+        };
+        for (node, pool) in &remote_pools {
+            match self
+                .create_remote_replica(node, pool, &req.name, uuid, layout)
+                .await
+            {
+                Ok(c) => created.push(c),
+                Err(e) => {
+                    cleanup(&created);
+                    return Err(e);
+                }
+            }
+        }
+        for pool_name in &chosen {
+            let Some(pool) = pools.iter().find(|p| &p.name == pool_name) else {
+                cleanup(&created);
+                return Err(ControlError::PoolNotFound(pool_name.clone()));
+            };
+            match self.create_replica(pool, &req.name, uuid, layout).await {
+                Ok(c) => created.push(c),
+                Err(e) => {
+                    cleanup(&created);
+                    return Err(e);
+                }
+            }
+        }
+        let record = VolumeRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            uuid,
+            size,
+            region_size: layout.region_size,
+            replicas: created.iter().map(|(r, _)| r.clone()).collect(),
+            created_unix: now_unix(),
+        };
+        let members = created
+            .iter()
+            .map(|(r, b)| Member::new(r.id, r.pool.clone(), b.clone() as Arc<dyn ReplicaBackend>))
+            .collect();
+        let volume = match Volume::open(
+            &record.name,
+            uuid,
+            size,
+            members,
+            self.volume_options.clone(),
+            self.events.clone(),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                cleanup(&created);
+                return Err(engine_err(e));
+            }
+        };
+        if let Err(e) = self.store.insert_volume(&record) {
+            let _ = volume.close().await;
+            cleanup(&created);
+            return Err(e);
+        }
+        tracing::info!(volume = %record.name, size, pools = ?chosen, "volume created");
+        self.set_runtime(&record.name, Some(VolumeRuntime::Running(volume)));
+        self.volume_info(&record)
+    }
+
+    pub async fn delete_volume(&self, name: &str, force: bool) -> Result<(), ControlError> {
+        let _guard = self.ops.lock().await;
+        let record = self.record(name)?;
+        let clients = self.clients_of(name).len();
+        if clients > 0 && !force {
+            return Err(ControlError::VolumeBusy {
+                name: name.to_string(),
+                clients,
+            });
+        }
+        // Unpublish first so no new client can open it, then disconnect the rest.
+        let runtime = self.runtime(name);
+        self.set_runtime(name, None);
+        if let Some(server) = self.nbd.get() {
+            server.disconnect_export(name);
+        }
+        if let Some(VolumeRuntime::Running(v)) = runtime.as_deref() {
+            let _ = v.close().await;
+        }
+        self.store.delete_volume(name)?;
+        let _ = self.store.delete_membership(record.uuid);
+        for r in &record.replicas {
+            self.discard_replica(r, record.uuid);
+        }
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// `ditto volume scrub VOLUME [--repair] [--source REPLICA]`.
+    pub async fn scrub(
+        &self,
+        name: &str,
+        repair: bool,
+        source: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let volume = self.running(name)?;
+        let record = self.record(name)?;
+        let source = match source {
+            Some(key) => Some(self.find_replica(&record, key)?.id),
+            None => None,
+        };
+        volume.scrub(repair, source).await.map_err(engine_err)
+    }
+
+    /// Scrub volumes on the configured schedule (`scrub_interval_hours`).
+    pub(super) fn spawn_scrub_schedule(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut last: BTreeMap<String, Instant> = BTreeMap::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(node) = weak.upgrade() else { return };
+                for (name, rt) in node.runtimes() {
+                    let hours = node.config.scrub_interval_for(&name);
+                    let VolumeRuntime::Running(v) = rt.as_ref() else {
+                        continue;
+                    };
+                    if hours == 0 {
+                        continue;
+                    }
+                    let since = last.get(&name).copied().unwrap_or(started);
+                    if since.elapsed() >= Duration::from_secs(hours * 3600)
+                        && v.scrub(false, None).await.is_ok()
+                    {
+                        last.insert(name, Instant::now());
+                    }
+                }
+            }
+        });
+    }
+
+    pub(super) fn clients_of(&self, name: &str) -> Vec<ClientInfo> {
+        self.nbd
+            .get()
+            .map(|s| {
+                s.clients()
+                    .into_iter()
+                    .filter(|c| c.export == name)
+                    .map(|c| ClientInfo {
+                        id: c.id,
+                        peer: c.peer,
+                        connected_at_unix: c.connected_at_unix,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(super) fn volume_info(&self, record: &VolumeRecord) -> Result<VolumeInfo, ControlError> {
+        let runtime = self.runtime(&record.name);
+        let export = format!(
+            "nbd://{}/{}",
+            self.nbd_addr
+                .get()
+                .map(String::as_str)
+                .unwrap_or(ditto_control::config::DEFAULT_NBD_LISTEN),
+            record.name
+        );
+        let name = &record.name;
+        let mut info = VolumeInfo {
+            name: name.clone(),
+            uuid: record.uuid,
+            size: record.size,
+            state: "stopped".into(),
+            reason: None,
+            generation: 0,
+            export,
+            replicas: Vec::new(),
+            clients: self.clients_of(name),
+            job: None,
+            last_scrub: None,
+            dirty_regions: 0,
+            hot_set_regions: self.volume_options.hot_set_regions,
+            region_size: u64::from(record.region_size),
+            copied_bytes: 0,
+            actions: Vec::new(),
+        };
+        match runtime.as_deref() {
+            Some(VolumeRuntime::Running(v)) => {
+                let members = v.members();
+                info.replicas = record
+                    .replicas
+                    .iter()
+                    .map(|r| match members.iter().find(|m| m.id == r.id) {
+                        Some(m) => ReplicaInfo {
+                            id: r.id,
+                            pool: r.pool.clone(),
+                            path: r.path.display().to_string(),
+                            state: m.state.as_str().to_string(),
+                            reason: m.reason.clone(),
+                            generation: Some(m.generation),
+                            data_offset: Some(m.data_offset),
+                            reads: m.reads,
+                            writes: m.writes,
+                            errors: m.errors,
+                        },
+                        None => unknown_replica(r, "not part of the running volume"),
+                    })
+                    .collect();
+                let in_sync = members
+                    .iter()
+                    .filter(|m| m.state == ReplicaState::InSync)
+                    .count();
+                info.state = if in_sync == 0 {
+                    "failed"
+                } else if in_sync < record.replicas.len() {
+                    "degraded"
+                } else {
+                    "healthy"
+                }
+                .into();
+                info.generation = v.generation();
+                info.job = v.job().map(job_info);
+                info.last_scrub = v.last_scrub().map(scrub_info);
+                info.dirty_regions = v.dirty_regions();
+                info.hot_set_regions = v.hot_set_limit();
+                info.copied_bytes = v.copied_bytes();
+                for m in &members {
+                    let id = &m.id.simple().to_string()[..8];
+                    match m.state {
+                        ReplicaState::Failed | ReplicaState::Stale | ReplicaState::Missing => info.actions.push(format!(
+                            "replica {id} ({}) is {}: when its disk is back, `ditto replica readd {name} {id}`; if it is gone for good, `ditto replica remove {name} {id}` then `ditto replica add {name} --pool POOL`",
+                            m.label,
+                            m.state.as_str()
+                        )),
+                        _ => {}
+                    }
+                }
+                if in_sync == 1 && record.replicas.len() == 1 {
+                    info.actions.push(format!(
+                        "single copy: make it a mirror with `ditto replica add {name} --pool POOL`"
+                    ));
+                }
+            }
+            Some(VolumeRuntime::Starting(why)) => {
+                info.state = "starting".into();
+                info.reason = Some(why.clone());
+                info.replicas = record
+                    .replicas
+                    .iter()
+                    .map(|r| unknown_replica(r, "volume starting"))
+                    .collect();
+            }
+            Some(VolumeRuntime::Stopped(why)) => {
+                info.reason = Some(why.clone());
+                info.replicas = record
+                    .replicas
+                    .iter()
+                    .map(|r| unknown_replica(r, "volume stopped"))
+                    .collect();
+                if why.contains("split brain") {
+                    info.actions.push(format!(
+                        "choose the replica to keep: `ditto volume resolve {name} --keep REPLICA`"
+                    ));
+                } else {
+                    info.actions.push(format!("`ditto volume start {name}` (add --degraded to start without missing replicas)"));
+                }
+            }
+            None => info.reason = Some("not loaded".into()),
+        }
+        Ok(info)
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>, ControlError> {
+        self.store
+            .volumes()?
+            .iter()
+            .map(|r| self.volume_info(r))
+            .collect()
+    }
+
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo, ControlError> {
+        self.volume_info(&self.record(name)?)
+    }
+
+    pub fn status(&self, volume: Option<&str>) -> Result<StatusInfo, ControlError> {
+        let volumes = match volume {
+            Some(name) => vec![self.volume(name)?],
+            None => self.volumes()?,
+        };
+        Ok(StatusInfo {
+            node: NodeInfo {
+                version: env!("CARGO_PKG_VERSION").into(),
+                data_dir: self.data_dir.display().to_string(),
+                nbd: self.nbd_addr.get().cloned().unwrap_or_default(),
+                api: self.api_addr.get().cloned().unwrap_or_default(),
+                io_engine: self.engine.name().into(),
+            },
+            volumes,
+            pools: self.pools()?,
+            held: self
+                .store
+                .held_replicas()?
+                .into_iter()
+                .filter(|h| volume.is_none_or(|v| v == h.volume_name))
+                .map(|h| crate::api_types::HeldInfo {
+                    volume: h.volume_name,
+                    replica: h.replica,
+                    pool: h.pool,
+                    path: h.path.display().to_string(),
+                    primary: h.primary,
+                })
+                .collect(),
+        })
+    }
+}
