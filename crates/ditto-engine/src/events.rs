@@ -31,6 +31,9 @@ pub enum EventKind {
     /// The last in-sync replica failed a request: the request got the
     /// error, the replica stays in service (md never fails its last leg).
     LastReplicaError,
+    /// The peer server refused a node (another CA, expired or missing
+    /// certificate, unknown node, a name its certificate does not prove).
+    PeerRefused,
 }
 
 impl EventKind {
@@ -59,6 +62,7 @@ impl EventKind {
             EventKind::ScrubMismatch => "scrub_mismatch",
             EventKind::ReadErrorRepaired => "read_error_repaired",
             EventKind::LastReplicaError => "last_replica_error",
+            EventKind::PeerRefused => "peer_refused",
         }
     }
 
@@ -73,6 +77,7 @@ impl EventKind {
                 | EventKind::SplitBrain
                 | EventKind::ScrubMismatch
                 | EventKind::LastReplicaError
+                | EventKind::PeerRefused
         )
     }
 }

@@ -238,7 +238,10 @@ pub async fn start(
     });
     let peer_addr = match cfg.peer_listen {
         None => None,
-        Some(listen) => Some(start_peer_server(cfg, &node, held_engine, listen).await?),
+        Some(listen) => {
+            let events: ditto_engine::SharedSink = event_log.clone();
+            Some(start_peer_server(cfg, &node, held_engine, events, listen).await?)
+        }
     };
     let addresses = DaemonAddresses {
         api: api_addr,
@@ -265,6 +268,7 @@ async fn start_peer_server(
     cfg: &DaemonConfig,
     node: &Arc<Node>,
     engine: Arc<dyn ditto_engine::IoEngine>,
+    events: ditto_engine::SharedSink,
     listen: std::net::SocketAddr,
 ) -> Result<String> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -298,11 +302,21 @@ async fn start_peer_server(
             }
         }
     };
-    let server = ditto_peer::PeerServer::new(
+    let hook: ditto_peer::server::RefusalHook = Arc::new(move |why: &str| {
+        events.emit(ditto_engine::Event {
+            kind: ditto_engine::EventKind::PeerRefused,
+            volume: "-".into(),
+            replica: None,
+            message: format!("peer refused: {why}"),
+            progress: None,
+        })
+    });
+    let server = ditto_peer::PeerServer::with_refusal_hook(
         cfg.node_name.clone(),
         held,
         ditto_peer::server::ServerLimits::default(),
         auth,
+        Some(hook),
     );
     let addr = listener.local_addr()?.to_string();
     tokio::spawn(async move {

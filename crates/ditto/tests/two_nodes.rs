@@ -406,6 +406,12 @@ fn nodes_with_cluster_certificates_replicate_over_tls() {
         "node b created a replica for an impostor"
     );
 
+    let events = b.cli_ok(&["events"]);
+    assert!(
+        events.stdout.contains("peer refused") && events.stdout.contains("TLS"),
+        "node b's events should say it refused the impostor: {}",
+        events.describe()
+    );
     let nodes = impostor.cli_json(&["node", "list"]);
     assert_eq!(nodes[0]["name"], "b", "{nodes:#}");
     assert_eq!(nodes[0]["connected"], false, "{nodes:#}");
