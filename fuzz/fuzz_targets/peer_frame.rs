@@ -1,9 +1,12 @@
 //! The peer protocol's parsers on arbitrary bytes: a frame (header, bounds,
-//! checksums), a hello, allocation runs. None may panic; a frame that
+//! checksums), a hello, a create-replica request, a member list, allocation
+//! runs. None may panic; a frame that
 //! decodes must encode back to the same bytes.
 #![no_main]
 
-use ditto_peer::wire::{decode_runs, Frame, Hello, HelloOk};
+use ditto_peer::wire::{
+    decode_members, decode_replica_ref, decode_runs, CreateReplica, Frame, Hello, HelloOk,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,4 +20,12 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = HelloOk::decode(&bytes::Bytes::copy_from_slice(data));
     let _ = decode_runs(data);
+    let _ = decode_replica_ref(data);
+    if let Ok(members) = decode_members(data) {
+        assert_eq!(decode_members(&ditto_peer::wire::encode_members(&members)).ok(), Some(members));
+    }
+    if let Ok(req) = CreateReplica::decode(data) {
+        let again = req.encode().expect("a decoded request encodes");
+        assert_eq!(CreateReplica::decode(&again).ok(), Some(req));
+    }
 });
