@@ -214,14 +214,20 @@ pub async fn create_replica(
     req: &crate::wire::CreateReplica,
     timeout: Duration,
 ) -> Result<(), ConnectError> {
-    let frame = Frame {
-        payload: req.encode().map_err(|source| ConnectError::Protocol {
-            addr: addr.into(),
-            source,
-        })?,
-        ..Frame::new(Kind::CreateReplica, 1)
-    };
-    control(addr, dial, frame, req.replica, timeout).await
+    let payload = req.encode().map_err(|source| ConnectError::Protocol {
+        addr: addr.into(),
+        source,
+    })?;
+    control(
+        addr,
+        dial,
+        Kind::CreateReplica,
+        payload,
+        req.replica,
+        timeout,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Ask the node at `addr` to delete a replica it holds for this node.
@@ -232,11 +238,9 @@ pub async fn delete_replica(
     replica: Uuid,
     timeout: Duration,
 ) -> Result<(), ConnectError> {
-    let frame = Frame {
-        payload: crate::wire::encode_replica_ref(volume, replica),
-        ..Frame::new(Kind::DeleteReplica, 1)
-    };
-    control(addr, dial, frame, replica, timeout).await
+    let payload = crate::wire::encode_replica_ref(volume, replica);
+    control(addr, dial, Kind::DeleteReplica, payload, replica, timeout).await?;
+    Ok(())
 }
 
 /// Ask the node at `addr`, the primary of `volume`, to hand it over to this
@@ -247,33 +251,11 @@ pub async fn demote(
     volume: Uuid,
     timeout: Duration,
 ) -> Result<Vec<crate::wire::MemberRef>, ConnectError> {
-    let (mut r, mut w, _) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
-    let protocol = |source| ConnectError::Protocol {
+    let payload = crate::wire::encode_replica_ref(volume, Uuid::nil());
+    let answer = control(addr, dial, Kind::Demote, payload, Uuid::nil(), timeout).await?;
+    crate::wire::decode_members(&answer.reply).map_err(|source| ConnectError::Protocol {
         addr: addr.into(),
         source,
-    };
-    let answer = tokio::time::timeout(timeout, async {
-        Frame {
-            payload: crate::wire::encode_replica_ref(volume, Uuid::nil()),
-            ..Frame::new(Kind::Demote, 1)
-        }
-        .write_to(&mut w)
-        .await?;
-        Frame::read_from(&mut r, 1 << 20).await
-    })
-    .await
-    .map_err(|_| ConnectError::Timeout {
-        addr: addr.into(),
-        seconds: timeout.as_secs(),
-    })?
-    .map_err(protocol)?;
-    if answer.kind == Kind::Reply && answer.arg == Status::Ok as u64 {
-        return crate::wire::decode_members(&answer.payload).map_err(protocol);
-    }
-    Err(ConnectError::Refused {
-        addr: addr.into(),
-        replica: Uuid::nil(),
-        why: String::from_utf8_lossy(&answer.payload).into_owned(),
     })
 }
 
@@ -289,11 +271,42 @@ pub struct Pong {
 /// Connect to the node at `addr` (proving who each side is, with TLS), and
 /// time one request.
 pub async fn ping(addr: &str, dial: &Dial, timeout: Duration) -> Result<Pong, ConnectError> {
-    let (mut r, mut w, ok) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
+    let answer = control(addr, dial, Kind::Ping, Bytes::new(), Uuid::nil(), timeout).await?;
+    Ok(Pong {
+        version: answer.hello.version,
+        rtt: answer.rtt,
+    })
+}
+
+/// The answer to one control request.
+struct ControlAnswer {
+    hello: HelloOk,
+    /// The Ok reply's payload.
+    reply: Bytes,
+    /// From sending the request to its reply (the session already open).
+    rtt: Duration,
+}
+
+/// One request on a new control session; a reply that is not Ok is a
+/// refusal (about `replica`, when it names one) with the node's reason.
+async fn control(
+    addr: &str,
+    dial: &Dial,
+    kind: Kind,
+    payload: Bytes,
+    replica: Uuid,
+    timeout: Duration,
+) -> Result<ControlAnswer, ConnectError> {
+    let (mut r, mut w, hello) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
     let started = std::time::Instant::now();
     let answer = tokio::time::timeout(timeout, async {
-        Frame::new(Kind::Ping, 1).write_to(&mut w).await?;
-        Frame::read_from(&mut r, 64 << 10).await
+        Frame {
+            payload,
+            ..Frame::new(kind, 1)
+        }
+        .write_to(&mut w)
+        .await?;
+        Frame::read_from(&mut r, 1 << 20).await
     })
     .await
     .map_err(|_| ConnectError::Timeout {
@@ -307,46 +320,14 @@ pub async fn ping(addr: &str, dial: &Dial, timeout: Duration) -> Result<Pong, Co
     if answer.kind != Kind::Reply || answer.arg != Status::Ok as u64 {
         return Err(ConnectError::Refused {
             addr: addr.into(),
-            replica: Uuid::nil(),
+            replica,
             why: String::from_utf8_lossy(&answer.payload).into_owned(),
         });
     }
-    Ok(Pong {
-        version: ok.version,
+    Ok(ControlAnswer {
+        hello,
+        reply: answer.payload,
         rtt: started.elapsed(),
-    })
-}
-
-/// One request on a control session.
-async fn control(
-    addr: &str,
-    dial: &Dial,
-    frame: Frame,
-    replica: Uuid,
-    timeout: Duration,
-) -> Result<(), ConnectError> {
-    let protocol = |source| ConnectError::Protocol {
-        addr: addr.into(),
-        source,
-    };
-    let (mut r, mut w, _) = open_session(addr, dial, Uuid::nil(), Uuid::nil(), timeout).await?;
-    let answer = tokio::time::timeout(timeout, async {
-        frame.write_to(&mut w).await?;
-        Frame::read_from(&mut r, 64 << 10).await
-    })
-    .await
-    .map_err(|_| ConnectError::Timeout {
-        addr: addr.into(),
-        seconds: timeout.as_secs(),
-    })?
-    .map_err(protocol)?;
-    if answer.kind == Kind::Reply && answer.arg == Status::Ok as u64 {
-        return Ok(());
-    }
-    Err(ConnectError::Refused {
-        addr: addr.into(),
-        replica,
-        why: String::from_utf8_lossy(&answer.payload).into_owned(),
     })
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ditto_engine::{BackendError, BoxFuture, ReplicaBackend};
-use ditto_format::Superblock;
+use ditto_format::{Layout, Superblock};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,19 +37,28 @@ pub struct ServedReplica {
     /// number, and requests of older connections are refused. A primary that
     /// reconnects (a re-add) so never races its own dead connection's writes.
     session: std::sync::atomic::AtomicU64,
+    /// Copied from the superblock, so requests do not clone it: the layout
+    /// never changes, the generation only under the exclusive fence.
+    replica: Uuid,
+    layout: Layout,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl ServedReplica {
     pub fn new(backend: Arc<dyn ReplicaBackend>) -> Arc<Self> {
+        let sb = backend.superblock();
         Arc::new(ServedReplica {
             backend,
             fence: tokio::sync::RwLock::new(()),
             session: std::sync::atomic::AtomicU64::new(0),
+            replica: sb.replica_uuid,
+            layout: sb.layout,
+            generation: std::sync::atomic::AtomicU64::new(sb.generation),
         })
     }
 
     pub fn generation(&self) -> u64 {
-        self.backend.superblock().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Make a new connection the replica's only one: older connections'
@@ -568,7 +577,6 @@ fn status_of(e: &BackendError) -> Status {
 
 /// Execute one request against the served replica.
 async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
-    let sb = served.backend.superblock();
     let reply =
         |status: Status, payload: Bytes| Frame::reply(f.id, served.generation(), status, payload);
     let invalid = |why: String| reply(Status::Invalid, Bytes::from(why));
@@ -578,7 +586,7 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
             Status::Fenced,
             Bytes::from(format!(
                 "request refused: a newer connection opened replica {} (a re-add, or another primary took this volume over)",
-                sb.replica_uuid
+                served.replica
             )),
         )
     };
@@ -589,10 +597,16 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         }
         return match check_superblock(&served.backend.superblock(), &f) {
             Err(r) => reply(r.0, Bytes::from(r.1)),
-            Ok(new) => match served.backend.write_superblock(new).await {
-                Ok(()) => reply(Status::Ok, Bytes::new()),
-                Err(e) => fail(e),
-            },
+            Ok(new) => {
+                let generation = new.generation;
+                match served.backend.write_superblock(new).await {
+                    Ok(()) => {
+                        served.generation.store(generation, Ordering::Release);
+                        reply(Status::Ok, Bytes::new())
+                    }
+                    Err(e) => fail(e),
+                }
+            }
         };
     }
     let _shared = served.fence.read().await;
@@ -605,11 +619,11 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
             Status::Fenced,
             Bytes::from(format!(
                 "request at generation {} refused: replica {} is at generation {current}; another primary took this volume over",
-                f.generation, sb.replica_uuid
+                f.generation, served.replica
             )),
         );
     }
-    let size = sb.layout.volume_size;
+    let size = served.layout.volume_size;
     let in_range = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= size);
     match f.kind {
         Kind::Read => {
@@ -685,11 +699,11 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
                 && f.offset
                     .checked_mul(4096)
                     .and_then(|s| s.checked_add(blocks))
-                    .is_some_and(|end| end <= sb.layout.dirty_map_len);
+                    .is_some_and(|end| end <= served.layout.dirty_map_len);
             if !ok {
                 return invalid(format!(
                     "dirty map write of {blocks} bytes at block {} outside the {}-byte map",
-                    f.offset, sb.layout.dirty_map_len
+                    f.offset, served.layout.dirty_map_len
                 ));
             }
             match served

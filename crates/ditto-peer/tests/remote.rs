@@ -120,6 +120,35 @@ fn dial() -> Dial {
     }
 }
 
+/// A raw connection that says hello for `replica` of `volume` with versions
+/// `versions`; returns it and the node's answer.
+async fn raw_hello(
+    addr: SocketAddr,
+    volume: Uuid,
+    replica: Uuid,
+    versions: (u16, u16),
+) -> (TcpStream, Frame) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let hello = ditto_peer::wire::Hello {
+        min_version: versions.0,
+        max_version: versions.1,
+        features: 0,
+        required_features: 0,
+        volume,
+        replica,
+        node: "a".into(),
+    };
+    Frame {
+        payload: hello.encode().unwrap(),
+        ..Frame::new(Kind::Hello, 0)
+    }
+    .write_to(&mut s)
+    .await
+    .unwrap();
+    let answer = Frame::read_from(&mut s, 1 << 16).await.unwrap();
+    (s, answer)
+}
+
 fn pattern(seed: u8, len: usize) -> Bytes {
     Bytes::from(
         (0..len)
@@ -250,24 +279,7 @@ async fn a_superseded_connection_is_fenced() {
 async fn a_request_from_an_older_generation_is_fenced() {
     let t = Two::new().await;
     let (addr, _server) = t.serve().await;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let hello = ditto_peer::wire::Hello {
-        min_version: 1,
-        max_version: 1,
-        features: 0,
-        required_features: 0,
-        volume: t.vol,
-        replica: t.ids[1],
-        node: "a".into(),
-    };
-    Frame {
-        payload: hello.encode().unwrap(),
-        ..Frame::new(Kind::Hello, 0)
-    }
-    .write_to(&mut s)
-    .await
-    .unwrap();
-    let ok = Frame::read_from(&mut s, 1 << 16).await.unwrap();
+    let (mut s, ok) = raw_hello(addr, t.vol, t.ids[1], (1, 1)).await;
     assert_eq!(ok.kind, Kind::HelloOk);
     let generation = ok.generation;
     let mut sb = t.file(1).await.superblock();
@@ -322,22 +334,7 @@ async fn refusals_name_the_cause() {
         .to_string();
     assert!(e.contains("cannot reach"), "{e}");
     // A hello from a newer protocol.
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let hello = ditto_peer::wire::Hello {
-        min_version: 7,
-        max_version: 9,
-        features: 0,
-        required_features: 0,
-        volume: t.vol,
-        replica: t.ids[1],
-        node: "future".into(),
-    };
-    let f = Frame {
-        payload: hello.encode().unwrap(),
-        ..Frame::new(Kind::Hello, 0)
-    };
-    f.write_to(&mut s).await.unwrap();
-    let answer = Frame::read_from(&mut s, 1 << 16).await.unwrap();
+    let (_s, answer) = raw_hello(addr, t.vol, t.ids[1], (7, 9)).await;
     let why = String::from_utf8_lossy(&answer.payload).into_owned();
     assert!(why.contains("7..=9") && why.contains('1'), "{why}");
 }
@@ -413,24 +410,7 @@ async fn peers_that_never_read_replies_stay_within_the_byte_budget() {
     let rss_before = rss_bytes();
     let mut streams = Vec::new();
     for _ in 0..6 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let hello = ditto_peer::wire::Hello {
-            min_version: 1,
-            max_version: 1,
-            features: 0,
-            required_features: 0,
-            volume: t.vol,
-            replica: t.ids[1],
-            node: "a".into(),
-        };
-        Frame {
-            payload: hello.encode().unwrap(),
-            ..Frame::new(Kind::Hello, 0)
-        }
-        .write_to(&mut s)
-        .await
-        .unwrap();
-        let ok = Frame::read_from(&mut s, 1 << 16).await.unwrap();
+        let (s, ok) = raw_hello(addr, t.vol, t.ids[1], (1, 1)).await;
         streams.push((s, ok.generation));
     }
     // Each asks for 8 MiB reads (48 of them) and never reads the replies.

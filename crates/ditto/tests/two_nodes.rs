@@ -20,9 +20,26 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn write_config(path: &Path, text: &str) -> PathBuf {
-    std::fs::write(path, text).expect("write config");
-    path.to_path_buf()
+/// A node's files under the test's directory: NAME.toml, NAME-data, NAME-p0.
+struct NodeFiles {
+    cfg: PathBuf,
+    data: PathBuf,
+    pool: PathBuf,
+}
+
+/// Write node `name`'s config, start its daemon and create its pool `p0`.
+fn start_node(dir: &Path, name: &str, config: &str) -> (Daemon, NodeFiles) {
+    let files = NodeFiles {
+        cfg: dir.join(format!("{name}.toml")),
+        data: dir.join(format!("{name}-data")),
+        pool: dir.join(format!("{name}-p0")),
+    };
+    std::fs::write(&files.cfg, config).expect("write config");
+    std::fs::create_dir(&files.data).expect("data dir");
+    std::fs::create_dir(&files.pool).expect("pool dir");
+    let d = Daemon::start_with(&files.data, &["--config", s(&files.cfg)]);
+    d.cli_ok(&["pool", "create", "p0", "--path", s(&files.pool)]);
+    (d, files)
 }
 
 /// The data area of the one replica file in `pool` (node b's side).
@@ -67,28 +84,14 @@ fn a_hung_node_is_failed_out_within_io_timeout_and_caught_up() {
         .tempdir()
         .expect("tempdir");
     let peer_port = free_port();
-    let b_cfg = write_config(
-        &dir.path().join("b.toml"),
+    let (b, b_files) = start_node(
+        dir.path(),
+        "b",
         &format!("node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n"),
     );
-    let b_data = dir.path().join("b-data");
-    std::fs::create_dir(&b_data).unwrap();
-    let b_pool = dir.path().join("b-p0");
-    std::fs::create_dir(&b_pool).unwrap();
-    let b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
-    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
-    let a_cfg = write_config(
-        &dir.path().join("a.toml"),
-        &format!(
+    let (a, _a_files) = start_node(dir.path(), "a", &format!(
             "node_name = \"a\"\nio_timeout_secs = 2\npeer_reconnect_secs = 1\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"
-        ),
-    );
-    let a_data = dir.path().join("a-data");
-    std::fs::create_dir(&a_data).unwrap();
-    let a_pool = dir.path().join("a-p0");
-    std::fs::create_dir(&a_pool).unwrap();
-    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
-    a.cli_ok(&["pool", "create", "p0", "--path", s(&a_pool)]);
+        ));
     let size = SIZE.to_string();
     a.cli_ok(&[
         "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
@@ -128,7 +131,7 @@ fn a_hung_node_is_failed_out_within_io_timeout_and_caught_up() {
         .iter()
         .all(|x| *x == 0x03));
     assert!(
-        replica_data(&b_pool)[..SIZE as usize] == data[..],
+        replica_data(&b_files.pool)[..SIZE as usize] == data[..],
         "node b's replica differs after the catch-up (a late write from the hung connection?)"
     );
 }
@@ -145,32 +148,18 @@ fn two_nodes(auto_reconnect: bool) {
         .expect("tempdir");
     let peer_port = free_port();
     // Node b: holds a replica for node a.
-    let b_cfg = write_config(
-        &dir.path().join("b.toml"),
+    let (mut b, b_files) = start_node(
+        dir.path(),
+        "b",
         &format!(
             "node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\nio_timeout_secs = 2\n"
         ),
     );
-    let b_data = dir.path().join("b-data");
-    std::fs::create_dir(&b_data).unwrap();
-    let b_pool = dir.path().join("b-p0");
-    std::fs::create_dir(&b_pool).unwrap();
-    let mut b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
-    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
 
     // Node a: the primary, one local replica and one on b.
-    let a_cfg = write_config(
-        &dir.path().join("a.toml"),
-        &format!(
+    let (a, a_files) = start_node(dir.path(), "a", &format!(
             "node_name = \"a\"\nio_timeout_secs = 2\n{reconnect}[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"
-        ),
-    );
-    let a_data = dir.path().join("a-data");
-    std::fs::create_dir(&a_data).unwrap();
-    let a_pool = dir.path().join("a-p0");
-    std::fs::create_dir(&a_pool).unwrap();
-    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
-    a.cli_ok(&["pool", "create", "p0", "--path", s(&a_pool)]);
+        ));
     let size = SIZE.to_string();
     a.cli_ok(&[
         "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
@@ -216,7 +205,7 @@ fn two_nodes(auto_reconnect: bool) {
     // Writes reach node b's disk.
     qemu_write(&uri, 0x11, 0, MIB);
     assert!(
-        replica_data(&b_pool)[..MIB as usize]
+        replica_data(&b_files.pool)[..MIB as usize]
             .iter()
             .all(|x| *x == 0x11),
         "node b lacks the write"
@@ -234,7 +223,7 @@ fn two_nodes(auto_reconnect: bool) {
     assert_eq!(remote.state, "failed", "{v:#}");
 
     // Node b comes back; a re-add reconnects and catches up.
-    let b2 = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
+    let b2 = Daemon::start_with(&b_files.data, &["--config", s(&b_files.cfg)]);
     if auto_reconnect {
         // No command: node a finds node b again and catches it up.
         let v = a.wait_healthy("vm1");
@@ -271,14 +260,14 @@ fn two_nodes(auto_reconnect: bool) {
         "the local replica differs from what the volume serves"
     );
     assert!(
-        replica_data(&b_pool)[..SIZE as usize] == data[..],
+        replica_data(&b_files.pool)[..SIZE as usize] == data[..],
         "node b's replica differs after the catch-up"
     );
 
     // Node a restarts: it reconnects to node b at start, both in sync.
     let mut a = a;
     a.stop();
-    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
+    let a = Daemon::start_with(&a_files.data, &["--config", s(&a_files.cfg)]);
     let v = a.wait_healthy("vm1");
     assert!(replicas(&v).iter().all(|r| r.state == "in_sync"), "{v:#}");
     let again = dir.path().join("again.raw");
@@ -296,7 +285,7 @@ fn two_nodes(auto_reconnect: bool) {
     a.cli_ok(&["volume", "delete", "vm1"]);
     let gone = (0..100).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let files = std::fs::read_dir(&b_pool).unwrap().count();
+        let files = std::fs::read_dir(&b_files.pool).unwrap().count();
         files == 0
     });
     assert!(gone, "node b kept the deleted volume's replica file");
@@ -363,35 +352,17 @@ fn nodes_with_cluster_certificates_replicate_over_tls() {
         )
     };
     let peer_port = free_port();
-    let b_cfg = write_config(
-        &dir.path().join("b.toml"),
-        &format!(
+    let (b, b_files) = start_node(dir.path(), "b", &format!(
             "node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n[nodes.a]\naddress = \"127.0.0.1:1\"\n{}",
             tls(&ca, &dir.path().join("cert-b"))
-        ),
-    );
-    let b_data = dir.path().join("b-data");
-    std::fs::create_dir(&b_data).unwrap();
-    let b_pool = dir.path().join("b-p0");
-    std::fs::create_dir(&b_pool).unwrap();
-    let b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
-    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
+        ));
 
     let node_a = |name: &str, node_dir: &Path, ca_dir: &Path| {
-        let cfg = write_config(
-            &dir.path().join(format!("{name}.toml")),
-            &format!(
-                "node_name = \"a\"\nio_timeout_secs = 2\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n{}",
-                tls(ca_dir, node_dir)
-            ),
+        let config = format!(
+            "node_name = \"a\"\nio_timeout_secs = 2\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n{}",
+            tls(ca_dir, node_dir)
         );
-        let data = dir.path().join(format!("{name}-data"));
-        std::fs::create_dir(&data).unwrap();
-        let pool = dir.path().join(format!("{name}-p0"));
-        std::fs::create_dir(&pool).unwrap();
-        let d = Daemon::start_with(&data, &["--config", s(&cfg)]);
-        d.cli_ok(&["pool", "create", "p0", "--path", s(&pool)]);
-        d
+        start_node(dir.path(), name, &config).0
     };
     // An impostor "a" with a certificate from another CA gets nothing.
     let impostor = node_a("evil", &evil, &other_ca);
@@ -439,7 +410,7 @@ fn nodes_with_cluster_certificates_replicate_over_tls() {
     a.wait_healthy("vm1");
     qemu_write(&a.uri("vm1"), 0x5a, 0, MIB);
     assert!(
-        replica_data(&b_pool)[..MIB as usize]
+        replica_data(&b_files.pool)[..MIB as usize]
             .iter()
             .all(|x| *x == 0x5a),
         "node b lacks the write"
@@ -455,26 +426,16 @@ fn an_existing_volume_gets_a_replica_on_another_node() {
         .tempdir()
         .expect("tempdir");
     let peer_port = free_port();
-    let b_cfg = write_config(
-        &dir.path().join("b.toml"),
+    let (_b, b_files) = start_node(
+        dir.path(),
+        "b",
         &format!("node_name = \"b\"\npeer_listen = \"127.0.0.1:{peer_port}\"\n"),
     );
-    let b_data = dir.path().join("b-data");
-    std::fs::create_dir(&b_data).unwrap();
-    let b_pool = dir.path().join("b-p0");
-    std::fs::create_dir(&b_pool).unwrap();
-    let b = Daemon::start_with(&b_data, &["--config", s(&b_cfg)]);
-    b.cli_ok(&["pool", "create", "p0", "--path", s(&b_pool)]);
-    let a_cfg = write_config(
-        &dir.path().join("a.toml"),
+    let (a, _a_files) = start_node(
+        dir.path(),
+        "a",
         &format!("node_name = \"a\"\n[nodes.b]\naddress = \"127.0.0.1:{peer_port}\"\n"),
     );
-    let a_data = dir.path().join("a-data");
-    std::fs::create_dir(&a_data).unwrap();
-    let a_pool = dir.path().join("a-p0");
-    std::fs::create_dir(&a_pool).unwrap();
-    let a = Daemon::start_with(&a_data, &["--config", s(&a_cfg)]);
-    a.cli_ok(&["pool", "create", "p0", "--path", s(&a_pool)]);
     let size = SIZE.to_string();
     a.cli_ok(&["volume", "create", "vm1", "--size", &size, "--pool", "p0"]);
     a.wait_healthy("vm1");
@@ -482,7 +443,7 @@ fn an_existing_volume_gets_a_replica_on_another_node() {
     a.cli_ok(&["replica", "add", "vm1", "--pool", "b:p0"]);
     let v = a.wait_healthy("vm1");
     assert_eq!(replicas(&v).len(), 2, "{v:#}");
-    let data = replica_data(&b_pool);
+    let data = replica_data(&b_files.pool);
     assert!(data[3 * MIB as usize..5 * MIB as usize]
         .iter()
         .all(|x| *x == 0x77));
@@ -506,22 +467,13 @@ fn promote_switches_the_primary_over_and_back() {
         .expect("tempdir");
     let (pa, pb) = (free_port(), free_port());
     let start = |me: &str, port: u16, other: &str, other_port: u16| {
-        let cfg = write_config(
-            &dir.path().join(format!("{me}.toml")),
-            &format!(
-                "node_name = \"{me}\"\npeer_listen = \"127.0.0.1:{port}\"\nio_timeout_secs = 2\n[nodes.{other}]\naddress = \"127.0.0.1:{other_port}\"\n"
-            ),
+        let config = format!(
+            "node_name = \"{me}\"\npeer_listen = \"127.0.0.1:{port}\"\nio_timeout_secs = 2\n[nodes.{other}]\naddress = \"127.0.0.1:{other_port}\"\n"
         );
-        let data = dir.path().join(format!("{me}-data"));
-        std::fs::create_dir(&data).unwrap();
-        let pool = dir.path().join(format!("{me}-p0"));
-        std::fs::create_dir(&pool).unwrap();
-        let d = Daemon::start_with(&data, &["--config", s(&cfg)]);
-        d.cli_ok(&["pool", "create", "p0", "--path", s(&pool)]);
-        (d, pool)
+        start_node(dir.path(), me, &config)
     };
-    let (a, a_pool) = start("a", pa, "b", pb);
-    let (b, b_pool) = start("b", pb, "a", pa);
+    let (a, a_files) = start("a", pa, "b", pb);
+    let (b, b_files) = start("b", pb, "a", pa);
     let size = SIZE.to_string();
     a.cli_ok(&[
         "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
@@ -592,7 +544,7 @@ fn promote_switches_the_primary_over_and_back() {
         .iter()
         .all(|x| *x == 0x22));
     assert!(
-        replica_data(&a_pool)[..SIZE as usize] == data[..],
+        replica_data(&a_files.pool)[..SIZE as usize] == data[..],
         "node a's replica is not mirrored from b"
     );
 
@@ -609,7 +561,7 @@ fn promote_switches_the_primary_over_and_back() {
         std::fs::read(&back).unwrap() == data,
         "data changed switching back"
     );
-    assert!(replica_data(&b_pool)[..SIZE as usize] == data[..]);
+    assert!(replica_data(&b_files.pool)[..SIZE as usize] == data[..]);
     let out = run_with_timeout(Command::new(nbdinfo()).arg(b.uri("vm1")), TOOL_TIMEOUT);
     assert!(
         !out.status.success(),
