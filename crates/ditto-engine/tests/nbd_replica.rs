@@ -97,6 +97,33 @@ impl Nbdkit {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         // SAFETY: kill only sends a signal to our own child process.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to nbdkit");
+        if sig == libc::SIGSTOP {
+            // Delivery is asynchronous: a thread still running could answer
+            // one more request. Wait until every thread is stopped.
+            let all_stopped = || {
+                std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map(|tasks| {
+                        tasks.filter_map(|t| t.ok()).all(|t| {
+                            std::fs::read_to_string(t.path().join("stat"))
+                                .ok()
+                                .and_then(|st| {
+                                    st.rsplit(')')
+                                        .next()
+                                        .map(|r| r.trim_start().starts_with('T'))
+                                })
+                                .unwrap_or(true)
+                        })
+                    })
+                    .unwrap_or(true)
+            };
+            for _ in 0..200 {
+                if all_stopped() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("nbdkit did not stop within 1 s of SIGSTOP");
+        }
     }
 }
 

@@ -135,6 +135,7 @@ impl Nbdkit {
             0,
             "SIGSTOP nbdkit"
         );
+        wait_stopped(c.id());
     }
 
     /// SIGKILL and reap.

@@ -168,15 +168,43 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 
 /// Sends `sig` to process `pid`.
 pub fn send_signal(pid: u32, sig: i32) {
-    let pid = i32::try_from(pid).expect("pid fits in i32");
+    let id = i32::try_from(pid).expect("pid fits in i32");
     // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
+    let rc = unsafe { libc::kill(id, sig) };
     assert_eq!(
         rc,
         0,
-        "kill({pid}, {sig}) failed: {}",
+        "kill({id}, {sig}) failed: {}",
         std::io::Error::last_os_error()
     );
+    if sig == libc::SIGSTOP {
+        wait_stopped(pid);
+    }
+}
+
+/// Waits (up to 1 s) until every thread of `pid` is stopped: SIGSTOP is
+/// delivered asynchronously, and a thread still running could answer one
+/// more request.
+pub fn wait_stopped(pid: u32) {
+    let stopped = |stat: &str| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('T'))
+    };
+    for _ in 0..200 {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.filter_map(|t| t.ok()).all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).map_or(true, |st| stopped(&st))
+                })
+            })
+            .unwrap_or(true);
+        if all {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("process {pid} did not stop within 1 s of SIGSTOP");
 }
 
 /// Waits up to `timeout` for `child` to exit.
