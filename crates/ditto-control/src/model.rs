@@ -71,9 +71,27 @@ pub struct HeldReplicaRecord {
     pub volume_name: String,
     pub pool: String,
     pub path: PathBuf,
-    /// The node that asked for it (the volume's primary then).
+    /// The primary this replica follows: the node that created it, or the
+    /// one that took the volume over later at a newer epoch. Only its
+    /// sessions are served.
     pub primary: String,
     pub created_unix: u64,
+    /// The primary's epoch (see [`VolumeRecord::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Every replica of the volume, as its primary last announced them:
+    /// where a promote finds them when that primary is gone.
+    #[serde(default)]
+    pub members: Vec<HeldMember>,
+}
+
+/// One replica of a volume, as a node holding another of its replicas knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldMember {
+    pub replica: Uuid,
+    pub node: String,
+    pub pool: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +104,11 @@ pub struct VolumeRecord {
     pub region_size: u32,
     pub replicas: Vec<ReplicaRecord>,
     pub created_unix: u64,
+    /// Bumped by every promote of the volume (planned or forced). Replicas
+    /// on other nodes follow the primary with the newest epoch and refuse
+    /// the others; a primary told of a newer epoch stops serving.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The membership a volume last recorded (generation and in-sync replicas),

@@ -34,6 +34,13 @@ pub enum EventKind {
     /// The peer server refused a node (another CA, expired or missing
     /// certificate, unknown node, a name its certificate does not prove).
     PeerRefused,
+    /// The operator promoted this node without the old primary's consent
+    /// (`volume promote --force`).
+    ForcedPromote,
+    /// This node was the volume's primary, and another node took it over
+    /// at a newer epoch: it stopped serving and holds its replicas for the
+    /// new primary, which catches them up (or reports a split brain).
+    Superseded,
 }
 
 impl EventKind {
@@ -63,6 +70,8 @@ impl EventKind {
             EventKind::ReadErrorRepaired => "read_error_repaired",
             EventKind::LastReplicaError => "last_replica_error",
             EventKind::PeerRefused => "peer_refused",
+            EventKind::ForcedPromote => "forced_promote",
+            EventKind::Superseded => "superseded",
         }
     }
 
@@ -78,6 +87,8 @@ impl EventKind {
                 | EventKind::ScrubMismatch
                 | EventKind::LastReplicaError
                 | EventKind::PeerRefused
+                | EventKind::ForcedPromote
+                | EventKind::Superseded
         )
     }
 }

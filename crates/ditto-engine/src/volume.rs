@@ -274,6 +274,10 @@ pub struct VolumeOptions {
     /// Start even if the only replicas present are older than the node's
     /// record (the operator accepts losing the writes they missed).
     pub accept_stale: bool,
+    /// Replicas whose data the operator discards (the losing side of a
+    /// split brain, `volume resolve --keep`): never current, left out of
+    /// the split-brain check, and stale until rebuilt in full.
+    pub discard: Vec<Uuid>,
 }
 
 impl Default for VolumeOptions {
@@ -286,6 +290,7 @@ impl Default for VolumeOptions {
             hot_set_regions: 4096,
             membership_log: None,
             accept_stale: false,
+            discard: Vec::new(),
         }
     }
 }
@@ -360,6 +365,10 @@ fn recorded(sb: &Superblock, id: Uuid) -> Option<MemberState> {
         .map(|e| e.state)
 }
 
+fn volume_discards(options: &VolumeOptions, id: Uuid) -> bool {
+    options.discard.contains(&id)
+}
+
 fn excludes(sb: &Superblock, id: Uuid) -> bool {
     matches!(recorded(sb, id), Some(s) if s != MemberState::InSync)
 }
@@ -380,7 +389,10 @@ impl Volume {
         events: SharedSink,
     ) -> Result<Arc<Self>, EngineError> {
         let name = name.into();
-        let present: Vec<&Member> = members.iter().filter(|m| m.backend.is_present()).collect();
+        let present: Vec<&Member> = members
+            .iter()
+            .filter(|m| m.backend.is_present() && !options.discard.contains(&m.id))
+            .collect();
         let mut generation = 0;
         for m in &present {
             let sb = m.backend.superblock();
@@ -507,7 +519,17 @@ impl Volume {
                     .into(),
             });
         };
-        let generation = forced_past.map_or(generation, |g| generation.max(g));
+        // Past every discarded replica's generation too: a replica's node
+        // refuses requests older than its superblock.
+        let discarded_max = members
+            .iter()
+            .filter(|m| m.backend.is_present() && options.discard.contains(&m.id))
+            .map(|m| m.backend.superblock().generation)
+            .max()
+            .unwrap_or(0);
+        let generation = forced_past
+            .map_or(generation, |g| generation.max(g))
+            .max(discarded_max);
         let mut stale_events = Vec::new();
         for m in &members {
             let since = view
@@ -519,7 +541,8 @@ impl Volume {
             // never saw, some not even under a newer generation (a catch-up
             // target takes client writes at its old one), so no dirty map
             // covers them: they are rebuilt in full or refused as a split brain.
-            let since = if forced_past.is_some() && !current.iter().any(|c| c.replica_uuid == m.id)
+            let since = if (forced_past.is_some() || options.discard.contains(&m.id))
+                && !current.iter().any(|c| c.replica_uuid == m.id)
             {
                 SINCE_UNKNOWN
             } else {
@@ -541,6 +564,12 @@ impl Volume {
                     ReplicaState::Rebuilding,
                     since,
                     Some("rebuild resumes".into()),
+                );
+            } else if volume_discards(&options, m.id) {
+                m.set_state(
+                    ReplicaState::Stale,
+                    since,
+                    Some("discarded by the operator (`volume resolve --keep`): rebuilt in full from the kept side".into()),
                 );
             } else {
                 let why = format!(

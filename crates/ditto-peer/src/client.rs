@@ -49,6 +49,13 @@ pub enum ConnectError {
         replica: Uuid,
         why: String,
     },
+    #[error("peer {addr}: node {node} is the primary of this volume (epoch {epoch}): {why}")]
+    Superseded {
+        addr: String,
+        node: String,
+        epoch: u64,
+        why: String,
+    },
     #[error("peer {addr} answered with replica {got} of volume {volume}, not the replica {want} that was asked for; refused")]
     WrongReplica {
         addr: String,
@@ -189,6 +196,9 @@ async fn open_session(
     })?;
     match answer.kind {
         Kind::HelloOk => {}
+        Kind::Reply if answer.arg == Status::Superseded as u64 => {
+            return Err(superseded(addr, &answer.payload))
+        }
         Kind::Reply | Kind::Goodbye => {
             return Err(ConnectError::Refused {
                 addr: addr.into(),
@@ -221,7 +231,7 @@ pub async fn create_replica(
     control(
         addr,
         dial,
-        Kind::CreateReplica,
+        (Kind::CreateReplica, 0),
         payload,
         req.replica,
         timeout,
@@ -239,24 +249,56 @@ pub async fn delete_replica(
     timeout: Duration,
 ) -> Result<(), ConnectError> {
     let payload = crate::wire::encode_replica_ref(volume, replica);
-    control(addr, dial, Kind::DeleteReplica, payload, replica, timeout).await?;
+    control(addr, dial, (Kind::DeleteReplica, 0), payload, replica, timeout).await?;
     Ok(())
 }
 
 /// Ask the node at `addr`, the primary of `volume`, to hand it over to this
-/// node; returns the volume's replicas.
+/// node; returns the volume's replicas and its epoch there. `discard`: this
+/// node keeps its own diverged data (a split brain resolved in its favour),
+/// so the primary hands over without its replica being in sync
+/// ([`crate::wire::DEMOTE_DISCARD`]).
 pub async fn demote(
     addr: &str,
     dial: &Dial,
     volume: Uuid,
+    discard: bool,
     timeout: Duration,
-) -> Result<Vec<crate::wire::MemberRef>, ConnectError> {
+) -> Result<crate::wire::PrimaryClaim, ConnectError> {
     let payload = crate::wire::encode_replica_ref(volume, Uuid::nil());
-    let answer = control(addr, dial, Kind::Demote, payload, Uuid::nil(), timeout).await?;
-    crate::wire::decode_members(&answer.reply).map_err(|source| ConnectError::Protocol {
+    let flags = if discard { crate::wire::DEMOTE_DISCARD } else { 0 };
+    let answer = control(addr, dial, (Kind::Demote, flags), payload, Uuid::nil(), timeout).await?;
+    crate::wire::PrimaryClaim::decode(&answer.reply).map_err(|source| ConnectError::Protocol {
         addr: addr.into(),
         source,
     })
+}
+
+/// Tell the node at `addr`, which holds replicas of `claim.volume`, that
+/// this node is its primary at `claim.epoch` with `claim.members`.
+pub async fn claim_primary(
+    addr: &str,
+    dial: &Dial,
+    claim: &crate::wire::PrimaryClaim,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    control(addr, dial, (Kind::Primary, 0), claim.encode(), Uuid::nil(), timeout).await?;
+    Ok(())
+}
+
+fn superseded(addr: &str, payload: &[u8]) -> ConnectError {
+    match crate::wire::Superseded::decode(payload) {
+        Ok(s) => ConnectError::Superseded {
+            addr: addr.into(),
+            node: s.node,
+            epoch: s.epoch,
+            why: s.why,
+        },
+        Err(source) => ConnectError::Protocol {
+            addr: addr.into(),
+            source,
+        },
+    }
 }
 
 /// What a ping of a node found.
@@ -271,7 +313,7 @@ pub struct Pong {
 /// Connect to the node at `addr` (proving who each side is, with TLS), and
 /// time one request.
 pub async fn ping(addr: &str, dial: &Dial, timeout: Duration) -> Result<Pong, ConnectError> {
-    let answer = control(addr, dial, Kind::Ping, Bytes::new(), Uuid::nil(), timeout).await?;
+    let answer = control(addr, dial, (Kind::Ping, 0), Bytes::new(), Uuid::nil(), timeout).await?;
     Ok(Pong {
         version: answer.hello.version,
         rtt: answer.rtt,
@@ -289,10 +331,11 @@ struct ControlAnswer {
 
 /// One request on a new control session; a reply that is not Ok is a
 /// refusal (about `replica`, when it names one) with the node's reason.
+/// One request on a control session: `(kind, arg)` and its payload.
 async fn control(
     addr: &str,
     dial: &Dial,
-    kind: Kind,
+    (kind, arg): (Kind, u64),
     payload: Bytes,
     replica: Uuid,
     timeout: Duration,
@@ -302,6 +345,7 @@ async fn control(
     let answer = tokio::time::timeout(timeout, async {
         Frame {
             payload,
+            arg,
             ..Frame::new(kind, 1)
         }
         .write_to(&mut w)
@@ -317,6 +361,9 @@ async fn control(
         addr: addr.into(),
         source,
     })?;
+    if answer.kind == Kind::Reply && answer.arg == Status::Superseded as u64 {
+        return Err(superseded(addr, &answer.payload));
+    }
     if answer.kind != Kind::Reply || answer.arg != Status::Ok as u64 {
         return Err(ConnectError::Refused {
             addr: addr.into(),

@@ -87,14 +87,34 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
         Box::pin(async { Err("this node does not create replicas for peers".to_string()) })
     }
     /// Node `from` takes volume `volume` over: stop being its primary here
-    /// and hold its replicas for `from`. Returns the volume's replicas.
+    /// and hold its replicas for `from`. Returns the volume's replicas and
+    /// the epoch it had here (the new primary's is one more).
     fn demote(
         &self,
         from: &str,
         volume: Uuid,
-    ) -> BoxFuture<'_, Result<Vec<crate::wire::MemberRef>, String>> {
-        let _ = (from, volume);
+        discard: bool,
+    ) -> BoxFuture<'_, Result<crate::wire::PrimaryClaim, String>> {
+        let _ = (from, volume, discard);
         Box::pin(async { Err("this node does not hand volumes over".to_string()) })
+    }
+    /// Whether node `from` may open replicas of `volume` here: refused when
+    /// another node is its primary (this one, or the one whose newer epoch
+    /// the held replicas follow). The default registry fences nothing.
+    fn check_primary(&self, from: &str, volume: Uuid) -> Result<(), crate::wire::Superseded> {
+        let _ = (from, volume);
+        Ok(())
+    }
+    /// Node `from` says it is the primary of a volume ([`Kind::Primary`]).
+    /// Refused with the primary this node follows when the claim's epoch is
+    /// older than that one's. The default registry accepts and keeps nothing.
+    fn claim(
+        &self,
+        from: &str,
+        claim: crate::wire::PrimaryClaim,
+    ) -> BoxFuture<'_, Result<(), crate::wire::Superseded>> {
+        let _ = (from, claim);
+        Box::pin(async { Ok(()) })
     }
     /// Stop serving and delete a replica node `from` had created here.
     fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
@@ -451,6 +471,13 @@ impl PeerServer {
             .await?;
             return Ok(Opened::Control(hello.node));
         }
+        if let Err(superseded) = self.registry.check_primary(&hello.node, hello.volume) {
+            tracing::warn!(from = %hello.node, volume = %hello.volume, primary = %superseded.node, epoch = superseded.epoch, "replica session refused: {}", superseded.why);
+            Frame::reply(f.id, 0, Status::Superseded, superseded.encode())
+                .write_to(w)
+                .await?;
+            return Ok(Opened::Refused);
+        }
         let Some(served) = self.registry.lookup(hello.volume, hello.replica) else {
             let why = format!(
                 "node {} holds no replica {} of volume {}; check the replica's node with `ditto status`",
@@ -517,12 +544,21 @@ impl PeerServer {
                     },
                 },
                 Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                Kind::Primary => match crate::wire::PrimaryClaim::decode(&f.payload) {
+                    Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
+                    Ok(claim) => match self.registry.claim(peer, claim).await {
+                        Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                        Err(s) => Frame::reply(f.id, 0, Status::Superseded, s.encode()),
+                    },
+                },
                 Kind::Demote => match crate::wire::decode_replica_ref(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
-                    Ok((volume, _)) => match self.registry.demote(peer, volume).await {
-                        Ok(members) => {
-                            Frame::reply(f.id, 0, Status::Ok, crate::wire::encode_members(&members))
-                        }
+                    Ok((volume, _)) => match self
+                        .registry
+                        .demote(peer, volume, f.arg & crate::wire::DEMOTE_DISCARD != 0)
+                        .await
+                    {
+                        Ok(claim) => Frame::reply(f.id, 0, Status::Ok, claim.encode()),
                         Err(why) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why)),
                     },
                 },
@@ -723,7 +759,8 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::CreateReplica
         | Kind::DeleteReplica
         | Kind::Ping
-        | Kind::Demote => invalid(format!("{:?} is not a request", f.kind)),
+        | Kind::Demote
+        | Kind::Primary => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

@@ -53,6 +53,12 @@ pub enum Kind {
     /// its replicas for the sender. Payload: volume uuid. Reply: the
     /// volume's replicas ([`encode_members`]).
     Demote = 17,
+    /// On a control session: the sender is the primary of a volume at an
+    /// epoch, with these replicas ([`PrimaryClaim`]). A node holding replicas
+    /// of it follows the claim when its epoch is newer (a forced promote
+    /// took the volume over) or when it comes from the primary it follows;
+    /// otherwise it answers [`Status::Superseded`].
+    Primary = 18,
 }
 
 impl Kind {
@@ -76,6 +82,7 @@ impl Kind {
             15 => DeleteReplica,
             16 => Ping,
             17 => Demote,
+            18 => Primary,
             _ => return None,
         })
     }
@@ -104,6 +111,9 @@ pub enum Status {
     /// The peer's certificate does not prove the node name it claims, or
     /// that node is unknown here.
     Unauthorized = 9,
+    /// Another node is the volume's primary at a newer or equal epoch; the
+    /// payload is a [`Superseded`]. The sender must stop acting as primary.
+    Superseded = 10,
 }
 
 impl Status {
@@ -120,6 +130,7 @@ impl Status {
             7 => UnknownReplica,
             8 => Version,
             9 => Unauthorized,
+            10 => Superseded,
             _ => return None,
         })
     }
@@ -654,6 +665,96 @@ pub fn decode_members(b: &[u8]) -> Result<Vec<MemberRef>, FrameError> {
     Ok(out)
 }
 
+/// Flag in a [`Kind::Demote`] request's `arg`: the sender keeps its own
+/// data (the operator resolved a split brain in its favour); the receiver
+/// hands over although the sender's replica is not in sync, and its own
+/// replicas are rebuilt from the sender's.
+pub const DEMOTE_DISCARD: u64 = 1;
+
+/// Payload of [`Kind::Primary`]: volume uuid (16), epoch u64, then the
+/// member list as [`encode_members`] writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryClaim {
+    pub volume: Uuid,
+    /// Bumped by every promote; the newest epoch's primary is the only one
+    /// a replica serves.
+    pub epoch: u64,
+    pub members: Vec<MemberRef>,
+}
+
+impl PrimaryClaim {
+    pub fn encode(&self) -> Bytes {
+        let mut b = Vec::new();
+        b.extend_from_slice(self.volume.as_bytes());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&encode_members(&self.members));
+        Bytes::from(b)
+    }
+
+    pub fn decode(b: &[u8]) -> Result<PrimaryClaim, FrameError> {
+        if b.len() < 24 {
+            return Err(FrameError::Malformed {
+                what: "primary claim",
+                why: format!("{} bytes, at least 24 expected", b.len()),
+            });
+        }
+        let mut v = [0u8; 16];
+        v.copy_from_slice(&b[..16]);
+        Ok(PrimaryClaim {
+            volume: Uuid::from_bytes(v),
+            epoch: u64_at(b, 16),
+            members: decode_members(&b[24..])?,
+        })
+    }
+}
+
+/// Payload of a [`Status::Superseded`] reply: epoch u64, node name length
+/// u16, node name, then the explanation (UTF-8) to the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    /// The node that is the volume's primary.
+    pub node: String,
+    /// Its epoch.
+    pub epoch: u64,
+    pub why: String,
+}
+
+impl Superseded {
+    pub fn encode(&self) -> Bytes {
+        let node = &self.node.as_bytes()[..self.node.len().min(MAX_NAME)];
+        let mut b = Vec::with_capacity(10 + node.len() + self.why.len());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&(node.len() as u16).to_le_bytes());
+        b.extend_from_slice(node);
+        b.extend_from_slice(self.why.as_bytes());
+        Bytes::from(b)
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Superseded, FrameError> {
+        let bad = |why: &str| FrameError::Malformed {
+            what: "superseded reply",
+            why: why.into(),
+        };
+        if b.len() < 10 {
+            return Err(bad("shorter than its header"));
+        }
+        let len = u16_at(b, 8) as usize;
+        if len > MAX_NAME || b.len() < 10 + len {
+            return Err(bad("the node name runs past the end"));
+        }
+        let text = |r: &[u8]| {
+            std::str::from_utf8(r)
+                .map(str::to_string)
+                .map_err(|_| bad("not UTF-8"))
+        };
+        Ok(Superseded {
+            epoch: u64_at(b, 0),
+            node: text(&b[10..10 + len])?,
+            why: text(&b[10 + len..])?,
+        })
+    }
+}
+
 /// Allocation runs in a reply: 24 bytes each (offset, length, allocated).
 pub fn encode_runs(runs: &[ditto_engine::Allocation]) -> Bytes {
     let mut b = Vec::with_capacity(runs.len() * 24);
@@ -684,6 +785,32 @@ pub fn decode_runs(b: &[u8]) -> Result<Vec<ditto_engine::Allocation>, FrameError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primary_claims_and_superseded_replies_round_trip() {
+        let claim = PrimaryClaim {
+            volume: Uuid::from_u128(7),
+            epoch: 3,
+            members: vec![MemberRef {
+                replica: Uuid::from_u128(1),
+                node: "a".into(),
+                pool: "p0".into(),
+            }],
+        };
+        assert_eq!(PrimaryClaim::decode(&claim.encode()).unwrap(), claim);
+        let s = Superseded {
+            node: "b".into(),
+            epoch: 9,
+            why: "node b took it over".into(),
+        };
+        assert_eq!(Superseded::decode(&s.encode()).unwrap(), s);
+        let enc = s.encode();
+        for cut in 0..10 {
+            assert!(Superseded::decode(&enc[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(PrimaryClaim::decode(&claim.encode()[..23]).is_err());
+        assert!(PrimaryClaim::decode(&claim.encode()[..30]).is_err());
+    }
 
     #[test]
     fn frame_round_trips() {

@@ -274,20 +274,13 @@ async fn start_peer_server(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for peers on {listen} (peer_listen)"))?;
-    let weak = Arc::downgrade(node);
-    let pool_free: crate::peers::PoolFree =
-        Box::new(move |pool: &str| weak.upgrade().map_or(0, |n| n.pool_free_bytes(pool)));
-    let weak = Arc::downgrade(node);
-    let demoter: crate::peers::Demoter = Box::new(move |to: String, volume| {
-        let weak = weak.clone();
-        Box::pin(async move {
-            match weak.upgrade() {
-                Some(n) => n.demote_to(&to, volume).await,
-                None => Err("this node is stopping".to_string()),
-            }
-        })
-    });
-    let held = crate::peers::HeldReplicas::open(node.store(), engine, pool_free, demoter).await;
+    let held = crate::peers::HeldReplicas::open(
+        node.store(),
+        engine,
+        Box::new(crate::node::NodeHandle::new(node)),
+        cfg.node_name.clone(),
+    )
+    .await;
     node.set_held(held.clone());
     let auth = match crate::peers::peer_tls(cfg)? {
         None => {

@@ -7,39 +7,51 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ditto_control::model::{now_unix, HeldReplicaRecord, PoolKind, RECORD_VERSION};
+use ditto_control::model::{now_unix, HeldMember, HeldReplicaRecord, PoolKind, RECORD_VERSION};
 use ditto_control::{DaemonConfig, Store};
 use ditto_engine::{BoxFuture, FileReplica, IoEngine, ReplicaBackend};
 use ditto_format::Layout;
 use ditto_peer::client::Dial;
 use ditto_peer::server::{ReplicaRegistry, ServedReplica};
 use ditto_peer::tls::{PeerTls, TlsFiles};
-use ditto_peer::wire::{CreateReplica, MemberRef};
+use ditto_peer::wire::{CreateReplica, MemberRef, PrimaryClaim, Superseded};
 use uuid::Uuid;
 
 /// How long a peer may take to answer a connect, hello or create.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the held-replica registry asks of the node it runs in (`Node`).
+pub trait LocalNode: Send + Sync + 'static {
+    /// Room a new replica may take in a pool (the node's own accounting).
+    fn pool_free(&self, pool: &str) -> u64;
+    /// Hand a volume this node is primary of over to node `to`
+    /// (`Node::demote_to`): the replicas now held for it, and all the volume's.
+    fn demote_to(
+        &self,
+        to: String,
+        volume: Uuid,
+        discard: bool,
+    ) -> BoxFuture<'static, Result<(Vec<HeldReplicaRecord>, PrimaryClaim), String>>;
+    /// The epoch of `volume` when this node is its primary.
+    fn primary_epoch(&self, volume: Uuid) -> Option<u64>;
+    /// Node `by` took `volume` over at `epoch` (newer than this node's):
+    /// stop serving it and hold its replicas for `by`. Returns those.
+    fn superseded(
+        &self,
+        volume: Uuid,
+        by: String,
+        epoch: u64,
+        members: Vec<MemberRef>,
+    ) -> BoxFuture<'static, Result<Vec<HeldReplicaRecord>, String>>;
+}
+
 /// The replicas this node holds for other nodes' volumes.
-/// Room a new replica may take in a pool (the node's own accounting).
-pub type PoolFree = Box<dyn Fn(&str) -> u64 + Send + Sync>;
-
-/// Hands a volume this node is primary of over to another node
-/// (`Node::demote_to`): the replicas now held for it, and all the volume's.
-pub type Demoter = Box<
-    dyn Fn(
-            String,
-            Uuid,
-        ) -> BoxFuture<'static, Result<(Vec<HeldReplicaRecord>, Vec<MemberRef>), String>>
-        + Send
-        + Sync,
->;
-
 pub struct HeldReplicas {
     store: Arc<Store>,
     engine: Arc<dyn IoEngine>,
-    pool_free: PoolFree,
-    demoter: Demoter,
+    node: Box<dyn LocalNode>,
+    /// This node's name.
+    me: String,
     served: Mutex<HashMap<(Uuid, Uuid), Arc<ServedReplica>>>,
     /// One create at a time: the space check and the file must agree.
     creating: tokio::sync::Mutex<()>,
@@ -51,14 +63,14 @@ impl HeldReplicas {
     pub async fn open(
         store: Arc<Store>,
         engine: Arc<dyn IoEngine>,
-        pool_free: PoolFree,
-        demoter: Demoter,
+        node: Box<dyn LocalNode>,
+        me: String,
     ) -> Arc<HeldReplicas> {
         let held = Arc::new(HeldReplicas {
             store,
             engine,
-            pool_free,
-            demoter,
+            node,
+            me,
             served: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
         });
@@ -109,7 +121,7 @@ impl HeldReplicas {
                 pool.kind.as_str()
             ));
         }
-        let free = (self.pool_free)(&pool.name);
+        let free = self.node.pool_free(&pool.name);
         if free < layout.replica_len() {
             return Err(format!(
                 "pool {:?} has {free} bytes free (after what its replicas reserve), the replica needs {}",
@@ -144,6 +156,8 @@ impl HeldReplicas {
             path: path.clone(),
             primary: from.to_string(),
             created_unix: now_unix(),
+            epoch: 0,
+            members: Vec::new(),
         };
         if let Err(e) = self.store.insert_held_replica(&record) {
             let _ = std::fs::remove_file(&path);
@@ -169,8 +183,21 @@ impl HeldReplicas {
         }
     }
 
-    async fn demote_for(&self, from: &str, volume: Uuid) -> Result<Vec<MemberRef>, String> {
-        let (held, members) = (self.demoter)(from.to_string(), volume).await?;
+    async fn demote_for(
+        &self,
+        from: &str,
+        volume: Uuid,
+        discard: bool,
+    ) -> Result<PrimaryClaim, String> {
+        let (held, claim) = self
+            .node
+            .demote_to(from.to_string(), volume, discard)
+            .await?;
+        self.serve_handed_over(held).await;
+        Ok(claim)
+    }
+
+    pub async fn serve_handed_over(&self, held: Vec<HeldReplicaRecord>) {
         for h in held {
             match FileReplica::open(self.engine.as_ref(), &h.path, h.volume).await {
                 Ok(b) => self.serve(h.volume, h.replica, b),
@@ -179,7 +206,96 @@ impl HeldReplicas {
                 }
             }
         }
-        Ok(members)
+    }
+
+    /// The primary this node's replicas of `volume` follow, and its epoch:
+    /// this node itself when it runs the volume.
+    fn followed_primary(&self, volume: Uuid) -> Option<(String, u64)> {
+        if let Some(epoch) = self.node.primary_epoch(volume) {
+            return Some((String::new(), epoch));
+        }
+        let records = self.store.held_replicas().ok()?;
+        records
+            .into_iter()
+            .filter(|h| h.volume == volume)
+            .max_by_key(|h| h.epoch)
+            .map(|h| (h.primary, h.epoch))
+    }
+
+    /// Node `from` claims to be the primary of a volume at an epoch. Held
+    /// replicas follow a newer epoch (a promote elsewhere took it over), or
+    /// the primary they follow (its new member list); a primary here is
+    /// superseded by a newer epoch. Anything else is refused, naming the
+    /// primary this node follows.
+    async fn claim_for(&self, me: &str, from: &str, claim: PrimaryClaim) -> Result<(), Superseded> {
+        let _one = self.creating.lock().await;
+        let members: Vec<HeldMember> = claim
+            .members
+            .iter()
+            .map(|m| HeldMember {
+                replica: m.replica,
+                node: m.node.clone(),
+                pool: m.pool.clone(),
+            })
+            .collect();
+        if let Some(mine) = self.node.primary_epoch(claim.volume) {
+            if claim.epoch <= mine {
+                return Err(Superseded {
+                    node: me.to_string(),
+                    epoch: mine,
+                    why: format!(
+                        "node {me} is the primary of this volume at epoch {mine}, not older than node {from}'s {}: two primaries, a split brain. Resolve it with `ditto volume resolve VOLUME --keep NODE`",
+                        claim.epoch
+                    ),
+                });
+            }
+            let held = self
+                .node
+                .superseded(claim.volume, from.to_string(), claim.epoch, claim.members)
+                .await
+                .map_err(|why| Superseded {
+                    node: me.to_string(),
+                    epoch: mine,
+                    why,
+                })?;
+            self.serve_handed_over(held).await;
+            return Ok(());
+        }
+        let records = self.store.held_replicas().map_err(|e| Superseded {
+            node: me.to_string(),
+            epoch: 0,
+            why: e.to_string(),
+        })?;
+        for mut h in records.into_iter().filter(|h| h.volume == claim.volume) {
+            let follows = h.primary == from && claim.epoch >= h.epoch;
+            if !follows && claim.epoch <= h.epoch {
+                return Err(Superseded {
+                    node: h.primary.clone(),
+                    epoch: h.epoch,
+                    why: format!(
+                        "node {me} follows node {} as the primary of {} at epoch {}, newer than or equal to node {from}'s {}",
+                        h.primary, h.volume_name, h.epoch, claim.epoch
+                    ),
+                });
+            }
+            let took_over = h.primary != from;
+            h.primary = from.to_string();
+            h.epoch = claim.epoch;
+            h.members = members.clone();
+            self.store.insert_held_replica(&h).map_err(|e| Superseded {
+                node: me.to_string(),
+                epoch: 0,
+                why: e.to_string(),
+            })?;
+            if took_over {
+                // The old primary's sessions are refused from here on.
+                if let Some(served) = self.lookup(h.volume, h.replica) {
+                    served.retire().await;
+                }
+                tracing::warn!(volume = %h.volume_name, replica = %h.replica, primary = from, epoch = claim.epoch, "another node took the volume over; this replica follows it now");
+            }
+        }
+        Ok(())
     }
 
     async fn delete_held(&self, from: &str, volume: Uuid, replica: Uuid) -> Result<(), String> {
@@ -229,14 +345,44 @@ impl ReplicaRegistry for HeldReplicas {
         Box::pin(async move { self.create_held(&from, req).await })
     }
 
-    fn demote(&self, from: &str, volume: Uuid) -> BoxFuture<'_, Result<Vec<MemberRef>, String>> {
+    fn demote(
+        &self,
+        from: &str,
+        volume: Uuid,
+        discard: bool,
+    ) -> BoxFuture<'_, Result<PrimaryClaim, String>> {
         let from = from.to_string();
-        Box::pin(async move { self.demote_for(&from, volume).await })
+        Box::pin(async move { self.demote_for(&from, volume, discard).await })
     }
 
     fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
         let from = from.to_string();
         Box::pin(async move { self.delete_held(&from, volume, replica).await })
+    }
+
+    fn check_primary(&self, from: &str, volume: Uuid) -> Result<(), Superseded> {
+        match self.followed_primary(volume) {
+            Some((primary, epoch)) if primary != from => {
+                let primary = if primary.is_empty() {
+                    self.me.clone()
+                } else {
+                    primary
+                };
+                Err(Superseded {
+                    why: format!(
+                        "node {primary} is the primary of volume {volume} (epoch {epoch}), not node {from}; node {from} must stop serving it"
+                    ),
+                    node: primary,
+                    epoch,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn claim(&self, from: &str, claim: PrimaryClaim) -> BoxFuture<'_, Result<(), Superseded>> {
+        let from = from.to_string();
+        Box::pin(async move { self.claim_for(&self.me, &from, claim).await })
     }
 }
 

@@ -44,7 +44,12 @@ impl Node {
                 crate::peers::PEER_TIMEOUT,
             )
             .await
-            .map_err(|e| io_err(e.to_string()))?;
+            .map_err(|e| {
+                if let ditto_peer::client::ConnectError::Superseded { node, epoch, .. } = &e {
+                    self.note_superseded(record.uuid, node.clone(), *epoch);
+                }
+                io_err(e.to_string())
+            })?;
             return Ok(remote);
         }
         let file = self
@@ -95,6 +100,7 @@ impl Node {
         record: &VolumeRecord,
         members: Vec<Member>,
         accept_stale: bool,
+        discard: Vec<Uuid>,
     ) -> Result<Arc<Volume>, ditto_engine::EngineError> {
         Volume::open(
             &record.name,
@@ -103,6 +109,7 @@ impl Node {
             members,
             VolumeOptions {
                 accept_stale,
+                discard,
                 ..self.volume_options.clone()
             },
             self.events.clone(),
@@ -112,12 +119,34 @@ impl Node {
 
     /// Assemble a volume and publish it (or record why it is stopped).
     pub(super) async fn assemble(
-        &self,
+        self: &Arc<Self>,
         record: &VolumeRecord,
         members: Vec<Member>,
         accept_stale: bool,
     ) -> bool {
-        let opened = self.open_record(record, members, accept_stale).await;
+        self.assemble_with(record, members, accept_stale, Vec::new())
+            .await
+    }
+
+    /// [`Self::assemble`], discarding the data of replicas `discard`.
+    pub(super) async fn assemble_with(
+        self: &Arc<Self>,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+        accept_stale: bool,
+        discard: Vec<Uuid>,
+    ) -> bool {
+        // Another node took the volume over while this one was away: it
+        // must not start (a degraded start would take writes nobody else
+        // sees); it becomes that node's secondary instead.
+        if let Some((by, epoch)) = self.superseded_by(record) {
+            drop(members);
+            self.spawn_become_secondary(record, by, epoch);
+            return false;
+        }
+        let opened = self
+            .open_record(record, members, accept_stale, discard)
+            .await;
         match opened {
             Ok(v) => {
                 tracing::info!(volume = %record.name, generation = v.generation(), "volume started");

@@ -77,6 +77,64 @@ pub struct Node {
     /// The replicas this node holds for other nodes (set when the peer
     /// server starts): a promote takes its own out of them.
     held: OnceLock<Arc<crate::peers::HeldReplicas>>,
+    /// Volumes whose replica nodes answered that another node is their
+    /// primary: (that node, its epoch). A newer epoch hands the volume over.
+    superseded_seen: std::sync::Mutex<std::collections::HashMap<Uuid, (String, u64)>>,
+    /// Replicas on other nodes that refused to be caught up because both
+    /// sides took writes: why, until `volume resolve` picks a side.
+    split_brains: std::sync::Mutex<std::collections::HashMap<Uuid, String>>,
+}
+
+/// The node as the held-replica registry sees it (a weak handle: the
+/// registry must not keep a stopping node alive).
+pub struct NodeHandle(std::sync::Weak<Node>);
+
+impl NodeHandle {
+    pub fn new(node: &Arc<Node>) -> NodeHandle {
+        NodeHandle(Arc::downgrade(node))
+    }
+}
+
+impl crate::peers::LocalNode for NodeHandle {
+    fn pool_free(&self, pool: &str) -> u64 {
+        self.0.upgrade().map_or(0, |n| n.pool_free_bytes(pool))
+    }
+
+    fn demote_to(
+        &self,
+        to: String,
+        volume: Uuid,
+        discard: bool,
+    ) -> BoxFuture<'static, Result<(Vec<HeldReplicaRecord>, ditto_peer::wire::PrimaryClaim), String>>
+    {
+        let weak = self.0.clone();
+        Box::pin(async move {
+            match weak.upgrade() {
+                Some(n) => n.demote_to(&to, volume, discard).await,
+                None => Err("this node is stopping".to_string()),
+            }
+        })
+    }
+
+    fn primary_epoch(&self, volume: Uuid) -> Option<u64> {
+        self.0.upgrade()?.primary_epoch(volume)
+    }
+
+    fn superseded(
+        &self,
+        volume: Uuid,
+        by: String,
+        epoch: u64,
+        members: Vec<ditto_peer::wire::MemberRef>,
+    ) -> BoxFuture<'static, Result<Vec<HeldReplicaRecord>, String>> {
+        let weak = self.0.clone();
+        Box::pin(async move {
+            match weak.upgrade() {
+                Some(n) => n.become_secondary(volume, &by, epoch, members).await,
+                None => Err("this node is stopping".to_string()),
+            }
+        })
+    }
 }
 
 fn layout_of(v: &VolumeRecord) -> Result<Layout, ControlError> {
@@ -138,6 +196,8 @@ impl Node {
             dialer,
             failed_on_purpose: std::sync::Mutex::new(Default::default()),
             held: OnceLock::new(),
+            superseded_seen: Default::default(),
+            split_brains: Default::default(),
         });
         for record in node.store.volumes()? {
             let (members, missing) = node.open_members(&record).await;

@@ -2,6 +2,18 @@
 
 use super::*;
 
+/// How a node takes a volume over from its primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// The primary hands it over (this node's replica in sync).
+    Planned,
+    /// Without the primary, which does not answer (`promote --force`).
+    Force,
+    /// The primary hands it over although this node's replica diverged: a
+    /// split brain resolved in this node's favour.
+    KeepThisSide,
+}
+
 impl Node {
     pub fn dialer(&self) -> &crate::peers::Dialer {
         &self.dialer
@@ -13,13 +25,16 @@ impl Node {
 
     /// Node `to` takes volume `volume` over (its `volume promote`): stop
     /// being its primary, and hold this node's replicas of it for `to`.
-    /// Only when `to`'s replica is in sync, so nothing acknowledged is lost.
+    /// Only when `to`'s replica is in sync, so nothing acknowledged is lost,
+    /// unless `discard`: the operator resolved a split brain in `to`'s
+    /// favour, and this node's writes since the split are given up.
     /// Returns the replicas now held for `to`, and every replica of the volume.
     pub async fn demote_to(
         &self,
         to: &str,
         volume: Uuid,
-    ) -> Result<(Vec<HeldReplicaRecord>, Vec<ditto_peer::wire::MemberRef>), String> {
+        discard: bool,
+    ) -> Result<(Vec<HeldReplicaRecord>, ditto_peer::wire::PrimaryClaim), String> {
         let me = self.config.node_name.clone();
         let err = |e: ControlError| e.to_string();
         let _guard = self.ops.lock().await;
@@ -31,24 +46,32 @@ impl Node {
             .find(|v| v.uuid == volume);
         let Some(record) = record else {
             // Handed over already (a retried promote): say what is held for it.
-            let held: Vec<_> = self
+            let held: Vec<HeldReplicaRecord> = self
                 .store
                 .held_replicas()
                 .map_err(err)?
                 .into_iter()
                 .filter(|h| h.volume == volume && h.primary == to)
-                .map(|h| ditto_peer::wire::MemberRef {
-                    replica: h.replica,
-                    node: me.clone(),
-                    pool: h.pool,
-                })
                 .collect();
-            if held.is_empty() {
+            let Some(first) = held.first() else {
                 return Err(format!(
                     "node {me} is not the primary of volume {volume} and holds none of its replicas for {to}"
                 ));
-            }
-            return Ok((Vec::new(), held));
+            };
+            let claim = ditto_peer::wire::PrimaryClaim {
+                volume,
+                epoch: first.epoch,
+                members: first
+                    .members
+                    .iter()
+                    .map(|m| ditto_peer::wire::MemberRef {
+                        replica: m.replica,
+                        node: m.node.clone(),
+                        pool: m.pool.clone(),
+                    })
+                    .collect(),
+            };
+            return Ok((Vec::new(), claim));
         };
         let name = record.name.clone();
         let volume_rt = self.running(&name).map_err(err)?;
@@ -64,7 +87,7 @@ impl Node {
             .iter()
             .find(|m| m.id == target.id)
             .map(|m| m.state);
-        if state != Some(ReplicaState::InSync) {
+        if state != Some(ReplicaState::InSync) && !discard {
             return Err(format!(
                 "node {to}'s replica of {name} is not in sync ({}); taking over now would lose writes. Wait for it (`ditto volume wait {name}` on {me}) and retry",
                 state.map_or("unknown", |s| s.as_str())
@@ -103,7 +126,27 @@ impl Node {
                 "volume {name} could not be closed cleanly: {e}; not handed over"
             ));
         }
-        let members = record
+        let members = self.member_refs(&record);
+        let held = self.hand_over(&record, to, record.epoch, &members)?;
+        self.emit(
+            EventKind::VolumeStopped,
+            &name,
+            format!(
+                "handed over to node {to}, its new primary; this node holds its replica(s) for it"
+            ),
+        );
+        let claim = ditto_peer::wire::PrimaryClaim {
+            volume,
+            epoch: record.epoch,
+            members,
+        };
+        Ok((held, claim))
+    }
+
+    /// Every replica of a volume as the peer protocol names them.
+    fn member_refs(&self, record: &VolumeRecord) -> Vec<ditto_peer::wire::MemberRef> {
+        let me = &self.config.node_name;
+        record
             .replicas
             .iter()
             .map(|r| match &r.node {
@@ -121,82 +164,280 @@ impl Node {
                     pool: r.pool.clone(),
                 },
             })
-            .collect();
+            .collect()
+    }
+
+    /// Stop being the primary of `record` (its volume already closed or
+    /// never started): hold this node's replicas of it for node `to` at
+    /// `epoch`, and forget the volume. Returns the held records.
+    fn hand_over(
+        &self,
+        record: &VolumeRecord,
+        to: &str,
+        epoch: u64,
+        members: &[ditto_peer::wire::MemberRef],
+    ) -> Result<Vec<HeldReplicaRecord>, String> {
+        let err = |e: ControlError| e.to_string();
         let mut held = Vec::new();
         for r in record.replicas.iter().filter(|r| r.node.is_none()) {
             let h = HeldReplicaRecord {
                 version: RECORD_VERSION,
-                volume,
+                volume: record.uuid,
                 replica: r.id,
-                volume_name: name.clone(),
+                volume_name: record.name.clone(),
                 pool: r.pool.clone(),
                 path: r.path.clone(),
                 primary: to.to_string(),
                 created_unix: now_unix(),
+                epoch,
+                members: members
+                    .iter()
+                    .map(|m| ditto_control::model::HeldMember {
+                        replica: m.replica,
+                        node: m.node.clone(),
+                        pool: m.pool.clone(),
+                    })
+                    .collect(),
             };
             self.store.insert_held_replica(&h).map_err(err)?;
             held.push(h);
         }
-        self.store.delete_volume(&name).map_err(err)?;
-        let _ = self.store.delete_membership(volume);
-        self.set_runtime(&name, None);
+        self.store.delete_volume(&record.name).map_err(err)?;
+        let _ = self.store.delete_membership(record.uuid);
+        self.set_runtime(&record.name, None);
+        if let Ok(mut s) = self.superseded_seen.lock() {
+            s.remove(&record.uuid);
+        }
+        if let Ok(mut s) = self.split_brains.lock() {
+            for r in &record.replicas {
+                s.remove(&r.id);
+            }
+        }
+        Ok(held)
+    }
+
+    /// The epoch of `volume` when this node is its primary.
+    pub fn primary_epoch(&self, volume: Uuid) -> Option<u64> {
+        self.store
+            .volumes()
+            .ok()?
+            .into_iter()
+            .find(|v| v.uuid == volume)
+            .map(|v| v.epoch)
+    }
+
+    /// Node `by` took `volume` over at `epoch`, newer than this node's: a
+    /// forced promote while this node was away or cut off. Stop serving it
+    /// (writes made here since are a split brain the new primary reports,
+    /// never merged) and hold this node's replicas for `by`.
+    pub async fn become_secondary(
+        &self,
+        volume: Uuid,
+        by: &str,
+        epoch: u64,
+        members: Vec<ditto_peer::wire::MemberRef>,
+    ) -> Result<Vec<HeldReplicaRecord>, String> {
+        let _guard = self.ops.lock().await;
+        let Some(record) = self
+            .store
+            .volumes()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|v| v.uuid == volume)
+        else {
+            return Ok(Vec::new()); // handed over already
+        };
+        if epoch <= record.epoch {
+            return Err(format!(
+                "node {by}'s epoch {epoch} is not newer than this node's {}",
+                record.epoch
+            ));
+        }
+        let name = record.name.clone();
+        let why = format!("superseded: node {by} took {name} over at epoch {epoch}");
+        self.set_runtime(&name, Some(VolumeRuntime::Stopped(why.clone())));
+        if let Some(server) = self.nbd.get() {
+            server.disconnect_export(&name);
+        }
+        if let Some(VolumeRuntime::Running(v)) = self.runtime(&name).as_deref() {
+            let _ = v.close().await;
+        }
+        let members = if members.is_empty() {
+            self.member_refs(&record)
+        } else {
+            members
+        };
+        let held = self.hand_over(&record, by, epoch, &members)?;
         self.emit(
-            EventKind::VolumeStopped,
+            EventKind::Superseded,
             &name,
             format!(
-                "handed over to node {to}, its new primary; this node holds its replica(s) for it"
+                "{why} (this node was its primary at epoch {}): this node stopped serving it and holds its replica(s) for node {by}, which catches them up, or reports a split brain if both sides took writes",
+                record.epoch
             ),
         );
-        Ok((held, members))
+        Ok(held)
+    }
+
+    /// A replica's node answered that another node is the primary: remember
+    /// it, so the volume is handed over rather than started or re-added.
+    pub(super) fn note_superseded(&self, volume: Uuid, by: String, epoch: u64) {
+        if let Ok(mut s) = self.superseded_seen.lock() {
+            let newer = s.get(&volume).is_none_or(|(_, e)| *e < epoch);
+            if newer {
+                s.insert(volume, (by, epoch));
+            }
+        }
+    }
+
+    /// Whether a newer primary of `record` was seen, and which.
+    pub(super) fn superseded_by(&self, record: &VolumeRecord) -> Option<(String, u64)> {
+        let seen = self.superseded_seen.lock().ok()?.get(&record.uuid).cloned()?;
+        if seen.1 > record.epoch {
+            return Some(seen);
+        }
+        tracing::debug!(volume = %record.name, other = %seen.0, epoch = seen.1, mine = record.epoch, "a node follows an older primary; it is told of this one");
+        None
+    }
+
+    /// Hand `record` over to the newer primary that was seen, in the
+    /// background (the caller may hold the control lock), and serve the
+    /// replicas then held for it.
+    pub(super) fn spawn_become_secondary(self: &Arc<Self>, record: &VolumeRecord, by: String, epoch: u64) {
+        self.set_runtime(
+            &record.name,
+            Some(VolumeRuntime::Stopped(format!(
+                "superseded: node {by} took {} over at epoch {epoch}; handing it over",
+                record.name
+            ))),
+        );
+        let node = self.clone();
+        let volume = record.uuid;
+        tokio::spawn(async move {
+            match node.become_secondary(volume, &by, epoch, Vec::new()).await {
+                Ok(held) => {
+                    // The peer server may still be starting.
+                    for _ in 0..100 {
+                        if let Some(h) = node.held.get() {
+                            h.serve_handed_over(held).await;
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    tracing::warn!(volume = %volume, "no peer server: the replicas held for the new primary are served after a restart with peer_listen set");
+                }
+                Err(e) => tracing::error!(volume = %volume, error = %e, "could not hand the volume over to its new primary"),
+            }
+        });
+    }
+
+    /// Tell every node holding a replica of `record` that this node is its
+    /// primary at the record's epoch, with its current replicas. Best
+    /// effort: a node that misses it learns at the next claim. Returns the
+    /// nodes that refused, naming the primary they follow.
+    pub(super) async fn announce_primary(&self, record: &VolumeRecord) -> Vec<(String, String)> {
+        let claim = ditto_peer::wire::PrimaryClaim {
+            volume: record.uuid,
+            epoch: record.epoch,
+            members: self.member_refs(record),
+        };
+        let nodes: std::collections::BTreeSet<&str> =
+            record.replicas.iter().filter_map(|r| r.node.as_deref()).collect();
+        let mut refused = Vec::new();
+        for node in nodes {
+            let Ok((addr, dial)) = self.dialer.dial(node) else {
+                continue;
+            };
+            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3)).await {
+                Ok(()) => {}
+                Err(ditto_peer::client::ConnectError::Superseded { node: by, epoch, why, .. }) => {
+                    self.note_superseded(record.uuid, by.clone(), epoch);
+                    refused.push((node.to_string(), why));
+                }
+                Err(e) => tracing::debug!(node, error = %e, "primary claim not delivered; the node learns at the next one"),
+            }
+        }
+        refused
     }
 
     /// `ditto volume promote NAME` on a node holding a replica of it: the
     /// primary hands the volume over (only with this node's replica in
-    /// sync), and this node serves it from then on.
-    pub async fn promote(&self, name: &str, force: bool) -> Result<VolumeInfo, ControlError> {
+    /// sync), and this node serves it from then on. With `force`, when the
+    /// primary does not answer, this node takes the volume over without it
+    /// (the operator's override): the other nodes holding replicas follow
+    /// this node's newer epoch and refuse the old primary from then on.
+    pub async fn promote(self: &Arc<Self>, name: &str, force: bool) -> Result<VolumeInfo, ControlError> {
+        self.take_over(
+            name,
+            if force {
+                Takeover::Force
+            } else {
+                Takeover::Planned
+            },
+        )
+        .await
+    }
+
+    async fn take_over(self: &Arc<Self>, name: &str, how: Takeover) -> Result<VolumeInfo, ControlError> {
         validate::name("volume", name)?;
         if self.record(name).is_ok() {
             return Err(ControlError::InvalidRequest(format!(
                 "volume {name:?} is already primary on this node"
             )));
         }
-        let held = self
+        let held_all: Vec<HeldReplicaRecord> = self
             .store
             .held_replicas()?
             .into_iter()
-            .find(|h| h.volume_name == name)
-            .ok_or_else(|| {
-                ControlError::InvalidRequest(format!(
-                    "this node holds no replica of volume {name:?}, so it cannot become its primary"
-                ))
-            })?;
-        if force {
+            .filter(|h| h.volume_name == name)
+            .collect();
+        let Some(held) = held_all.iter().max_by_key(|h| h.epoch).cloned() else {
             return Err(ControlError::InvalidRequest(format!(
-                "`--force` (promoting without node {}'s consent) is not available yet: the old primary must be fenced when it returns, and that is not built. Bring node {} back and promote again",
-                held.primary, held.primary
+                "this node holds no replica of volume {name:?}, so it cannot become its primary"
             )));
-        }
-        let (addr, dial) = self
-            .dialer
-            .dial(&held.primary)
-            .map_err(ControlError::InvalidRequest)?;
-        let members = ditto_peer::client::demote(&addr, &dial, held.volume, crate::peers::PEER_TIMEOUT)
-            .await
-            .map_err(|e| {
-                ControlError::Engine(format!(
-                    "node {} (the primary of {name}) did not hand it over: {e}. Without it this node's replica cannot be proven current",
-                    held.primary
-                ))
-            })?;
+        };
+        let force = how == Takeover::Force;
+        let discard = how == Takeover::KeepThisSide;
+        let (members, old_epoch) = if force {
+            (self.force_takeover(name, &held, &held_all).await?, held.epoch)
+        } else {
+            let (addr, dial) = self
+                .dialer
+                .dial(&held.primary)
+                .map_err(ControlError::InvalidRequest)?;
+            let handed = ditto_peer::client::demote(&addr, &dial, held.volume, discard, crate::peers::PEER_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    ControlError::Engine(format!(
+                        "node {} (the primary of {name}) did not hand it over: {e}. Without it this node's replica cannot be proven current; if node {} is dead, `ditto volume promote {name} --force` takes it over without it (writes it acknowledged after its last contact with this node are lost)",
+                        held.primary, held.primary
+                    ))
+                })?;
+            (handed.members, handed.epoch.max(held.epoch))
+        };
+        let epoch = old_epoch + 1;
         let own = FileReplica::open(self.engine.as_ref(), &held.path, held.volume)
             .await
             .map_err(engine_err)?;
         let layout = own.superblock().layout;
         drop(own);
         let _guard = self.ops.lock().await;
-        let mut replicas = Vec::new();
+        let me = self.config.node_name.clone();
+        let mut replicas: Vec<ReplicaRecord> = held_all
+            .iter()
+            .map(|h| ReplicaRecord {
+                id: h.replica,
+                pool: h.pool.clone(),
+                path: h.path.clone(),
+                node: None,
+            })
+            .collect();
         for m in &members {
-            if m.replica == held.replica {
+            if replicas.iter().any(|r| r.id == m.replica) {
+                continue;
+            }
+            if m.node == me {
+                tracing::warn!(volume = %name, replica = %m.replica, "a replica listed on this node is not held here; left out");
                 continue;
             }
             let addr = self
@@ -211,15 +452,6 @@ impl Node {
                 node: Some(m.node.clone()),
             });
         }
-        replicas.insert(
-            0,
-            ReplicaRecord {
-                id: held.replica,
-                pool: held.pool.clone(),
-                path: held.path.clone(),
-                node: None,
-            },
-        );
         let record = VolumeRecord {
             version: RECORD_VERSION,
             name: name.to_string(),
@@ -228,24 +460,211 @@ impl Node {
             region_size: layout.region_size,
             replicas,
             created_unix: now_unix(),
+            epoch,
         };
-        // Nobody else may write this replica now: it is this node's volume.
-        if let Some(h) = self.held.get() {
-            h.release(held.volume, held.replica).await;
+        // Nobody else may write these replicas now: they are this node's volume.
+        for h in &held_all {
+            if let Some(registry) = self.held.get() {
+                registry.release(h.volume, h.replica).await;
+            }
+            self.store.delete_held_replica(h.replica)?;
         }
-        self.store.delete_held_replica(held.replica)?;
         self.store.insert_volume(&record)?;
         let (members, _missing) = self.open_members(&record).await;
-        self.assemble(&record, members, false).await;
+        // Keeping this side: every other node's replica is the losing side.
+        let discarded: Vec<Uuid> = if discard {
+            record
+                .replicas
+                .iter()
+                .filter(|r| r.node.is_some())
+                .map(|r| r.id)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let opened = self
+            .assemble_with(&record, members, false, discarded.clone())
+            .await;
+        self.announce_primary(&record).await;
+        if discard && opened {
+            self.rebuild_discarded(&record, &discarded).await;
+            self.emit(
+                EventKind::SplitBrainResolved,
+                name,
+                format!(
+                    "split brain resolved by the operator: keeping node {me}'s side of {name}; node {}'s replicas are rebuilt from it in full (its writes since the split are discarded)",
+                    held.primary
+                ),
+            );
+        } else if force {
+            self.emit(
+                EventKind::ForcedPromote,
+                name,
+                format!(
+                    "promoted by force (the operator's override): this node is the primary of {name} at epoch {epoch}; node {} did not answer and is fenced: the replicas refuse it, and when it returns it stops serving {name} and is caught up from here",
+                    held.primary
+                ),
+            );
+        } else {
+            self.emit(
+                EventKind::VolumeStarted,
+                name,
+                format!(
+                    "promoted: this node is the primary of {name} at epoch {epoch} (node {} handed it over)",
+                    held.primary
+                ),
+            );
+        }
+        self.volume_info(&record)
+    }
+
+    /// Rebuild in full the replicas of the losing side of a split brain.
+    async fn rebuild_discarded(&self, record: &VolumeRecord, discarded: &[Uuid]) {
+        let Ok(volume) = self.running(&record.name) else {
+            return;
+        };
+        for r in record.replicas.iter().filter(|r| discarded.contains(&r.id)) {
+            if let Ok(mut s) = self.split_brains.lock() {
+                s.remove(&r.id);
+            }
+            match self.open_replica(record, r).await {
+                Ok(b) => {
+                    if let Err(e) = volume.readd(r.id, b, true).await {
+                        tracing::warn!(volume = %record.name, replica = %r.pool, error = %e, "cannot rebuild a discarded replica; the reconnect loop retries");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %record.name, replica = %r.pool, error = %e, "discarded replica unreachable; the reconnect loop retries")
+                }
+            }
+        }
+    }
+
+    /// `ditto volume resolve NAME --keep NODE` across nodes. On the primary
+    /// with `keep` = this node: the replicas in a split brain are rebuilt
+    /// from this side in full. On a node holding a diverged replica with
+    /// `keep` = this node: the primary hands the volume over without its
+    /// replicas in sync, and they are rebuilt from this side.
+    pub async fn resolve_between_nodes(
+        self: &Arc<Self>,
+        name: &str,
+        keep: &str,
+    ) -> Result<VolumeInfo, ControlError> {
+        let me = self.config.node_name.clone();
+        if keep != me {
+            let runs_here = self.record(name).is_ok();
+            return Err(ControlError::InvalidRequest(format!(
+                "run `ditto volume resolve {name} --keep {keep}` on node {keep}: the kept side resolves it (this node, {me}, {} and its writes since the split would be discarded)",
+                if runs_here { "is the volume's primary" } else { "holds a replica of it" }
+            )));
+        }
+        if self.record(name).is_err() {
+            return self.take_over(name, Takeover::KeepThisSide).await;
+        }
+        let record = self.record(name)?;
+        let split: Vec<Uuid> = record
+            .replicas
+            .iter()
+            .filter(|r| self.split_brain_of(r.id).is_some())
+            .map(|r| r.id)
+            .collect();
+        if split.is_empty() {
+            return Err(ControlError::InvalidRequest(format!(
+                "volume {name} has no replica in a split brain on this node (`ditto status {name}`)"
+            )));
+        }
+        let _guard = self.ops.lock().await;
+        self.rebuild_discarded(&record, &split).await;
         self.emit(
-            EventKind::VolumeStarted,
+            EventKind::SplitBrainResolved,
             name,
-            format!(
-                "promoted: this node is the primary of {name} now (node {} handed it over)",
-                held.primary
-            ),
+            format!("split brain resolved by the operator: keeping node {me}'s side of {name}; the other side's replicas are rebuilt from it in full (its writes since the split are discarded)"),
         );
         self.volume_info(&record)
+    }
+
+    /// `promote --force`: only when the primary does not answer (a planned
+    /// switch-over loses nothing, so it is used whenever it can be). Every
+    /// other node holding a replica is told of the new epoch before this
+    /// node writes, so none serves the old primary again. Returns the
+    /// volume's replicas as last announced.
+    async fn force_takeover(
+        &self,
+        name: &str,
+        held: &HeldReplicaRecord,
+        held_all: &[HeldReplicaRecord],
+    ) -> Result<Vec<ditto_peer::wire::MemberRef>, ControlError> {
+        let me = self.config.node_name.clone();
+        if let Ok((addr, dial)) = self.dialer.dial(&held.primary) {
+            if ditto_peer::client::ping(&addr, &dial, Duration::from_secs(3))
+                .await
+                .is_ok()
+            {
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {} (the primary of {name}) answers: run `ditto volume promote {name}` without --force, a planned switch-over that loses nothing",
+                    held.primary
+                )));
+            }
+        }
+        let mut members: Vec<ditto_peer::wire::MemberRef> = held
+            .members
+            .iter()
+            .map(|m| ditto_peer::wire::MemberRef {
+                replica: m.replica,
+                node: m.node.clone(),
+                pool: m.pool.clone(),
+            })
+            .collect();
+        for h in held_all {
+            if !members.iter().any(|m| m.replica == h.replica) {
+                members.push(ditto_peer::wire::MemberRef {
+                    replica: h.replica,
+                    node: me.clone(),
+                    pool: h.pool.clone(),
+                });
+            }
+        }
+        // Replicas the primary never announced: its own (a primary made
+        // before announcements existed). They are on the old primary.
+        if let Ok(own) = FileReplica::open(self.engine.as_ref(), &held.path, held.volume).await {
+            for e in own.superblock().replica_set {
+                if !members.iter().any(|m| m.replica == e.replica) {
+                    members.push(ditto_peer::wire::MemberRef {
+                        replica: e.replica,
+                        node: held.primary.clone(),
+                        pool: "unknown".into(),
+                    });
+                }
+            }
+        }
+        let claim = ditto_peer::wire::PrimaryClaim {
+            volume: held.volume,
+            epoch: held.epoch + 1,
+            members: members.clone(),
+        };
+        let nodes: std::collections::BTreeSet<&str> = members
+            .iter()
+            .map(|m| m.node.as_str())
+            .filter(|n| *n != me && *n != held.primary)
+            .collect();
+        for node in nodes {
+            let Ok((addr, dial)) = self.dialer.dial(node) else {
+                continue;
+            };
+            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3)).await {
+                Ok(()) => {}
+                Err(ditto_peer::client::ConnectError::Superseded { why, .. }) => {
+                    return Err(ControlError::InvalidRequest(format!(
+                        "node {node} refused this node's takeover of {name}: {why}; not promoted"
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, node, error = %e, "node holding a replica did not hear of the takeover; it is told when it answers")
+                }
+            }
+        }
+        tracing::warn!(volume = %name, old_primary = %held.primary, epoch = held.epoch + 1, "promoted by force (operator's override)");
+        Ok(members)
     }
 
     /// Create one replica of `volume` in pool `pool` of node `node`, and
@@ -317,7 +736,7 @@ impl Node {
         });
     }
 
-    pub(super) async fn reconnect_peers(&self) {
+    pub(super) async fn reconnect_peers(self: &Arc<Self>) {
         for (name, rt) in self.runtimes() {
             let VolumeRuntime::Running(volume) = rt.as_ref() else {
                 continue;
@@ -345,18 +764,40 @@ impl Node {
                     .failed_on_purpose
                     .lock()
                     .is_ok_and(|s| s.contains(&r.id))
+                    || self.split_brain_of(r.id).is_some()
                 {
                     continue;
                 }
                 // Connect first (it may take PEER_TIMEOUT), then re-add under
                 // the control lock, as `replica readd` does.
-                let Ok(backend) = self.open_replica(&record, r).await else {
-                    continue; // still away; try again next round
+                let backend = match self.open_replica(&record, r).await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        if self.settle_primaries(&record).await {
+                            break; // handed over: nothing more to re-add
+                        }
+                        continue; // still away; try again next round
+                    }
                 };
                 let _guard = self.ops.lock().await;
                 match volume.readd(r.id, backend, false).await {
                     Ok(plan) => {
-                        tracing::info!(volume = %name, replica = %r.pool, ?plan, "replica on another node is back; re-added")
+                        tracing::info!(volume = %name, replica = %r.pool, ?plan, "replica on another node is back; re-added");
+                        drop(_guard);
+                        self.announce_primary(&record).await;
+                    }
+                    Err(ditto_engine::EngineError::SplitBrain { .. }) => {
+                        let why = format!(
+                            "split brain: the replica on node {} took writes of its own after it was cut off from this node (both sides acted as primary); it is not merged. Keep this side with `ditto volume resolve {name} --keep {}` (its writes are discarded), or the other side with `ditto volume resolve {name} --keep {}` on node {}",
+                            r.node.as_deref().unwrap_or("?"),
+                            self.config.node_name,
+                            r.node.as_deref().unwrap_or("?"),
+                            r.node.as_deref().unwrap_or("?"),
+                        );
+                        if let Ok(mut s) = self.split_brains.lock() {
+                            s.insert(r.id, why.clone());
+                        }
+                        self.emit(EventKind::SplitBrain, &name, why);
                     }
                     Err(e) => {
                         tracing::warn!(volume = %name, replica = %r.pool, error = %e, "replica on another node answers but cannot be re-added")
@@ -364,5 +805,29 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A replica's node refused this node as primary: hand the volume over
+    /// when that node's primary has a newer epoch (true), or tell it of
+    /// this node's newer one, so the old primary there steps down.
+    async fn settle_primaries(self: &Arc<Self>, record: &VolumeRecord) -> bool {
+        if let Some((by, epoch)) = self.superseded_by(record) {
+            self.spawn_become_secondary(record, by, epoch);
+            return true;
+        }
+        let older = self
+            .superseded_seen
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&record.uuid));
+        if older.is_some() {
+            self.announce_primary(record).await;
+        }
+        false
+    }
+
+    /// Why replica `id` is in a split brain, if it is.
+    pub(super) fn split_brain_of(&self, id: Uuid) -> Option<String> {
+        self.split_brains.lock().ok()?.get(&id).cloned()
     }
 }

@@ -26,6 +26,7 @@ impl Node {
                     node: None,
                 }],
                 created_unix: h.created_unix,
+                epoch: h.epoch,
             });
         }
         let volumes = volumes.as_slice();

@@ -101,6 +101,9 @@ impl Node {
             self.discard_replica(&replica, record.uuid);
             return Err(engine_err(e));
         }
+        if replica.node.is_some() {
+            self.announce_primary(&record).await;
+        }
         self.volume_info(&record)
     }
 
@@ -152,7 +155,11 @@ impl Node {
         }
         record.replicas.retain(|r| r.id != replica.id);
         self.store.update_volume(&record)?;
-        if self.pool_kind(&replica.pool) == PoolKind::Directory {
+        if replica.node.is_some() {
+            // Deleted by its node (in the background; logged if it cannot be).
+            self.discard_replica(&replica, record.uuid);
+            self.announce_primary(&record).await;
+        } else if self.pool_kind(&replica.pool) == PoolKind::Directory {
             let _ = std::fs::rename(&replica.path, replica.path.with_extension("removed"));
         }
         Ok(())
@@ -160,11 +167,16 @@ impl Node {
 
     /// `ditto volume resolve VOLUME --keep REPLICA`: end a split brain. The
     /// kept replica serves; every other one is rebuilt from it in full.
+    /// `--keep NODE` (a node name) ends one between nodes.
     pub async fn resolve(
         self: &Arc<Self>,
         name: &str,
         keep: &str,
     ) -> Result<VolumeInfo, ControlError> {
+        // A node name: the split brain is between nodes.
+        if keep == self.config.node_name || self.dialer.knows(keep) {
+            return self.resolve_between_nodes(name, keep).await;
+        }
         let record = self.record(name)?;
         self.refuse_if_running(name, "resolve is for a volume stopped by a split brain")?;
         let _guard = self.ops.lock().await;
@@ -197,7 +209,7 @@ impl Node {
         }
         // The operator chose the side to keep: that is the override.
         let volume = self
-            .open_record(&record, members, true)
+            .open_record(&record, members, true, Vec::new())
             .await
             .map_err(engine_err)?;
         self.set_runtime(name, Some(VolumeRuntime::Running(volume.clone())));

@@ -212,6 +212,7 @@ impl Node {
             region_size: layout.region_size,
             replicas: created.iter().map(|(r, _)| r.clone()).collect(),
             created_unix: now_unix(),
+            epoch: 1,
         };
         let members = created
             .iter()
@@ -240,6 +241,7 @@ impl Node {
         }
         tracing::info!(volume = %record.name, size, pools = ?chosen, "volume created");
         self.set_runtime(&record.name, Some(VolumeRuntime::Running(volume)));
+        self.announce_primary(&record).await;
         self.volume_info(&record)
     }
 
@@ -372,8 +374,11 @@ impl Node {
                             id: r.id,
                             pool: r.pool.clone(),
                             path: r.path.display().to_string(),
-                            state: m.state.as_str().to_string(),
-                            reason: m.reason.clone(),
+                            state: match self.split_brain_of(r.id) {
+                                Some(_) => "split-brain".to_string(),
+                                None => m.state.as_str().to_string(),
+                            },
+                            reason: self.split_brain_of(r.id).or_else(|| m.reason.clone()),
                             generation: Some(m.generation),
                             data_offset: Some(m.data_offset),
                             reads: m.reads,
@@ -403,6 +408,10 @@ impl Node {
                 info.copied_bytes = v.copied_bytes();
                 for m in &members {
                     let id = &m.id.simple().to_string()[..8];
+                    if let Some(why) = self.split_brain_of(m.id) {
+                        info.actions.push(why);
+                        continue;
+                    }
                     match m.state {
                         ReplicaState::Failed | ReplicaState::Stale | ReplicaState::Missing => info.actions.push(format!(
                             "replica {id} ({}) is {}: when its disk is back, `ditto replica readd {name} {id}`; if it is gone for good, `ditto replica remove {name} {id}` then `ditto replica add {name} --pool POOL`",
