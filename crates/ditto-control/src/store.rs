@@ -242,6 +242,19 @@ mod tests {
     use crate::model::{now_unix, PoolKind, ReplicaRecord};
 
     #[test]
+    fn records_from_before_epochs_decode_with_epoch_zero() {
+        let volume = r#"{"version":1,"name":"v","uuid":"00000000-0000-0000-0000-000000000001","size":1048576,"region_size":65536,"replicas":[],"created_unix":1}"#;
+        let v: VolumeRecord = decode("volumes", "v", volume.as_bytes()).unwrap();
+        assert_eq!(v.epoch, 0);
+        let held = r#"{"version":1,"volume":"00000000-0000-0000-0000-000000000001","replica":"00000000-0000-0000-0000-000000000002","volume_name":"v","pool":"p","path":"/x","primary":"a","created_unix":1}"#;
+        let h: HeldReplicaRecord = decode("held_replicas", "r", held.as_bytes()).unwrap();
+        assert_eq!((h.epoch, h.members.len()), (0, 0));
+        // Unknown fields stay errors.
+        let bad = volume.replace("\"created_unix\":1", "\"created_unix\":1,\"x\":2");
+        assert!(decode::<VolumeRecord>("volumes", "v", bad.as_bytes()).is_err());
+    }
+
+    #[test]
     fn survives_reopen_and_refuses_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
@@ -266,6 +279,7 @@ mod tests {
                 node: None,
             }],
             created_unix: now_unix(),
+            epoch: 1,
         };
         {
             let s = Store::open(&path).unwrap();
