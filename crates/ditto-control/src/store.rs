@@ -205,6 +205,24 @@ impl Store {
         tx.commit().map_err(store_err)
     }
 
+    /// Replace a held replica's record (its primary, epoch or member list changed).
+    pub fn update_held_replica(&self, r: &HeldReplicaRecord) -> Result<(), ControlError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut t = tx.open_table(HELD).map_err(store_err)?;
+            let key = r.replica.to_string();
+            if t.get(key.as_str()).map_err(store_err)?.is_none() {
+                return Err(ControlError::InvalidRequest(format!(
+                    "replica {} is not held here",
+                    r.replica
+                )));
+            }
+            t.insert(key.as_str(), encode(r)?.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
     pub fn delete_pool(&self, name: &str) -> Result<bool, ControlError> {
         self.delete(POOLS, name)
     }

@@ -282,7 +282,7 @@ impl HeldReplicas {
             h.primary = from.to_string();
             h.epoch = claim.epoch;
             h.members = members.clone();
-            self.store.insert_held_replica(&h).map_err(|e| Superseded {
+            self.store.update_held_replica(&h).map_err(|e| Superseded {
                 node: me.to_string(),
                 epoch: 0,
                 why: e.to_string(),

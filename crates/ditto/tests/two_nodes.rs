@@ -508,8 +508,10 @@ fn promote_switches_the_primary_over_and_back() {
     let out = b
         .cli(&["volume", "promote", "vm1", "--force"])
         .assert_failure();
+    // While node a answers, the override is refused: a planned
+    // switch-over loses nothing.
     assert!(
-        out.stderr.contains("not available yet"),
+        out.stderr.contains("without --force"),
         "{}",
         out.describe()
     );
@@ -576,4 +578,131 @@ fn promote_switches_the_primary_over_and_back() {
         "{}",
         out.describe()
     );
+}
+
+/// Config of node `me` (peer port `port`) knowing node `other` at `addr`.
+fn peer_config(me: &str, port: u16, other: &str, addr: &str) -> String {
+    format!(
+        "node_name = \"{me}\"\npeer_listen = \"127.0.0.1:{port}\"\nio_timeout_secs = 2\npeer_reconnect_secs = 1\n[nodes.{other}]\naddress = \"{addr}\"\n"
+    )
+}
+
+/// The volume as node `d` serves it, copied to a file and read back.
+fn read_all(d: &Daemon, dir: &Path, name: &str) -> Vec<u8> {
+    let copy = dir.join(format!("{name}-{}.raw", std::process::id()));
+    let _ = std::fs::remove_file(&copy);
+    run_with_timeout(
+        Command::new(nbdcopy()).args([&d.uri(name), s(&copy)]),
+        TOOL_TIMEOUT,
+    )
+    .assert_success();
+    let data = std::fs::read(&copy).expect("read copy");
+    let _ = std::fs::remove_file(&copy);
+    data
+}
+
+fn assert_pattern(data: &[u8], off: u64, len: u64, pattern: u8, what: &str) {
+    let r = &data[off as usize..(off + len) as usize];
+    let bad = r.iter().position(|x| *x != pattern);
+    assert!(
+        bad.is_none(),
+        "{what}: byte {} of [{off}, +{len}) is {:#x}, not {pattern:#x}",
+        bad.unwrap_or(0),
+        r[bad.unwrap_or(0)]
+    );
+}
+
+fn serves(d: &Daemon, name: &str) -> bool {
+    run_with_timeout(Command::new(nbdinfo()).arg(d.uri(name)), TOOL_TIMEOUT)
+        .status
+        .success()
+}
+
+/// The primary dies by kill -9 while a client writes and flushes. `volume
+/// promote` on node b is refused (a cannot hand over), `--force` takes the
+/// volume over: every acknowledged write is there, and b serves on. Node a
+/// comes back: it is fenced (b's epoch is newer), does not serve the
+/// volume, holds its replica for b, and b catches it up by its dirty map,
+/// not a full copy. Then a switch-over back to a shows a holds it all.
+#[test]
+fn forced_failover_fences_the_old_primary_and_catches_it_up() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-failover-")
+        .tempdir()
+        .expect("tempdir");
+    let (pa, pb) = (free_port(), free_port());
+    let a_cfg = peer_config("a", pa, "b", &format!("127.0.0.1:{pb}"));
+    let (mut a, a_files) = start_node(dir.path(), "a", &a_cfg);
+    let (b, _b_files) = start_node(
+        dir.path(),
+        "b",
+        &peer_config("b", pb, "a", &format!("127.0.0.1:{pa}")),
+    );
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    a.wait_healthy("vm1");
+
+    // A client writes 64 KiB blocks, each acknowledged (qemu-io flushes
+    // before it exits 0) before the next; node a is killed mid-way.
+    const BLOCK: u64 = 64 * KIB;
+    let uri = a.uri("vm1");
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for i in 0..200u64 {
+            let pattern = (i % 250 + 1) as u8;
+            let out = qemu_io(&uri, &[format!("write -P {pattern:#x} {} {BLOCK}", i * BLOCK), "flush".into()]);
+            if qemu_io_failed(&out) {
+                break;
+            }
+            acked.push(i);
+        }
+        acked
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    a.stop_with(libc::SIGKILL);
+    let acked = writer.join().expect("writer");
+    assert!(!acked.is_empty(), "no write was acknowledged before the kill");
+
+    let out = b.cli(&["volume", "promote", "vm1"]).assert_failure();
+    assert!(out.stderr.contains("--force"), "{}", out.describe());
+    b.cli_ok(&["volume", "promote", "vm1", "--force"]);
+    let data = read_all(&b, dir.path(), "vm1");
+    for i in &acked {
+        assert_pattern(&data, i * BLOCK, BLOCK, (i % 250 + 1) as u8, &format!("acknowledged block {i} after failover"));
+    }
+    let events = b.cli_ok(&["events", "--volume", "vm1"]);
+    assert!(events.stdout.contains("by force"), "{}", events.describe());
+    // b goes on taking writes while a is away.
+    let new_off = 20 * MIB;
+    qemu_write(&b.uri("vm1"), 0xEE, new_off, 2 * MIB);
+
+    // Node a comes back: fenced, it stops being the primary.
+    let mut a2 = Daemon::start_with(&a_files.data, &["--config", s(&a_files.cfg)]);
+    wait_until("node a to step down", std::time::Duration::from_secs(30), || {
+        let st = a2.status();
+        (st["held"][0]["primary"] == "b").then_some(())
+    });
+    assert!(!serves(&a2, "vm1"), "the fenced old primary still serves vm1");
+    let events = a2.cli_ok(&["events", "--volume", "vm1"]);
+    assert!(events.stdout.contains("superseded"), "{}", events.describe());
+
+    // b catches a up by itself, copying what a missed, not the whole volume.
+    let v = b.wait_healthy("vm1");
+    let copied = v["copied_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(copied < SIZE / 2, "a full copy ({copied} bytes) where a catch-up was due: {v:#}");
+    let data = read_all(&b, dir.path(), "vm1");
+    assert_pattern(&data, new_off, 2 * MIB, 0xEE, "b's write after the failover");
+    assert!(
+        replica_data(&a_files.pool)[..SIZE as usize] == data[..],
+        "node a's replica differs from the volume after the catch-up"
+    );
+
+    // And a planned switch-over back to a serves the same bytes.
+    a2.cli_ok(&["volume", "promote", "vm1"]);
+    a2.wait_healthy("vm1");
+    assert!(read_all(&a2, dir.path(), "vm1") == data, "data changed switching back");
+    assert!(!serves(&b, "vm1"));
+    a2.stop();
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod proxy;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
