@@ -136,6 +136,43 @@ impl Node {
         accept_stale: bool,
         discard: Vec<Uuid>,
     ) -> bool {
+        // One instance per volume: a background start (waiting for missing
+        // replicas) may meet an operator's start or a promote.
+        {
+            let Ok(mut busy) = self.assembling.lock() else {
+                return false;
+            };
+            let running = matches!(self.runtime(&record.name).as_deref(), Some(VolumeRuntime::Running(_)));
+            if running || !busy.insert(record.name.clone()) {
+                tracing::debug!(volume = %record.name, "already running or being started; this start is dropped");
+                return false;
+            }
+        }
+        let started = self
+            .assemble_once(record, members, accept_stale, discard)
+            .await;
+        if let Ok(mut busy) = self.assembling.lock() {
+            busy.remove(&record.name);
+        }
+        started
+    }
+
+    async fn assemble_once(
+        self: &Arc<Self>,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+        accept_stale: bool,
+        discard: Vec<Uuid>,
+    ) -> bool {
+        // The record may have changed while the caller waited (a promote
+        // elsewhere handed it over, a promote here gave it a new epoch).
+        let record = &match self.record(&record.name) {
+            Ok(r) if r.uuid == record.uuid => r,
+            _ => {
+                tracing::debug!(volume = %record.name, "record gone or replaced; not started");
+                return false;
+            }
+        };
         // Another node took the volume over while this one was away: it
         // must not start (a degraded start would take writes nobody else
         // sees); it becomes that node's secondary instead.
@@ -194,6 +231,14 @@ impl Node {
             .unwrap_or_else(|| self.config.start_degraded_for(&name));
         let deadline = Instant::now() + Duration::from_secs(wait_secs);
         loop {
+            // Handed over or replaced meanwhile: this start has nothing to do.
+            let record = match self.record(&name) {
+                Ok(r) if r.uuid == record.uuid => r,
+                _ => return false,
+            };
+            if matches!(self.runtime(&name).as_deref(), Some(VolumeRuntime::Running(_))) {
+                return false;
+            }
             let (members, missing) = self.open_members(&record).await;
             if missing.is_empty() {
                 return self.assemble(&record, members, force_stale).await;

@@ -83,6 +83,8 @@ pub struct Node {
     /// Replicas on other nodes that refused to be caught up because both
     /// sides took writes: why, until `volume resolve` picks a side.
     split_brains: std::sync::Mutex<std::collections::HashMap<Uuid, String>>,
+    /// Volumes being assembled now (at most one instance each).
+    assembling: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The node as the held-replica registry sees it (a weak handle: the
@@ -198,6 +200,7 @@ impl Node {
             held: OnceLock::new(),
             superseded_seen: Default::default(),
             split_brains: Default::default(),
+            assembling: Default::default(),
         });
         for record in node.store.volumes()? {
             let (members, missing) = node.open_members(&record).await;

@@ -304,6 +304,9 @@ impl Node {
     /// background (the caller may hold the control lock), and serve the
     /// replicas then held for it.
     pub(super) fn spawn_become_secondary(self: &Arc<Self>, record: &VolumeRecord, by: String, epoch: u64) {
+        if self.record(&record.name).map_or(true, |r| r.epoch >= epoch) {
+            return; // handed over already, or promoted here since
+        }
         self.set_runtime(
             &record.name,
             Some(VolumeRuntime::Stopped(format!(
