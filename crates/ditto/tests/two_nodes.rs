@@ -706,3 +706,81 @@ fn forced_failover_fences_the_old_primary_and_catches_it_up() {
     assert!(!serves(&b, "vm1"));
     a2.stop();
 }
+
+/// A partition (a proxy between the nodes is cut) with writes on both
+/// sides: node a fails b's replica out and goes on, node b is promoted by
+/// force and takes writes too. When the link heals, the old primary steps
+/// down, and the reconnect is a split brain: reported in status and
+/// events, never merged. `volume resolve vm1 --keep a` on node a keeps a's
+/// side; b's replica is rebuilt from it, and b's writes are gone.
+#[test]
+fn a_partition_with_writes_on_both_sides_is_a_split_brain_resolved_by_keep() {
+    use common::proxy::Proxy;
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-split-")
+        .tempdir()
+        .expect("tempdir");
+    let (pa, pb) = (free_port(), free_port());
+    let to_a = Proxy::start(&format!("127.0.0.1:{pa}"));
+    let to_b = Proxy::start(&format!("127.0.0.1:{pb}"));
+    let (a, a_files) = start_node(dir.path(), "a", &peer_config("a", pa, "b", &to_b.addr));
+    let (b, b_files) = start_node(dir.path(), "b", &peer_config("b", pb, "a", &to_a.addr));
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    a.wait_healthy("vm1");
+    qemu_write(&a.uri("vm1"), 0x11, 0, MIB);
+
+    to_a.cut();
+    to_b.cut();
+    // Node a fails b out and acknowledges the write with its own replica.
+    qemu_write(&a.uri("vm1"), 0x22, MIB, MIB);
+    b.cli_ok(&["volume", "promote", "vm1", "--force"]);
+    qemu_write(&b.uri("vm1"), 0x33, 2 * MIB, MIB);
+
+    to_a.heal();
+    to_b.heal();
+    wait_until("node a to step down", std::time::Duration::from_secs(30), || {
+        (a.status()["held"][0]["primary"] == "b").then_some(())
+    });
+    assert!(!serves(&a, "vm1"), "two primaries serve vm1 after the partition healed");
+    let v = wait_until("the split brain to be reported", std::time::Duration::from_secs(30), || {
+        let v = b.volume("vm1");
+        let split = v["replicas"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["state"] == "split-brain"));
+        split.then_some(v)
+    });
+    assert!(
+        v["actions"].to_string().contains("resolve vm1 --keep"),
+        "the fix is named: {v:#}"
+    );
+    let events = b.cli_ok(&["events", "--volume", "vm1"]);
+    assert!(events.stdout.contains("split brain"), "{}", events.describe());
+    // Not merged: b's data is its own, a's write is not there.
+    let on_b = read_all(&b, dir.path(), "vm1");
+    assert_pattern(&on_b, 2 * MIB, MIB, 0x33, "b's write during the partition");
+    assert_pattern(&on_b, MIB, MIB, 0, "a's write must not be merged into b");
+
+    // The losing side cannot resolve it; the kept side does.
+    let out = b.cli(&["volume", "resolve", "vm1", "--keep", "a"]).assert_failure();
+    assert!(out.stderr.contains("on node a"), "{}", out.describe());
+    a.cli_ok(&["volume", "resolve", "vm1", "--keep", "a"]);
+    a.wait_healthy("vm1");
+    let on_a = read_all(&a, dir.path(), "vm1");
+    assert_pattern(&on_a, 0, MIB, 0x11, "the write before the partition");
+    assert_pattern(&on_a, MIB, MIB, 0x22, "a's write during the partition (kept)");
+    assert_pattern(&on_a, 2 * MIB, MIB, 0, "b's write during the partition (discarded)");
+    assert!(
+        replica_data(&b_files.pool)[..SIZE as usize] == on_a[..],
+        "node b's replica was not rebuilt from a"
+    );
+    assert!(
+        replica_data(&a_files.pool)[..SIZE as usize] == on_a[..],
+        "node a's own replica differs from what it serves"
+    );
+    assert!(!serves(&b, "vm1"));
+    let events = a.cli_ok(&["events", "--volume", "vm1"]);
+    assert!(events.stdout.contains("resolved"), "{}", events.describe());
+}
