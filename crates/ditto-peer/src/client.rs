@@ -249,7 +249,15 @@ pub async fn delete_replica(
     timeout: Duration,
 ) -> Result<(), ConnectError> {
     let payload = crate::wire::encode_replica_ref(volume, replica);
-    control(addr, dial, (Kind::DeleteReplica, 0), payload, replica, timeout).await?;
+    control(
+        addr,
+        dial,
+        (Kind::DeleteReplica, 0),
+        payload,
+        replica,
+        timeout,
+    )
+    .await?;
     Ok(())
 }
 
@@ -266,8 +274,20 @@ pub async fn demote(
     timeout: Duration,
 ) -> Result<crate::wire::PrimaryClaim, ConnectError> {
     let payload = crate::wire::encode_replica_ref(volume, Uuid::nil());
-    let flags = if discard { crate::wire::DEMOTE_DISCARD } else { 0 };
-    let answer = control(addr, dial, (Kind::Demote, flags), payload, Uuid::nil(), timeout).await?;
+    let flags = if discard {
+        crate::wire::DEMOTE_DISCARD
+    } else {
+        0
+    };
+    let answer = control(
+        addr,
+        dial,
+        (Kind::Demote, flags),
+        payload,
+        Uuid::nil(),
+        timeout,
+    )
+    .await?;
     crate::wire::PrimaryClaim::decode(&answer.reply).map_err(|source| ConnectError::Protocol {
         addr: addr.into(),
         source,
@@ -282,7 +302,15 @@ pub async fn claim_primary(
     claim: &crate::wire::PrimaryClaim,
     timeout: Duration,
 ) -> Result<(), ConnectError> {
-    control(addr, dial, (Kind::Primary, 0), claim.encode(), Uuid::nil(), timeout).await?;
+    control(
+        addr,
+        dial,
+        (Kind::Primary, 0),
+        claim.encode(),
+        Uuid::nil(),
+        timeout,
+    )
+    .await?;
     Ok(())
 }
 
@@ -313,7 +341,15 @@ pub struct Pong {
 /// Connect to the node at `addr` (proving who each side is, with TLS), and
 /// time one request.
 pub async fn ping(addr: &str, dial: &Dial, timeout: Duration) -> Result<Pong, ConnectError> {
-    let answer = control(addr, dial, (Kind::Ping, 0), Bytes::new(), Uuid::nil(), timeout).await?;
+    let answer = control(
+        addr,
+        dial,
+        (Kind::Ping, 0),
+        Bytes::new(),
+        Uuid::nil(),
+        timeout,
+    )
+    .await?;
     Ok(Pong {
         version: answer.hello.version,
         rtt: answer.rtt,

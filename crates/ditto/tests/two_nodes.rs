@@ -510,11 +510,7 @@ fn promote_switches_the_primary_over_and_back() {
         .assert_failure();
     // While node a answers, the override is refused: a planned
     // switch-over loses nothing.
-    assert!(
-        out.stderr.contains("without --force"),
-        "{}",
-        out.describe()
-    );
+    assert!(out.stderr.contains("without --force"), "{}", out.describe());
     b.cli_ok(&["volume", "promote", "vm1"]);
     let v = b.wait_healthy("vm1");
     assert!(
@@ -652,7 +648,13 @@ fn forced_failover_fences_the_old_primary_and_catches_it_up() {
         let mut acked = Vec::new();
         for i in 0..200u64 {
             let pattern = (i % 250 + 1) as u8;
-            let out = qemu_io(&uri, &[format!("write -P {pattern:#x} {} {BLOCK}", i * BLOCK), "flush".into()]);
+            let out = qemu_io(
+                &uri,
+                &[
+                    format!("write -P {pattern:#x} {} {BLOCK}", i * BLOCK),
+                    "flush".into(),
+                ],
+            );
             if qemu_io_failed(&out) {
                 break;
             }
@@ -663,14 +665,23 @@ fn forced_failover_fences_the_old_primary_and_catches_it_up() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     a.stop_with(libc::SIGKILL);
     let acked = writer.join().expect("writer");
-    assert!(!acked.is_empty(), "no write was acknowledged before the kill");
+    assert!(
+        !acked.is_empty(),
+        "no write was acknowledged before the kill"
+    );
 
     let out = b.cli(&["volume", "promote", "vm1"]).assert_failure();
     assert!(out.stderr.contains("--force"), "{}", out.describe());
     b.cli_ok(&["volume", "promote", "vm1", "--force"]);
     let data = read_all(&b, dir.path(), "vm1");
     for i in &acked {
-        assert_pattern(&data, i * BLOCK, BLOCK, (i % 250 + 1) as u8, &format!("acknowledged block {i} after failover"));
+        assert_pattern(
+            &data,
+            i * BLOCK,
+            BLOCK,
+            (i % 250 + 1) as u8,
+            &format!("acknowledged block {i} after failover"),
+        );
     }
     let events = b.cli_ok(&["events", "--volume", "vm1"]);
     assert!(events.stdout.contains("by force"), "{}", events.describe());
@@ -680,20 +691,40 @@ fn forced_failover_fences_the_old_primary_and_catches_it_up() {
 
     // Node a comes back: fenced, it stops being the primary.
     let mut a2 = Daemon::start_with(&a_files.data, &["--config", s(&a_files.cfg)]);
-    wait_until("node a to step down", std::time::Duration::from_secs(30), || {
-        let st = a2.status();
-        (st["held"][0]["primary"] == "b").then_some(())
-    });
-    assert!(!serves(&a2, "vm1"), "the fenced old primary still serves vm1");
+    wait_until(
+        "node a to step down",
+        std::time::Duration::from_secs(30),
+        || {
+            let st = a2.status();
+            (st["held"][0]["primary"] == "b").then_some(())
+        },
+    );
+    assert!(
+        !serves(&a2, "vm1"),
+        "the fenced old primary still serves vm1"
+    );
     let events = a2.cli_ok(&["events", "--volume", "vm1"]);
-    assert!(events.stdout.contains("superseded"), "{}", events.describe());
+    assert!(
+        events.stdout.contains("superseded"),
+        "{}",
+        events.describe()
+    );
 
     // b catches a up by itself, copying what a missed, not the whole volume.
     let v = b.wait_healthy("vm1");
     let copied = v["copied_bytes"].as_u64().unwrap_or(u64::MAX);
-    assert!(copied < SIZE / 2, "a full copy ({copied} bytes) where a catch-up was due: {v:#}");
+    assert!(
+        copied < SIZE / 2,
+        "a full copy ({copied} bytes) where a catch-up was due: {v:#}"
+    );
     let data = read_all(&b, dir.path(), "vm1");
-    assert_pattern(&data, new_off, 2 * MIB, 0xEE, "b's write after the failover");
+    assert_pattern(
+        &data,
+        new_off,
+        2 * MIB,
+        0xEE,
+        "b's write after the failover",
+    );
     assert!(
         replica_data(&a_files.pool)[..SIZE as usize] == data[..],
         "node a's replica differs from the volume after the catch-up"
@@ -702,7 +733,10 @@ fn forced_failover_fences_the_old_primary_and_catches_it_up() {
     // And a planned switch-over back to a serves the same bytes.
     a2.cli_ok(&["volume", "promote", "vm1"]);
     a2.wait_healthy("vm1");
-    assert!(read_all(&a2, dir.path(), "vm1") == data, "data changed switching back");
+    assert!(
+        read_all(&a2, dir.path(), "vm1") == data,
+        "data changed switching back"
+    );
     assert!(!serves(&b, "vm1"));
     a2.stop();
 }
@@ -741,37 +775,64 @@ fn a_partition_with_writes_on_both_sides_is_a_split_brain_resolved_by_keep() {
 
     to_a.heal();
     to_b.heal();
-    wait_until("node a to step down", std::time::Duration::from_secs(30), || {
-        (a.status()["held"][0]["primary"] == "b").then_some(())
-    });
-    assert!(!serves(&a, "vm1"), "two primaries serve vm1 after the partition healed");
-    let v = wait_until("the split brain to be reported", std::time::Duration::from_secs(30), || {
-        let v = b.volume("vm1");
-        let split = v["replicas"]
-            .as_array()
-            .is_some_and(|rs| rs.iter().any(|r| r["state"] == "split-brain"));
-        split.then_some(v)
-    });
+    wait_until(
+        "node a to step down",
+        std::time::Duration::from_secs(30),
+        || (a.status()["held"][0]["primary"] == "b").then_some(()),
+    );
+    assert!(
+        !serves(&a, "vm1"),
+        "two primaries serve vm1 after the partition healed"
+    );
+    let v = wait_until(
+        "the split brain to be reported",
+        std::time::Duration::from_secs(30),
+        || {
+            let v = b.volume("vm1");
+            let split = v["replicas"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().any(|r| r["state"] == "split-brain"));
+            split.then_some(v)
+        },
+    );
     assert!(
         v["actions"].to_string().contains("resolve vm1 --keep"),
         "the fix is named: {v:#}"
     );
     let events = b.cli_ok(&["events", "--volume", "vm1"]);
-    assert!(events.stdout.contains("split brain"), "{}", events.describe());
+    assert!(
+        events.stdout.contains("split brain"),
+        "{}",
+        events.describe()
+    );
     // Not merged: b's data is its own, a's write is not there.
     let on_b = read_all(&b, dir.path(), "vm1");
     assert_pattern(&on_b, 2 * MIB, MIB, 0x33, "b's write during the partition");
     assert_pattern(&on_b, MIB, MIB, 0, "a's write must not be merged into b");
 
     // The losing side cannot resolve it; the kept side does.
-    let out = b.cli(&["volume", "resolve", "vm1", "--keep", "a"]).assert_failure();
+    let out = b
+        .cli(&["volume", "resolve", "vm1", "--keep", "a"])
+        .assert_failure();
     assert!(out.stderr.contains("on node a"), "{}", out.describe());
     a.cli_ok(&["volume", "resolve", "vm1", "--keep", "a"]);
     a.wait_healthy("vm1");
     let on_a = read_all(&a, dir.path(), "vm1");
     assert_pattern(&on_a, 0, MIB, 0x11, "the write before the partition");
-    assert_pattern(&on_a, MIB, MIB, 0x22, "a's write during the partition (kept)");
-    assert_pattern(&on_a, 2 * MIB, MIB, 0, "b's write during the partition (discarded)");
+    assert_pattern(
+        &on_a,
+        MIB,
+        MIB,
+        0x22,
+        "a's write during the partition (kept)",
+    );
+    assert_pattern(
+        &on_a,
+        2 * MIB,
+        MIB,
+        0,
+        "b's write during the partition (discarded)",
+    );
     assert!(
         replica_data(&b_files.pool)[..SIZE as usize] == on_a[..],
         "node b's replica was not rebuilt from a"

@@ -142,7 +142,10 @@ impl Node {
             let Ok(mut busy) = self.assembling.lock() else {
                 return false;
             };
-            let running = matches!(self.runtime(&record.name).as_deref(), Some(VolumeRuntime::Running(_)));
+            let running = matches!(
+                self.runtime(&record.name).as_deref(),
+                Some(VolumeRuntime::Running(_))
+            );
             if running || !busy.insert(record.name.clone()) {
                 tracing::debug!(volume = %record.name, "already running or being started; this start is dropped");
                 return false;
@@ -236,7 +239,10 @@ impl Node {
                 Ok(r) if r.uuid == record.uuid => r,
                 _ => return false,
             };
-            if matches!(self.runtime(&name).as_deref(), Some(VolumeRuntime::Running(_))) {
+            if matches!(
+                self.runtime(&name).as_deref(),
+                Some(VolumeRuntime::Running(_))
+            ) {
                 return false;
             }
             let (members, missing) = self.open_members(&record).await;

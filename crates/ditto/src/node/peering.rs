@@ -292,7 +292,12 @@ impl Node {
 
     /// Whether a newer primary of `record` was seen, and which.
     pub(super) fn superseded_by(&self, record: &VolumeRecord) -> Option<(String, u64)> {
-        let seen = self.superseded_seen.lock().ok()?.get(&record.uuid).cloned()?;
+        let seen = self
+            .superseded_seen
+            .lock()
+            .ok()?
+            .get(&record.uuid)
+            .cloned()?;
         if seen.1 > record.epoch {
             return Some(seen);
         }
@@ -303,7 +308,12 @@ impl Node {
     /// Hand `record` over to the newer primary that was seen, in the
     /// background (the caller may hold the control lock), and serve the
     /// replicas then held for it.
-    pub(super) fn spawn_become_secondary(self: &Arc<Self>, record: &VolumeRecord, by: String, epoch: u64) {
+    pub(super) fn spawn_become_secondary(
+        self: &Arc<Self>,
+        record: &VolumeRecord,
+        by: String,
+        epoch: u64,
+    ) {
         if self.record(&record.name).map_or(true, |r| r.epoch >= epoch) {
             return; // handed over already, or promoted here since
         }
@@ -329,7 +339,9 @@ impl Node {
                     }
                     tracing::warn!(volume = %volume, "no peer server: the replicas held for the new primary are served after a restart with peer_listen set");
                 }
-                Err(e) => tracing::error!(volume = %volume, error = %e, "could not hand the volume over to its new primary"),
+                Err(e) => {
+                    tracing::error!(volume = %volume, error = %e, "could not hand the volume over to its new primary")
+                }
             }
         });
     }
@@ -344,20 +356,32 @@ impl Node {
             epoch: record.epoch,
             members: self.member_refs(record),
         };
-        let nodes: std::collections::BTreeSet<&str> =
-            record.replicas.iter().filter_map(|r| r.node.as_deref()).collect();
+        let nodes: std::collections::BTreeSet<&str> = record
+            .replicas
+            .iter()
+            .filter_map(|r| r.node.as_deref())
+            .collect();
         let mut refused = Vec::new();
         for node in nodes {
             let Ok((addr, dial)) = self.dialer.dial(node) else {
                 continue;
             };
-            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3)).await {
+            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3))
+                .await
+            {
                 Ok(()) => {}
-                Err(ditto_peer::client::ConnectError::Superseded { node: by, epoch, why, .. }) => {
+                Err(ditto_peer::client::ConnectError::Superseded {
+                    node: by,
+                    epoch,
+                    why,
+                    ..
+                }) => {
                     self.note_superseded(record.uuid, by.clone(), epoch);
                     refused.push((node.to_string(), why));
                 }
-                Err(e) => tracing::debug!(node, error = %e, "primary claim not delivered; the node learns at the next one"),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "primary claim not delivered; the node learns at the next one")
+                }
             }
         }
         refused
@@ -369,7 +393,11 @@ impl Node {
     /// primary does not answer, this node takes the volume over without it
     /// (the operator's override): the other nodes holding replicas follow
     /// this node's newer epoch and refuse the old primary from then on.
-    pub async fn promote(self: &Arc<Self>, name: &str, force: bool) -> Result<VolumeInfo, ControlError> {
+    pub async fn promote(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> Result<VolumeInfo, ControlError> {
         self.take_over(
             name,
             if force {
@@ -381,7 +409,11 @@ impl Node {
         .await
     }
 
-    async fn take_over(self: &Arc<Self>, name: &str, how: Takeover) -> Result<VolumeInfo, ControlError> {
+    async fn take_over(
+        self: &Arc<Self>,
+        name: &str,
+        how: Takeover,
+    ) -> Result<VolumeInfo, ControlError> {
         validate::name("volume", name)?;
         if self.record(name).is_ok() {
             return Err(ControlError::InvalidRequest(format!(
@@ -402,7 +434,10 @@ impl Node {
         let force = how == Takeover::Force;
         let discard = how == Takeover::KeepThisSide;
         let (members, old_epoch) = if force {
-            (self.force_takeover(name, &held, &held_all).await?, held.epoch)
+            (
+                self.force_takeover(name, &held, &held_all).await?,
+                held.epoch,
+            )
         } else {
             let (addr, dial) = self
                 .dialer
@@ -654,7 +689,9 @@ impl Node {
             let Ok((addr, dial)) = self.dialer.dial(node) else {
                 continue;
             };
-            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3)).await {
+            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3))
+                .await
+            {
                 Ok(()) => {}
                 Err(ditto_peer::client::ConnectError::Superseded { why, .. }) => {
                     return Err(ControlError::InvalidRequest(format!(
