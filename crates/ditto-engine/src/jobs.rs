@@ -612,7 +612,9 @@ impl Volume {
         } else {
             ReaddPlan::FullRebuild
         };
-        let fresh = Arc::new(Member::new(id, member.label.clone(), backend));
+        let fresh = Arc::new(
+            Member::new(id, member.label.clone(), backend).in_domain(member.domain.clone()),
+        );
         if !covered {
             self.mark_full_rebuild(&fresh).await?;
         }

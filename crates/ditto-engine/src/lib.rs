@@ -23,6 +23,8 @@ pub use events::{Event, EventKind, EventSink, LogSink, SharedSink};
 pub use io::{Allocation, IoEngine, IoFile, ThreadPoolEngine};
 pub use jobs::{JobKind, JobProgress, ReaddPlan, ScrubReport};
 pub use membership::{KnownMembership, MembershipLog, MembershipLogRef};
-pub use volume::{EngineError, Member, MemberStatus, ReplicaState, Volume, VolumeOptions};
+pub use volume::{
+    EngineError, Member, MemberStatus, NoQuorum, ReplicaState, Volume, VolumeOptions,
+};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -34,6 +34,13 @@ use crate::read_policy;
 pub enum EngineError {
     #[error("volume {volume}: no in-sync replica is left; I/O is refused so nothing pretends to succeed. Check `ditto status {volume}`")]
     NoReplicas { volume: String },
+    #[error("volume {volume}: no quorum ({have} of {voters} nodes in sync, {need} needed): I/O is refused so that the nodes on the other side of a partition can take over without a split brain. Reconnect the nodes, or see `ditto status {volume}`")]
+    NoQuorum {
+        volume: String,
+        have: usize,
+        need: usize,
+        voters: usize,
+    },
     #[error("volume {volume}: request [{offset}, +{len}) is outside the volume ({size} bytes)")]
     OutOfRange {
         volume: String,
@@ -131,6 +138,9 @@ pub struct Member {
     /// out (a write the kernel holds lands whenever the disk wakes).
     abandoned: Arc<AtomicUsize>,
     drained: Arc<tokio::sync::Notify>,
+    /// The failure domain (node) the replica lives in; quorum counts
+    /// domains, not replicas. Empty: this node.
+    pub domain: String,
 }
 
 /// A snapshot of a member's state for status.
@@ -170,7 +180,14 @@ impl Member {
             errors: AtomicU64::new(0),
             abandoned: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
+            domain: String::new(),
         }
+    }
+
+    /// The same member, living in failure domain (node) `domain`.
+    pub fn in_domain(mut self, domain: impl Into<String>) -> Self {
+        self.domain = domain.into();
+        self
     }
 
     /// Operations abandoned at the timeout that have not completed yet.
@@ -278,6 +295,19 @@ pub struct VolumeOptions {
     /// split brain, `volume resolve --keep`): never current, left out of
     /// the split-brain check, and stale until rebuilt in full.
     pub discard: Vec<Uuid>,
+    /// Majority quorum over failure domains: I/O only while the in-sync
+    /// replicas span more than half of the volume's domains. None: off.
+    pub quorum: Option<NoQuorum>,
+}
+
+/// What a volume does without quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoQuorum {
+    /// New requests wait until quorum returns (or the volume closes);
+    /// requests in flight when it was lost fail.
+    Suspend,
+    /// Requests fail at once.
+    Error,
 }
 
 impl Default for VolumeOptions {
@@ -291,6 +321,7 @@ impl Default for VolumeOptions {
             membership_log: None,
             accept_stale: false,
             discard: Vec::new(),
+            quorum: None,
         }
     }
 }
@@ -822,6 +853,32 @@ impl Volume {
             .collect()
     }
 
+    /// (domains with an in-sync replica, domains in all, needed), when quorum is on.
+    pub fn quorum_state(&self) -> Option<(usize, usize, usize)> {
+        self.options.quorum?;
+        let members = self.member_list();
+        let all: std::collections::BTreeSet<&str> =
+            members.iter().map(|m| m.domain.as_str()).collect();
+        let live: std::collections::BTreeSet<&str> = members
+            .iter()
+            .filter(|m| m.state() == ReplicaState::InSync)
+            .map(|m| m.domain.as_str())
+            .collect();
+        Some((live.len(), all.len(), all.len() / 2 + 1))
+    }
+
+    fn check_quorum(&self) -> Result<(), EngineError> {
+        match self.quorum_state() {
+            Some((have, voters, need)) if have < need => Err(EngineError::NoQuorum {
+                volume: self.name.clone(),
+                have,
+                need,
+                voters,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn in_sync(&self) -> Vec<Arc<Member>> {
         self.with_state(&[ReplicaState::InSync])
     }
@@ -1295,6 +1352,13 @@ impl Volume {
     /// Admit a client request unless the volume is closed; `close` waits
     /// for every admitted request.
     async fn enter_io(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, EngineError> {
+        // Waits (suspend) outside the gate, so a close is never held up.
+        while let Err(e) = self.check_quorum() {
+            if self.is_closed() || self.options.quorum != Some(NoQuorum::Suspend) {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let guard = self.io_gate.read().await;
         if self.is_closed() {
             return Err(EngineError::Closed {
@@ -1479,12 +1543,16 @@ impl Volume {
                 Ok(())
             }
         })
-        .await
+        .await?;
+        // Not acknowledged if it reached only a minority: the other side
+        // of the partition may take the volume over without it.
+        self.check_quorum()
     }
 
     pub async fn flush(&self) -> Result<(), EngineError> {
         let _io = self.enter_io().await?;
-        self.flush_all().await
+        self.flush_all().await?;
+        self.check_quorum()
     }
 
     /// Flush every in-sync and rebuilding replica.
@@ -1523,7 +1591,8 @@ impl Volume {
             })
             .await
         })
-        .await
+        .await?;
+        self.check_quorum()
     }
 
     /// Allocation of a range, from one in-sync replica.

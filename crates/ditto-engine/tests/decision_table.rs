@@ -1,0 +1,200 @@
+//! The generation decision table of docs/replication.md, one test per row.
+//!
+//! A replica that comes back (a disk re-added, a node reconnected: both are
+//! `Volume::readd`) is compared with the running volume: its superblock
+//! (generation, its own view of the members, a rebuild cursor) against the
+//! volume's record of it (the generation at which it left). The comparison
+//! decides: nothing to copy, a catch-up by dirty map, a full rebuild, a
+//! split brain (refused), or not this volume's replica (refused). At start,
+//! `Volume::open` decides who is current by the same superblocks.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use ditto_engine::{EngineError, ReaddPlan, ReplicaState, VolumeOptions};
+
+const R: u64 = REGION as u64;
+
+fn state(v: &ditto_engine::Volume, i: usize) -> ReplicaState {
+    v.members()[i].state
+}
+
+/// Row 1: it left and nothing was written since: a catch-up of no regions.
+#[tokio::test]
+async fn row1_nothing_missed_copies_nothing() {
+    let f = Fixture::new(2).await;
+    let v = f.open_present(&[0, 1], options()).await.unwrap();
+    v.fail_replica(f.ids[1], "test").await.unwrap();
+    let plan = v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    assert_eq!(plan, ReaddPlan::CatchUp { regions: 0 });
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    assert_eq!(v.copied_bytes(), 0, "a catch-up of nothing copied data");
+}
+
+/// Row 2: it left at generation g and missed writes: the dirty map since g
+/// covers them, only those regions are copied.
+#[tokio::test]
+async fn row2_missed_writes_are_caught_up_by_the_dirty_map() {
+    let f = Fixture::new(2).await;
+    let v = f.open_present(&[0, 1], options()).await.unwrap();
+    v.fail_replica(f.ids[1], "test").await.unwrap();
+    v.write(3 * R, block(7), false).await.unwrap();
+    let plan = v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    assert_eq!(plan, ReaddPlan::CatchUp { regions: 1 });
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    assert!(
+        v.copied_bytes() <= R,
+        "copied {} bytes for one region",
+        v.copied_bytes()
+    );
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the catch-up");
+}
+
+/// Row 3: its superblock is older than the moment it left (an old copy of
+/// the disk came back): the dirty map does not reach back that far, so it
+/// is rebuilt in full.
+#[tokio::test]
+async fn row3_older_than_when_it_left_is_rebuilt_in_full() {
+    let f = Fixture::new(2).await;
+    let v = f.open_present(&[0, 1], options()).await.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    let old = f.dir.path().join("r1-old");
+    std::fs::copy(&f.paths[1], &old).unwrap();
+    // Membership changes move the generation on: out, back, out again.
+    v.fail_replica(f.ids[1], "test").await.unwrap();
+    v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    wait_idle(&v).await;
+    v.write(0, block(2), false).await.unwrap();
+    v.fail_replica(f.ids[1], "test").await.unwrap();
+    std::fs::copy(&old, &f.paths[1]).unwrap();
+    let plan = v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    assert_eq!(plan, ReaddPlan::FullRebuild);
+    wait_idle(&v).await;
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the rebuild");
+}
+
+/// Row 4: it took writes of its own after the others failed it out (it
+/// excludes a current member, at a generation not older than when it
+/// left): a split brain, refused and never merged.
+#[tokio::test]
+async fn row4_went_on_alone_is_a_split_brain() {
+    let f = Fixture::new(2).await;
+    {
+        let v = f.open_present(&[0, 1], options()).await.unwrap();
+        v.fail_replica(f.ids[1], "test").await.unwrap();
+        v.close().await.unwrap();
+    }
+    {
+        // Replica 1 alone (its own superblock still says in sync).
+        let v = f.open_present(&[1], options()).await.unwrap();
+        v.write(0, block(9), false).await.unwrap();
+        v.close().await.unwrap();
+    }
+    let v = f.open_present(&[0], options()).await.unwrap();
+    let before = f.data_area(1);
+    match v.readd(f.ids[1], f.backend(1).await, false).await {
+        Err(EngineError::SplitBrain { .. }) => {}
+        other => panic!("expected a split brain, got {other:?}"),
+    }
+    assert_ne!(state(&v, 1), ReplicaState::InSync);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(f.data_area(1) == before, "the refused replica was written");
+}
+
+/// Row 5: the operator chose the side to keep (`resolve --keep`, `readd
+/// --full`): the other is rebuilt in full whatever its superblock says.
+#[tokio::test]
+async fn row5_the_operators_choice_rebuilds_in_full() {
+    let f = Fixture::new(2).await;
+    {
+        let v = f.open_present(&[0, 1], options()).await.unwrap();
+        v.fail_replica(f.ids[1], "test").await.unwrap();
+        v.close().await.unwrap();
+    }
+    {
+        let v = f.open_present(&[1], options()).await.unwrap();
+        v.write(0, block(9), false).await.unwrap();
+        v.close().await.unwrap();
+    }
+    let v = f.open_present(&[0], options()).await.unwrap();
+    v.write(R, block(4), false).await.unwrap();
+    let plan = v.readd(f.ids[1], f.backend(1).await, true).await.unwrap();
+    assert_eq!(plan, ReaddPlan::FullRebuild);
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the operator's rebuild");
+}
+
+/// Row 6: another volume's or another replica's superblock: refused.
+#[tokio::test]
+async fn row6_someone_elses_replica_is_refused() {
+    let mut f = Fixture::new(2).await;
+    let v = f.open_present(&[0, 1], options()).await.unwrap();
+    v.fail_replica(f.ids[1], "test").await.unwrap();
+    let (_, stranger) = f.create_replica().await;
+    match v.readd(f.ids[1], stranger, false).await {
+        Err(EngineError::ReplicaMismatch { .. }) => {}
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+/// Open, row 7: the two sides of a split brain found together at start:
+/// the volume refuses to start rather than pick one.
+#[tokio::test]
+async fn row7_both_sides_at_start_refuse_to_start() {
+    let f = Fixture::new(2).await;
+    for alone in [0, 1] {
+        let v = f.open_present(&[alone], options()).await.unwrap();
+        v.write(0, block(alone as u8 + 1), false).await.unwrap();
+        v.close().await.unwrap();
+    }
+    match f.open_present(&[0, 1], options()).await {
+        Err(EngineError::SplitBrain { .. }) => {}
+        other => panic!("expected a split brain, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// Open, row 8: the same pair with one side discarded by the operator (the
+/// losing side of a split brain between nodes): the kept side is current,
+/// the other stale until rebuilt in full, and nothing of it is served.
+#[tokio::test]
+async fn row8_a_discarded_side_is_stale_and_rebuilt_from_the_kept_one() {
+    let f = Fixture::new(2).await;
+    for alone in [0, 1] {
+        let v = f.open_present(&[alone], options()).await.unwrap();
+        v.write(0, block(alone as u8 + 1), false).await.unwrap();
+        v.close().await.unwrap();
+    }
+    let v = f
+        .open_present(
+            &[0, 1],
+            VolumeOptions {
+                discard: vec![f.ids[1]],
+                ..options()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(state(&v, 0), ReplicaState::InSync);
+    assert_eq!(state(&v, 1), ReplicaState::Stale);
+    let read = v.read(0, 4096).await.unwrap();
+    assert_eq!(
+        read,
+        Bytes::from(vec![1u8; 4096]),
+        "served the discarded side"
+    );
+    let plan = v.readd(f.ids[1], f.backend(1).await, true).await.unwrap();
+    assert_eq!(plan, ReaddPlan::FullRebuild);
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after rebuilding the discarded side");
+}
