@@ -81,8 +81,34 @@ pub struct DaemonConfig {
     /// Seconds between attempts to reconnect replicas on other nodes that
     /// are out; one that answers is re-added (caught up). 0: only `replica readd`.
     pub peer_reconnect_secs: u64,
+    /// Quorum of a volume with replicas on several nodes: "off", or
+    /// "majority" (I/O only while its in-sync replicas span more than half
+    /// of its nodes, so no partition can make a split brain). Set it the
+    /// same on every node of the volume.
+    pub quorum: Quorum,
+    /// What a volume without quorum does: "suspend" (new requests wait
+    /// until quorum returns) or "error" (they fail at once).
+    pub on_no_quorum: OnNoQuorum,
     /// Per-volume overrides, `[volumes.NAME]`.
     pub volumes: std::collections::BTreeMap<String, VolumeConfig>,
+}
+
+/// `quorum`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quorum {
+    #[default]
+    Off,
+    Majority,
+}
+
+/// `on_no_quorum`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNoQuorum {
+    #[default]
+    Suspend,
+    Error,
 }
 
 /// `[nodes.NAME]`: another node.
@@ -122,6 +148,8 @@ pub struct VolumeConfig {
     pub start_degraded: Option<bool>,
     pub degraded_wait_secs: Option<u64>,
     pub scrub_interval_hours: Option<u64>,
+    pub quorum: Option<Quorum>,
+    pub on_no_quorum: Option<OnNoQuorum>,
 }
 
 impl Default for DaemonConfig {
@@ -156,6 +184,8 @@ impl Default for DaemonConfig {
             peer_listen: None,
             nodes: Default::default(),
             peer_reconnect_secs: 5,
+            quorum: Quorum::Off,
+            on_no_quorum: OnNoQuorum::Suspend,
             volumes: Default::default(),
         }
     }
@@ -329,6 +359,15 @@ impl DaemonConfig {
             .unwrap_or(self.start_degraded)
     }
 
+    /// Volume `name`'s quorum and what it does without one; None when off.
+    pub fn quorum_for(&self, name: &str) -> Option<OnNoQuorum> {
+        let v = self.volumes.get(name);
+        match v.and_then(|v| v.quorum).unwrap_or(self.quorum) {
+            Quorum::Off => None,
+            Quorum::Majority => Some(v.and_then(|v| v.on_no_quorum).unwrap_or(self.on_no_quorum)),
+        }
+    }
+
     pub fn degraded_wait_for(&self, name: &str) -> u64 {
         self.volumes
             .get(name)
@@ -413,6 +452,7 @@ mod tests {
         .unwrap();
         assert!(c.start_degraded_for("boot"));
         assert!(!c.start_degraded_for("data"));
+        assert_eq!(c.quorum_for("boot"), None);
         assert_eq!(c.degraded_wait_for("boot"), 5);
         assert_eq!(c.degraded_wait_for("data"), 30);
         let err = DaemonConfig::parse("[volumes.boot]\nstart_degradd = true\n", Path::new("x"))
@@ -422,6 +462,23 @@ mod tests {
             "{err}"
         );
         assert!(DaemonConfig::parse("resync_max_rate = \"fast\"", Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn quorum_is_off_by_default_and_set_per_volume() {
+        let c = DaemonConfig::parse(
+            "quorum = \"majority\"\non_no_quorum = \"error\"\n[volumes.scratch]\nquorum = \"off\"\n[volumes.db]\non_no_quorum = \"suspend\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.quorum_for("vm1"), Some(OnNoQuorum::Error));
+        assert_eq!(c.quorum_for("scratch"), None);
+        assert_eq!(c.quorum_for("db"), Some(OnNoQuorum::Suspend));
+        assert_eq!(DaemonConfig::default().quorum_for("vm1"), None);
+        let err = DaemonConfig::parse("quorum = \"most\"\n", Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quorum") && err.contains("majority"), "{err}");
     }
 
     #[test]

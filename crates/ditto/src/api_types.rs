@@ -203,6 +203,12 @@ pub struct VolumeInfo {
     pub copied_bytes: u64,
     /// Commands that would fix what is wrong, if anything.
     pub actions: Vec<String>,
+    /// Promotes so far (the primary's epoch; 0 for volumes from before epochs).
+    #[serde(default)]
+    pub epoch: u64,
+    /// With quorum on: "majority: 2 of 3 nodes in sync (2 needed)", or "lost: …".
+    #[serde(default)]
+    pub quorum: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

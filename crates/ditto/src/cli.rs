@@ -342,7 +342,13 @@ pub fn render_status(s: &StatusInfo) -> String {
             format_size(v.size),
             v.size
         ));
-        out.push_str(&format!("  generation: {}\n", v.generation));
+        out.push_str(&format!(
+            "  generation: {}  epoch: {}\n",
+            v.generation, v.epoch
+        ));
+        if let Some(q) = &v.quorum {
+            out.push_str(&format!("  quorum: {q}\n"));
+        }
         out.push_str(&format!("  export: {}\n", v.export));
         let rows: Vec<Vec<String>> = v
             .replicas

@@ -845,3 +845,170 @@ fn a_partition_with_writes_on_both_sides_is_a_split_brain_resolved_by_keep() {
     let events = a.cli_ok(&["events", "--volume", "vm1"]);
     assert!(events.stdout.contains("resolved"), "{}", events.describe());
 }
+
+/// Three nodes, each dialing the others through its own proxies, with
+/// `quorum = "majority"`: node X is isolated by cutting every proxy to and
+/// from it.
+struct ThreeNodes {
+    _dir: tempfile::TempDir,
+    nodes: Vec<(Daemon, NodeFiles)>,
+    /// proxies[(from, to)]: how node `from` reaches node `to`.
+    proxies: std::collections::BTreeMap<(usize, usize), common::proxy::Proxy>,
+}
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+impl ThreeNodes {
+    fn start() -> ThreeNodes {
+        let dir = tempfile::Builder::new()
+            .prefix("ditto-3n-")
+            .tempdir()
+            .expect("tempdir");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut proxies = std::collections::BTreeMap::new();
+        for from in 0..3 {
+            for to in 0..3 {
+                if from != to {
+                    proxies.insert(
+                        (from, to),
+                        common::proxy::Proxy::start(&format!("127.0.0.1:{}", ports[to])),
+                    );
+                }
+            }
+        }
+        let mut nodes = Vec::new();
+        for me in 0..3 {
+            let mut cfg = format!(
+                "node_name = \"{}\"\npeer_listen = \"127.0.0.1:{}\"\nio_timeout_secs = 2\npeer_reconnect_secs = 1\nquorum = \"majority\"\non_no_quorum = \"error\"\n",
+                NAMES[me], ports[me]
+            );
+            for other in (0..3).filter(|o| *o != me) {
+                cfg.push_str(&format!(
+                    "[nodes.{}]\naddress = \"{}\"\n",
+                    NAMES[other],
+                    proxies[&(me, other)].addr
+                ));
+            }
+            nodes.push(start_node(dir.path(), NAMES[me], &cfg));
+        }
+        ThreeNodes {
+            _dir: dir,
+            nodes,
+            proxies,
+        }
+    }
+
+    fn node(&self, i: usize) -> &Daemon {
+        &self.nodes[i].0
+    }
+
+    fn isolate(&self, i: usize) {
+        for ((from, to), p) in &self.proxies {
+            if *from == i || *to == i {
+                p.cut();
+            }
+        }
+    }
+
+    fn heal(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+
+    /// Whether node `i` acknowledges a write of `pattern` at `offset`.
+    fn write_acked(&self, i: usize, pattern: u8, offset: u64) -> bool {
+        let out = qemu_io(
+            &self.node(i).uri("vm1"),
+            &[
+                format!("write -P {pattern:#x} {offset} 65536"),
+                "flush".into(),
+            ],
+        );
+        !qemu_io_failed(&out)
+    }
+}
+
+/// Three nodes with majority quorum. The primary is cut off: it refuses
+/// writes (no quorum) instead of acknowledging what the others cannot see.
+/// `volume promote` on b needs no --force: b and c are a majority and hold
+/// every acknowledged write. Only b accepts writes. When the link heals,
+/// the old primary steps down, its replica (which took no acknowledged
+/// write) is rebuilt without operator action, and all three agree.
+#[test]
+fn three_nodes_with_majority_quorum_never_have_two_writing_primaries() {
+    let t = ThreeNodes::start();
+    let (a, b) = (t.node(0), t.node(1));
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0", "--pool",
+        "c:p0",
+    ]);
+    let v = a.wait_healthy("vm1");
+    assert!(
+        v["quorum"].as_str().is_some_and(|q| q.contains("3 of 3")),
+        "{v:#}"
+    );
+    assert!(
+        t.write_acked(0, 0x11, 0),
+        "a healthy primary refused a write"
+    );
+
+    t.isolate(0);
+    // The isolated primary fails b and c out, and then has no quorum.
+    assert!(
+        !t.write_acked(0, 0x22, 64 * KIB),
+        "the isolated primary acknowledged a write without quorum"
+    );
+    let v = a.volume("vm1");
+    assert!(
+        v["quorum"].as_str().is_some_and(|q| q.starts_with("LOST")),
+        "{v:#}"
+    );
+    // b reaches c: a majority, so no --force is needed.
+    b.cli_ok(&["volume", "promote", "vm1"]);
+    assert!(
+        t.write_acked(1, 0x33, 128 * KIB),
+        "the new primary refused a write"
+    );
+    assert!(
+        !t.write_acked(0, 0x44, 192 * KIB),
+        "two primaries accept writes"
+    );
+
+    t.heal();
+    wait_until(
+        "node a to step down",
+        std::time::Duration::from_secs(30),
+        || (a.status()["held"][0]["primary"] == "b").then_some(()),
+    );
+    let v = b.wait_healthy("vm1");
+    assert!(
+        v["quorum"].as_str().is_some_and(|q| q.contains("3 of 3")),
+        "{v:#}"
+    );
+    let data = read_all(b, t._dir.path(), "vm1");
+    assert_pattern(&data, 0, 64 * KIB, 0x11, "the write before the partition");
+    assert_pattern(&data, 128 * KIB, 64 * KIB, 0x33, "the new primary's write");
+    assert_pattern(
+        &data,
+        64 * KIB,
+        64 * KIB,
+        0,
+        "a refused write must not appear",
+    );
+    assert_pattern(
+        &data,
+        192 * KIB,
+        64 * KIB,
+        0,
+        "a refused write must not appear",
+    );
+    for (_, files) in &t.nodes {
+        assert!(
+            replica_data(&files.pool)[..SIZE as usize] == data[..],
+            "a replica differs after the heal ({})",
+            files.pool.display()
+        );
+    }
+}

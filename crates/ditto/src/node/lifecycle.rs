@@ -63,6 +63,57 @@ impl Node {
         Ok(FileReplica::open_on(file, location, record.uuid).await?)
     }
 
+    /// A volume member for replica `r`, in its node's failure domain.
+    pub(super) fn member(&self, r: &ReplicaRecord, backend: Arc<dyn ReplicaBackend>) -> Member {
+        let node = r
+            .node
+            .clone()
+            .unwrap_or_else(|| self.config.node_name.clone());
+        Member::new(r.id, r.pool.clone(), backend).in_domain(node)
+    }
+
+    /// The engine options of volume `name` (its quorum setting).
+    pub(super) fn options_for(&self, name: &str) -> VolumeOptions {
+        use ditto_control::config::OnNoQuorum;
+        VolumeOptions {
+            quorum: self.config.quorum_for(name).map(|q| match q {
+                OnNoQuorum::Suspend => ditto_engine::NoQuorum::Suspend,
+                OnNoQuorum::Error => ditto_engine::NoQuorum::Error,
+            }),
+            ..self.volume_options.clone()
+        }
+    }
+
+    /// With quorum on, whether the replicas opened span a majority of the
+    /// volume's nodes; a minority must not start (its own start would
+    /// record the others as failed, and it may not write anyway).
+    pub(super) fn quorum_reachable(
+        &self,
+        record: &VolumeRecord,
+        members: &[Member],
+    ) -> Result<(), String> {
+        if self.config.quorum_for(&record.name).is_none() {
+            return Ok(());
+        }
+        let all: std::collections::BTreeSet<&str> =
+            members.iter().map(|m| m.domain.as_str()).collect();
+        let present: std::collections::BTreeSet<&str> = members
+            .iter()
+            .filter(|m| m.backend.is_present())
+            .map(|m| m.domain.as_str())
+            .collect();
+        let need = all.len() / 2 + 1;
+        if present.len() >= need {
+            return Ok(());
+        }
+        Err(format!(
+            "no quorum: replicas reachable on {} of {} nodes ({}), {need} needed; waiting for the others (quorum = \"majority\")",
+            present.len(),
+            all.len(),
+            present.iter().copied().collect::<Vec<_>>().join(", ")
+        ))
+    }
+
     /// Open every replica; those that cannot be opened become placeholders.
     pub(super) async fn open_members(&self, record: &VolumeRecord) -> (Vec<Member>, Vec<String>) {
         let mut members = Vec::new();
@@ -87,7 +138,7 @@ impl Node {
                         continue;
                     }
                 };
-            members.push(Member::new(r.id, r.pool.clone(), backend));
+            members.push(self.member(r, backend));
         }
         (members, missing)
     }
@@ -110,7 +161,7 @@ impl Node {
             VolumeOptions {
                 accept_stale,
                 discard,
-                ..self.volume_options.clone()
+                ..self.options_for(&record.name)
             },
             self.events.clone(),
         )
@@ -248,6 +299,18 @@ impl Node {
             let (members, missing) = self.open_members(&record).await;
             if missing.is_empty() {
                 return self.assemble(&record, members, force_stale).await;
+            }
+            // Without quorum it waits for the other nodes whatever the
+            // degraded policy (or hands over once they say it was superseded).
+            if let Err(why) = self.quorum_reachable(&record, &members) {
+                if let Some((by, epoch)) = self.superseded_by(&record) {
+                    self.spawn_become_secondary(&record, by, epoch);
+                    return false;
+                }
+                self.set_runtime(&name, Some(VolumeRuntime::Starting(why)));
+                drop(members);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -431,8 +431,9 @@ impl Node {
                 "this node holds no replica of volume {name:?}, so it cannot become its primary"
             )));
         };
-        let force = how == Takeover::Force;
+        let mut force = how == Takeover::Force;
         let discard = how == Takeover::KeepThisSide;
+        let quorum = self.config.quorum_for(name).is_some();
         let (members, old_epoch) = if force {
             (
                 self.force_takeover(name, &held, &held_all).await?,
@@ -443,15 +444,31 @@ impl Node {
                 .dialer
                 .dial(&held.primary)
                 .map_err(ControlError::InvalidRequest)?;
-            let handed = ditto_peer::client::demote(&addr, &dial, held.volume, discard, crate::peers::PEER_TIMEOUT)
-                .await
-                .map_err(|e| {
-                    ControlError::Engine(format!(
+            match ditto_peer::client::demote(&addr, &dial, held.volume, discard, crate::peers::PEER_TIMEOUT).await {
+                Ok(handed) => (handed.members, handed.epoch.max(held.epoch)),
+                // With quorum, a majority of the nodes proves what is
+                // current: the primary's consent is not needed.
+                // (Any failure to talk to it counts; an explicit refusal, such
+                // as "not in sync", does not.)
+                Err(e)
+                    if quorum
+                        && how == Takeover::Planned
+                        && !matches!(
+                            e,
+                            ditto_peer::client::ConnectError::Refused { .. }
+                                | ditto_peer::client::ConnectError::Superseded { .. }
+                        ) =>
+                {
+                    force = true;
+                    (self.force_takeover(name, &held, &held_all).await?, held.epoch)
+                }
+                Err(e) => {
+                    return Err(ControlError::Engine(format!(
                         "node {} (the primary of {name}) did not hand it over: {e}. Without it this node's replica cannot be proven current; if node {} is dead, `ditto volume promote {name} --force` takes it over without it (writes it acknowledged after its last contact with this node are lost)",
                         held.primary, held.primary
-                    ))
-                })?;
-            (handed.members, handed.epoch.max(held.epoch))
+                    )))
+                }
+            }
         };
         let epoch = old_epoch + 1;
         let own = FileReplica::open(self.engine.as_ref(), &held.path, held.volume)
@@ -532,6 +549,15 @@ impl Node {
                 format!(
                     "split brain resolved by the operator: keeping node {me}'s side of {name}; node {}'s replicas are rebuilt from it in full (its writes since the split are discarded)",
                     held.primary
+                ),
+            );
+        } else if force && quorum {
+            self.emit(
+                EventKind::VolumeStarted,
+                name,
+                format!(
+                    "promoted with quorum: node {} did not answer, and a majority of {name}'s nodes took part, so this node is its primary at epoch {epoch}; node {} is fenced and caught up when it returns",
+                    held.primary, held.primary
                 ),
             );
         } else if force {
@@ -680,11 +706,38 @@ impl Node {
             epoch: held.epoch + 1,
             members: members.clone(),
         };
-        let nodes: std::collections::BTreeSet<&str> = members
+        let voters: std::collections::BTreeSet<&str> =
+            members.iter().map(|m| m.node.as_str()).collect();
+        let nodes: Vec<&str> = voters
             .iter()
-            .map(|m| m.node.as_str())
+            .copied()
             .filter(|n| *n != me && *n != held.primary)
             .collect();
+        // With quorum, a majority of the volume's nodes must answer before
+        // any is told: the replicas they hold prove what is current (every
+        // acknowledged write is on a majority), and a minority may not write.
+        if self.config.quorum_for(name).is_some() {
+            let mut reached = vec![me.clone()];
+            for node in &nodes {
+                if let Ok((addr, dial)) = self.dialer.dial(node) {
+                    if ditto_peer::client::ping(&addr, &dial, Duration::from_secs(3))
+                        .await
+                        .is_ok()
+                    {
+                        reached.push(node.to_string());
+                    }
+                }
+            }
+            let need = voters.len() / 2 + 1;
+            if reached.len() < need {
+                return Err(ControlError::InvalidRequest(format!(
+                    "no quorum: this node reaches {} of the {} nodes of {name} ({}), {need} needed (quorum = \"majority\"); not promoted. Reconnect the nodes and retry",
+                    reached.len(),
+                    voters.len(),
+                    reached.join(", ")
+                )));
+            }
+        }
         for node in nodes {
             let Ok((addr, dial)) = self.dialer.dial(node) else {
                 continue;
@@ -825,6 +878,25 @@ impl Node {
                         tracing::info!(volume = %name, replica = %r.pool, ?plan, "replica on another node is back; re-added");
                         drop(_guard);
                         self.announce_primary(&record).await;
+                    }
+                    // With quorum the returning side had no majority, so it
+                    // acknowledged nothing of its own: it is rebuilt.
+                    Err(ditto_engine::EngineError::SplitBrain { .. })
+                        if self.config.quorum_for(&name).is_some() =>
+                    {
+                        let rebuilt = match self.open_replica(&record, r).await {
+                            Ok(b) => volume.readd(r.id, b, true).await.map(|_| ()),
+                            Err(e) => Err(ditto_engine::EngineError::Backend(e)),
+                        };
+                        let msg = format!(
+                            "the replica on node {} took writes on its own while cut off, without quorum, so none was acknowledged: it is rebuilt from this side ({})",
+                            r.node.as_deref().unwrap_or("?"),
+                            match &rebuilt {
+                                Ok(()) => "started".to_string(),
+                                Err(e) => format!("not started: {e}; retried"),
+                            }
+                        );
+                        self.emit(EventKind::SplitBrainResolved, &name, msg);
                     }
                     Err(ditto_engine::EngineError::SplitBrain { .. }) => {
                         let why = format!(

@@ -94,7 +94,7 @@ impl Node {
             self.discard_replica(&replica, record.uuid);
             return Err(e);
         }
-        let member = Member::new(replica.id, pool_name, backend as Arc<dyn ReplicaBackend>);
+        let member = self.member(&replica, backend as Arc<dyn ReplicaBackend>);
         if let Err(e) = volume.add_replica(member).await {
             record.replicas.retain(|r| r.id != replica.id);
             let _ = self.store.update_volume(&record);

@@ -216,14 +216,14 @@ impl Node {
         };
         let members = created
             .iter()
-            .map(|(r, b)| Member::new(r.id, r.pool.clone(), b.clone() as Arc<dyn ReplicaBackend>))
+            .map(|(r, b)| self.member(r, b.clone() as Arc<dyn ReplicaBackend>))
             .collect();
         let volume = match Volume::open(
             &record.name,
             uuid,
             size,
             members,
-            self.volume_options.clone(),
+            self.options_for(&req.name),
             self.events.clone(),
         )
         .await
@@ -362,6 +362,8 @@ impl Node {
             region_size: u64::from(record.region_size),
             copied_bytes: 0,
             actions: Vec::new(),
+            epoch: record.epoch,
+            quorum: None,
         };
         match runtime.as_deref() {
             Some(VolumeRuntime::Running(v)) => {
@@ -401,6 +403,23 @@ impl Node {
                 }
                 .into();
                 info.generation = v.generation();
+                info.quorum = v.quorum_state().map(|(have, voters, need)| {
+                    let word = if have >= need { "majority" } else { "LOST" };
+                    format!("{word}: {have} of {voters} nodes in sync ({need} needed)")
+                });
+                if info
+                    .quorum
+                    .as_deref()
+                    .is_some_and(|q| q.starts_with("LOST"))
+                {
+                    info.actions.push(format!(
+                        "no quorum: I/O is {} until a majority of {name}'s nodes is back in sync; reconnect them (`ditto node list`)",
+                        match self.config.quorum_for(name) {
+                            Some(ditto_control::config::OnNoQuorum::Error) => "refused",
+                            _ => "suspended",
+                        }
+                    ));
+                }
                 info.job = v.job().map(job_info);
                 info.last_scrub = v.last_scrub().map(scrub_info);
                 info.dirty_regions = v.dirty_regions();
