@@ -596,7 +596,11 @@ impl Volume {
         let since = member_since(&member);
         // A replica whose rebuild did not finish holds a cursor: the dirty
         // map never covered what it lacks, so it is rebuilt (from the cursor).
+        // A replica of an older primary's epoch that moved on after it left
+        // holds writes no dirty map here covers.
+        let went_on_under_older_primary = sb.epoch < self.options.epoch && sb.generation >= since;
         let covered = !force_full
+            && !went_on_under_older_primary
             && sb.rebuild_cursor.is_none()
             && sb.generation + 1 >= since
             && sb.generation <= self.generation()

@@ -298,6 +298,8 @@ pub struct VolumeOptions {
     /// Majority quorum over failure domains: I/O only while the in-sync
     /// replicas span more than half of the volume's domains. None: off.
     pub quorum: Option<NoQuorum>,
+    /// The primary's promote epoch, written into every superblock.
+    pub epoch: u64,
 }
 
 /// What a volume does without quorum.
@@ -322,6 +324,7 @@ impl Default for VolumeOptions {
             accept_stale: false,
             discard: Vec::new(),
             quorum: None,
+            epoch: 0,
         }
     }
 }
@@ -424,7 +427,11 @@ impl Volume {
             .iter()
             .filter(|m| m.backend.is_present() && !options.discard.contains(&m.id))
             .collect();
+        // The volume goes on past every generation present (a replica's node
+        // refuses requests older than its superblock); who is current is
+        // decided by epoch first, then generation.
         let mut generation = 0;
+        let mut newest = (0, 0);
         for m in &present {
             let sb = m.backend.superblock();
             let mismatch = |why: String| EngineError::ReplicaMismatch {
@@ -448,6 +455,7 @@ impl Volume {
                 )));
             }
             generation = generation.max(sb.generation);
+            newest = newest.max(sb.order_key());
         }
         let Some(layout) = present.first().map(|m| m.backend.superblock().layout) else {
             return Err(EngineError::Refused {
@@ -458,7 +466,9 @@ impl Volume {
         for (i, a) in present.iter().enumerate() {
             for b in &present[i + 1..] {
                 let (sa, sbb) = (a.backend.superblock(), b.backend.superblock());
-                if excludes(&sa, b.id) && excludes(&sbb, a.id) {
+                // Across epochs the newer primary's record wins: the older
+                // side is stale, found again (split brain or rebuild) at its re-add.
+                if sa.epoch == sbb.epoch && excludes(&sa, b.id) && excludes(&sbb, a.id) {
                     let e = EngineError::SplitBrain {
                         volume: name.clone(),
                         a: a.backend.location().to_string(),
@@ -481,7 +491,7 @@ impl Volume {
             .iter()
             .map(|m| m.backend.superblock())
             .filter(|sb| {
-                sb.generation == generation && self_in_sync(sb) && sb.rebuild_cursor.is_none()
+                sb.order_key() == newest && self_in_sync(sb) && sb.rebuild_cursor.is_none()
             })
             .collect();
         let current: Vec<Superblock> = candidates
@@ -1233,6 +1243,7 @@ impl Volume {
             let writes = members.iter().map(|m| {
                 let mut sb = m.backend.superblock();
                 sb.generation = generation;
+                sb.epoch = sb.epoch.max(self.options.epoch);
                 sb.clean = clean;
                 sb.replica_set = set.clone();
                 sb.rebuild_cursor = None;

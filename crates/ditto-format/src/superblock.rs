@@ -14,7 +14,11 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Features a reader may ignore.
 pub const COMPAT_KNOWN: u64 = 0;
 /// Features a reader may ignore if it only reads.
-pub const RO_COMPAT_KNOWN: u64 = 0;
+pub const RO_COMPAT_KNOWN: u64 = RO_COMPAT_EPOCH;
+/// The superblock carries the primary's epoch (bytes 156..164). A writer
+/// that does not know it would reset it to 0 and so make the replica look
+/// older than it is; a reader may ignore it.
+pub const RO_COMPAT_EPOCH: u64 = 1;
 /// Features a reader must understand to touch the replica at all.
 pub const INCOMPAT_KNOWN: u64 = 0;
 /// Most members a replica set can record.
@@ -64,6 +68,11 @@ pub struct Superblock {
     pub replica_uuid: Uuid,
     pub layout: Layout,
     pub generation: u64,
+    /// The promote epoch of the primary that wrote this superblock (0 for
+    /// replicas never driven across nodes). Orders superblocks before the
+    /// generation does: a newer primary's generations supersede an older
+    /// one's, even a numerically higher one it made while cut off.
+    pub epoch: u64,
     /// True when the volume was closed cleanly (all writes flushed, mirrors equal).
     pub clean: bool,
     pub created_unix: u64,
@@ -112,6 +121,11 @@ fn get_uuid(b: &[u8], at: usize) -> Uuid {
 }
 
 impl Superblock {
+    /// Which of two superblocks of one volume is newer: epoch first, then generation.
+    pub fn order_key(&self) -> (u64, u64) {
+        (self.epoch, self.generation)
+    }
+
     /// A fresh superblock for a new replica (sequence 0, generation 1, clean).
     pub fn new(volume_uuid: Uuid, replica_uuid: Uuid, layout: Layout, now_unix: u64) -> Self {
         Superblock {
@@ -123,6 +137,7 @@ impl Superblock {
             replica_uuid,
             layout,
             generation: 1,
+            epoch: 0,
             clean: true,
             created_unix: now_unix,
             updated_unix: now_unix,
@@ -150,7 +165,12 @@ impl Superblock {
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.compat.to_le_bytes());
-        b[24..32].copy_from_slice(&self.ro_compat.to_le_bytes());
+        let ro_compat = if self.epoch != 0 {
+            self.ro_compat | RO_COMPAT_EPOCH
+        } else {
+            self.ro_compat & !RO_COMPAT_EPOCH
+        };
+        b[24..32].copy_from_slice(&ro_compat.to_le_bytes());
         b[32..40].copy_from_slice(&self.incompat.to_le_bytes());
         b[40..48].copy_from_slice(&self.sequence.to_le_bytes());
         b[48..64].copy_from_slice(self.volume_uuid.as_bytes());
@@ -167,6 +187,7 @@ impl Superblock {
         b[136..144].copy_from_slice(&self.updated_unix.to_le_bytes());
         b[144..148].copy_from_slice(&(self.replica_set.len() as u32).to_le_bytes());
         b[148..156].copy_from_slice(&self.rebuild_cursor.unwrap_or(u64::MAX).to_le_bytes());
+        b[156..164].copy_from_slice(&self.epoch.to_le_bytes());
         for (i, e) in self.replica_set.iter().enumerate() {
             let at = HEADER_LEN + i * ENTRY_LEN;
             b[at..at + 16].copy_from_slice(e.replica.as_bytes());
@@ -246,6 +267,11 @@ impl Superblock {
             replica_uuid: get_uuid(b, 64),
             layout,
             generation: get_u64(b, 120),
+            epoch: if get_u64(b, 24) & RO_COMPAT_EPOCH != 0 {
+                get_u64(b, 156)
+            } else {
+                0
+            },
             clean: get_u32(b, 116) & FLAG_CLEAN != 0,
             created_unix: get_u64(b, 128),
             updated_unix: get_u64(b, 136),
@@ -304,6 +330,31 @@ impl Superblock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_round_trips_and_is_zero_in_older_superblocks() {
+        let mut sb = Superblock::new(
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Layout::new(1 << 30, 1 << 20).unwrap(),
+            7,
+        );
+        sb.epoch = 5;
+        let enc = sb.encode().unwrap();
+        let back = Superblock::decode(&enc).unwrap();
+        assert_eq!(back.epoch, 5);
+        assert_ne!(back.ro_compat & RO_COMPAT_EPOCH, 0);
+        sb.epoch = 0;
+        let old = sb.encode().unwrap();
+        assert_eq!(
+            &old[156..164],
+            &[0u8; 8],
+            "no epoch written before epochs existed"
+        );
+        let back = Superblock::decode(&old).unwrap();
+        assert_eq!((back.epoch, back.ro_compat), (0, 0));
+        assert!(back.order_key() < (1, 0));
+    }
     use crate::layout::DEFAULT_REGION_SIZE;
     use proptest::prelude::*;
 

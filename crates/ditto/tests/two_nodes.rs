@@ -1012,3 +1012,97 @@ fn three_nodes_with_majority_quorum_never_have_two_writing_primaries() {
         );
     }
 }
+
+impl ThreeNodes {
+    /// The nodes that run vm1 as its primary.
+    fn primaries(&self) -> Vec<usize> {
+        (0..3)
+            .filter(|i| self.node(*i).find_volume("vm1").is_some())
+            .collect()
+    }
+}
+
+/// Random partitions (seeded, bounded: 6 rounds) with majority quorum:
+/// each round isolates one node or none, every node that is not primary
+/// tries `volume promote`, then every node tries a write. At most one node
+/// acknowledges a write in a round, and after the last heal every
+/// acknowledged write reads back from the one primary left.
+#[test]
+fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
+    let t = ThreeNodes::start();
+    let size = SIZE.to_string();
+    t.node(0).cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0", "--pool",
+        "c:p0",
+    ]);
+    t.node(0).wait_healthy("vm1");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let mut acked: Vec<(u64, u8)> = Vec::new();
+    for round in 0..6u64 {
+        t.heal();
+        let isolated = next(4) as usize; // 3: none
+        if isolated < 3 {
+            t.isolate(isolated);
+        }
+        for i in 0..3 {
+            if !t.primaries().contains(&i) {
+                let _ = t.node(i).cli(&["volume", "promote", "vm1"]);
+            }
+        }
+        let mut acks = Vec::new();
+        for i in 0..3 {
+            let offset = (round * 3 + i as u64) * 64 * KIB;
+            let pattern = (round * 3 + i as u64 + 1) as u8;
+            if t.primaries().contains(&i) && t.write_acked(i, pattern, offset) {
+                acks.push(i);
+                acked.push((offset, pattern));
+            }
+        }
+        assert!(
+            acks.len() <= 1,
+            "round {round} (isolated {isolated}): nodes {acks:?} all acknowledged writes"
+        );
+    }
+    t.heal();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let primary = loop {
+        let p = t.primaries();
+        if p.len() == 1 && t.node(p[0]).volume("vm1")["state"] == "healthy" {
+            break p[0];
+        }
+        if std::time::Instant::now() > deadline {
+            let all: Vec<String> = (0..3)
+                .map(|i| {
+                    format!(
+                        "node {}: {:#}\nevents:\n{}",
+                        NAMES[i],
+                        t.node(i).status(),
+                        t.node(i).cli_ok(&["events"]).stdout
+                    )
+                })
+                .collect();
+            panic!(
+                "no single healthy primary 90 s after the last heal (primaries {p:?}):\n{}",
+                all.join("\n")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    let data = read_all(t.node(primary), t._dir.path(), "vm1");
+    assert!(!acked.is_empty(), "no round acknowledged any write");
+    for (offset, pattern) in &acked {
+        assert_pattern(
+            &data,
+            *offset,
+            64 * KIB,
+            *pattern,
+            "an acknowledged write after the partitions",
+        );
+    }
+}

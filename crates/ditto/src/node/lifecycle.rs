@@ -161,6 +161,7 @@ impl Node {
             VolumeOptions {
                 accept_stale,
                 discard,
+                epoch: record.epoch,
                 ..self.options_for(&record.name)
             },
             self.events.clone(),

@@ -223,7 +223,10 @@ impl Node {
             uuid,
             size,
             members,
-            self.options_for(&req.name),
+            VolumeOptions {
+                epoch: 1,
+                ..self.options_for(&req.name)
+            },
             self.events.clone(),
         )
         .await
