@@ -85,6 +85,17 @@ pub struct HeldReplicaRecord {
     pub members: Vec<HeldMember>,
 }
 
+/// A node added with `ditto node add` (store table `nodes`, keyed by name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    pub version: u32,
+    pub name: String,
+    /// Its peer address, HOST:PORT.
+    pub address: String,
+    pub added_unix: u64,
+}
+
 /// One replica of a volume, as a node holding another of its replicas knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::ControlError;
-use crate::model::{HeldReplicaRecord, MembershipRecord, PoolRecord, VolumeRecord, RECORD_VERSION};
+use crate::model::{
+    HeldReplicaRecord, MembershipRecord, NodeRecord, PoolRecord, VolumeRecord, RECORD_VERSION,
+};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
@@ -21,6 +23,8 @@ const MEMBERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("membershi
 /// Replicas held for primaries on other nodes, keyed by replica uuid.
 /// Added without a schema bump: an older ditto never opens it.
 const HELD: TableDefinition<&str, &[u8]> = TableDefinition::new("held_replicas");
+/// Nodes added with `ditto node add` (beside the config's `[nodes]`).
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const SCHEMA_KEY: &str = "schema_version";
 /// Version of the store's table layout.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -67,6 +71,7 @@ impl Store {
             tx.open_table(VOLUMES).map_err(store_err)?;
             tx.open_table(MEMBERSHIP).map_err(store_err)?;
             tx.open_table(HELD).map_err(store_err)?;
+            tx.open_table(NODES).map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
         Ok(Store { db })
@@ -203,6 +208,26 @@ impl Store {
                 .map_err(store_err)?;
         }
         tx.commit().map_err(store_err)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, ControlError> {
+        let nodes: Vec<NodeRecord> = self.list(NODES)?;
+        check_versions(nodes.iter().map(|n| (n.name.as_str(), n.version)))?;
+        Ok(nodes)
+    }
+
+    /// Record a node; fails if the name exists.
+    pub fn insert_node(&self, node: &NodeRecord) -> Result<(), ControlError> {
+        self.insert_new(NODES, &node.name, encode(node)?, || {
+            ControlError::InvalidRequest(format!(
+                "node {:?} is known already; `ditto node remove {}` first to change its address",
+                node.name, node.name
+            ))
+        })
+    }
+
+    pub fn delete_node(&self, name: &str) -> Result<bool, ControlError> {
+        self.delete(NODES, name)
     }
 
     /// Replace a held replica's record (its primary, epoch or member list changed).

@@ -336,6 +336,8 @@ pub struct Pong {
     pub version: u16,
     /// Round trip of one request on an open session.
     pub rtt: Duration,
+    /// The name the node gave for itself.
+    pub node: String,
 }
 
 /// Connect to the node at `addr` (proving who each side is, with TLS), and
@@ -353,6 +355,7 @@ pub async fn ping(addr: &str, dial: &Dial, timeout: Duration) -> Result<Pong, Co
     Ok(Pong {
         version: answer.hello.version,
         rtt: answer.rtt,
+        node: String::from_utf8_lossy(&answer.reply).into_owned(),
     })
 }
 

@@ -543,7 +543,8 @@ impl PeerServer {
                         }
                     },
                 },
-                Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                // The reply names this node: `node add` checks it is the one meant.
+                Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::from(self.node.clone())),
                 Kind::Primary => match crate::wire::PrimaryClaim::decode(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
                     Ok(claim) => match self.registry.claim(peer, claim).await {

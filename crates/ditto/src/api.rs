@@ -121,7 +121,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}/replicas/readd", post(readd_replica))
         .route("/v1/volumes/{name}/replicas/fail", post(fail_replica))
         .route("/v1/volumes/{name}/replicas/remove", post(remove_replica))
-        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes", get(list_nodes).post(add_node))
+        .route("/v1/nodes/{name}", delete(remove_node))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async {
             ApiError(ControlError::InvalidRequest(
@@ -149,6 +150,22 @@ async fn list_nodes(
     State(node): State<Arc<Node>>,
 ) -> ApiResult<Vec<crate::api_types::PeerNodeInfo>> {
     Ok(Json(node.dialer().probe_all().await))
+}
+
+async fn add_node(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<crate::api_types::AddNode>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::api_types::PeerNodeInfo>), ApiError> {
+    let Json(req) = body.map_err(bad_body)?;
+    Ok((StatusCode::CREATED, Json(node.add_node(req).await?)))
+}
+
+async fn remove_node(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.remove_node(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_pools(State(node): State<Arc<Node>>) -> ApiResult<Vec<crate::api_types::PoolInfo>> {
@@ -327,10 +344,13 @@ pub fn openapi_document() -> serde_json::Value {
                 "get": {"summary": "List pools", "responses": {"200": {"description": "pools", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Pool"}}}}}}},
                 "post": {"summary": "Create a directory pool", "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CreatePool"}}}},
                     "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Pool"}}}}, "400": err, "409": err}}},
-            "/v1/nodes": {"get": {"summary": "The other nodes in this node's config, each tried now: connected, round trip, protocol version, or why not",
-                "responses": {"200": {"description": "nodes", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object",
-                    "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "connected": {"type": "boolean"},
-                        "rtt_ms": {"type": ["number", "null"]}, "protocol": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]}}}}}}}}}},
+            "/v1/nodes": {"get": {"summary": "The other nodes this node knows (config [nodes] and `node add`), each tried now: connected, round trip, protocol version, or why not",
+                "responses": {"200": {"description": "nodes", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/PeerNode"}}}}}}},
+                "post": {"summary": "Add a node: it must answer at the address under that name", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["name", "address"], "additionalProperties": false,
+                    "properties": {"name": {"type": "string"}, "address": {"type": "string"}}}}}},
+                    "responses": {"201": {"description": "added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PeerNode"}}}}, "400": err}}},
+            "/v1/nodes/{name}": {"delete": {"summary": "Forget a node added with `node add` (not one from the config, nor one in use)", "parameters": [name_param],
+                "responses": {"204": {"description": "removed"}, "400": err}}},
             "/v1/pools/{name}": {"delete": {"summary": "Delete an empty pool", "parameters": [name_param],
                 "responses": {"204": {"description": "deleted"}, "404": err, "409": err}}},
             "/v1/volumes": {
@@ -378,6 +398,9 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI document"}}}}
         },
         "components": {"schemas": {
+            "PeerNode": {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "string"}, "connected": {"type": "boolean"},
+                "rtt_ms": {"type": ["number", "null"]}, "protocol": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
+                "source": {"type": "string", "enum": ["config", "added"]}}},
             "ReplicaRef": {"type": "object", "additionalProperties": false, "required": ["replica"], "properties": {"replica": {"type": "string", "description": "id prefix, pool name or path"}}},
             "Error": {"type": "object", "required": ["error", "code"], "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
             "Event": {"type": "object", "required": ["v", "seq", "time_unix_ms", "kind", "volume", "message"],

@@ -273,4 +273,15 @@ pub struct PeerNodeInfo {
     pub protocol: Option<u16>,
     /// Why not, when not connected.
     pub error: Option<String>,
+    /// "config" (`[nodes.NAME]`) or "added" (`ditto node add`).
+    #[serde(default)]
+    pub source: String,
+}
+
+/// `POST /v1/nodes`: `ditto node add NAME --address HOST:PORT`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNode {
+    pub name: String,
+    pub address: String,
 }

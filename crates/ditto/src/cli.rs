@@ -173,7 +173,7 @@ pub fn node_list(c: &Client, json: bool) -> Result<()> {
         return print_json(&nodes);
     }
     if nodes.is_empty() {
-        println!("no other nodes; add `[nodes.NAME] address = \"HOST:PORT\"` to the config");
+        println!("no other nodes; add one with `ditto node add NAME --address HOST:PORT`");
         return Ok(());
     }
     let rows: Vec<Vec<String>> = nodes
@@ -185,6 +185,7 @@ pub fn node_list(c: &Client, json: bool) -> Result<()> {
                 if n.connected { "yes" } else { "no" }.to_string(),
                 n.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
                 n.protocol.map_or("-".into(), |v| v.to_string()),
+                n.source.clone(),
                 n.error.clone().unwrap_or_default(),
             ]
         })
@@ -192,7 +193,15 @@ pub fn node_list(c: &Client, json: bool) -> Result<()> {
     print!(
         "{}",
         table(
-            &["NODE", "ADDRESS", "CONNECTED", "RTT", "PROTOCOL", "ERROR"],
+            &[
+                "NODE",
+                "ADDRESS",
+                "CONNECTED",
+                "RTT",
+                "PROTOCOL",
+                "FROM",
+                "ERROR"
+            ],
             &rows
         )
     );
@@ -209,6 +218,31 @@ pub fn pool_list(c: &Client, json: bool) -> Result<()> {
         return Ok(());
     }
     print!("{}", pool_table(&pools));
+    Ok(())
+}
+
+pub fn node_add(c: &Client, name: String, address: String, json: bool) -> Result<()> {
+    let n: crate::api_types::PeerNodeInfo =
+        c.post("/v1/nodes", &crate::api_types::AddNode { name, address })?;
+    if json {
+        return print_json(&n);
+    }
+    println!(
+        "node {} added at {} (round trip {}, protocol {})",
+        n.name,
+        n.address,
+        n.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+        n.protocol.map_or("-".into(), |v| v.to_string())
+    );
+    Ok(())
+}
+
+pub fn node_remove(c: &Client, name: &str, json: bool) -> Result<()> {
+    c.delete(&format!("/v1/nodes/{name}"))?;
+    if json {
+        return print_json(&serde_json::json!({"removed": name}));
+    }
+    println!("node {name} removed");
     Ok(())
 }
 

@@ -75,8 +75,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// Each node in the config's `[nodes]`, tried now: connected, round trip, protocol version.
+    /// Each node this node knows (config `[nodes]` and `node add`), tried now: connected, round trip, protocol version.
     List,
+    /// Add a node: it must answer at ADDRESS (its peer_listen) under NAME.
+    /// Run it on both nodes: each lets in only the nodes it knows.
+    Add {
+        name: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        address: String,
+    },
+    /// Forget a node added with `node add` (one that holds none of this node's replicas).
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +261,10 @@ fn run(cli: Cli) -> Result<()> {
             tokio_main(cfg.runtime_threads(), daemon::run(args, cfg, data_dir))
         }
         Command::Node(NodeCommand::List) => cli::node_list(&client(), cli.json),
+        Command::Node(NodeCommand::Add { name, address }) => {
+            cli::node_add(&client(), name, address, cli.json)
+        }
+        Command::Node(NodeCommand::Remove { name }) => cli::node_remove(&client(), &name, cli.json),
         Command::Cert(CertCommand::Ca { out }) => {
             ditto_peer::tls::create_ca(&out)?;
             println!(

@@ -399,54 +399,89 @@ pub fn peer_tls(cfg: &DaemonConfig) -> anyhow::Result<Option<PeerTls>> {
     Ok(Some(PeerTls::load(&cfg.node_name, &files)?))
 }
 
-/// How this node dials the nodes in its config.
+/// How this node dials the other nodes: those of its config's `[nodes]`
+/// and those added with `ditto node add` (store table `nodes`). Clones
+/// share one list, so a node added is known to the peer server at once.
 #[derive(Clone)]
 pub struct Dialer {
     me: String,
     tls: Option<PeerTls>,
-    nodes: std::collections::BTreeMap<String, String>,
+    /// name → (address, from the config)
+    nodes: Arc<std::sync::RwLock<std::collections::BTreeMap<String, (String, bool)>>>,
 }
 
 impl Dialer {
-    pub fn new(cfg: &DaemonConfig, tls: Option<PeerTls>) -> Dialer {
+    pub fn new(cfg: &DaemonConfig, tls: Option<PeerTls>, added: &[(String, String)]) -> Dialer {
+        let mut nodes: std::collections::BTreeMap<String, (String, bool)> = added
+            .iter()
+            .map(|(n, a)| (n.clone(), (a.clone(), false)))
+            .collect();
+        for (k, v) in &cfg.nodes {
+            nodes.insert(k.clone(), (v.address.clone(), true));
+        }
         Dialer {
             me: cfg.node_name.clone(),
             tls,
-            nodes: cfg
-                .nodes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.address.clone()))
-                .collect(),
+            nodes: Arc::new(std::sync::RwLock::new(nodes)),
+        }
+    }
+
+    fn snapshot(&self) -> std::collections::BTreeMap<String, (String, bool)> {
+        match self.nodes.read() {
+            Ok(n) => n.clone(),
+            Err(p) => p.into_inner().clone(),
         }
     }
 
     /// The address of node `name` and how to dial it.
     pub fn dial(&self, name: &str) -> Result<(String, Dial), String> {
-        let Some(addr) = self.nodes.get(name) else {
-            let known: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+        let nodes = self.snapshot();
+        let Some((addr, _)) = nodes.get(name) else {
+            let known: Vec<&str> = nodes.keys().map(String::as_str).collect();
             return Err(format!(
-                "node {name:?} is not in this node's config (known: {}); add `[nodes.{name}] address = \"HOST:PORT\"`",
+                "node {name:?} is not known here (known: {}); add it with `ditto node add {name} --address HOST:PORT` or `[nodes.{name}] address = \"HOST:PORT\"` in the config",
                 if known.is_empty() { "none".to_string() } else { known.join(", ") }
             ));
         };
-        Ok((
-            addr.clone(),
-            Dial {
-                me: self.me.clone(),
-                peer: name.to_string(),
-                tls: self.tls.clone(),
-            },
-        ))
+        Ok((addr.clone(), self.dial_as(name)))
+    }
+
+    /// How to dial a node that says it is `name` (known or not).
+    pub fn dial_as(&self, name: &str) -> Dial {
+        Dial {
+            me: self.me.clone(),
+            peer: name.to_string(),
+            tls: self.tls.clone(),
+        }
     }
 
     pub fn knows(&self, name: &str) -> bool {
-        self.nodes.contains_key(name)
+        self.snapshot().contains_key(name)
+    }
+
+    /// Whether node `name` is listed in the config (not removable by `node remove`).
+    pub fn in_config(&self, name: &str) -> Option<bool> {
+        self.snapshot().get(name).map(|(_, c)| *c)
+    }
+
+    pub fn add(&self, name: &str, addr: &str) {
+        if let Ok(mut n) = self.nodes.write() {
+            n.insert(name.to_string(), (addr.to_string(), false));
+        }
+    }
+
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut n) = self.nodes.write() {
+            n.remove(name);
+        }
     }
 
     /// Every known node, tried now (all at once, each within 3 s).
     pub async fn probe_all(&self) -> Vec<crate::api_types::PeerNodeInfo> {
-        let probes = self.nodes.keys().map(|name| async move {
-            let address = self.nodes.get(name).cloned().unwrap_or_default();
+        let nodes = self.snapshot();
+        let probes = nodes.iter().map(|(name, (address, in_config))| async move {
+            let address = address.clone();
+            let in_config = *in_config;
             let result = match self.dial(name) {
                 Err(e) => Err(e),
                 Ok((addr, dial)) => ditto_peer::client::ping(&addr, &dial, Duration::from_secs(3))
@@ -454,6 +489,12 @@ impl Dialer {
                     .map_err(|e| e.to_string()),
             };
             let (connected, rtt_ms, protocol, error) = match result {
+                Ok(p) if p.node != *name && !p.node.is_empty() => (
+                    false,
+                    None,
+                    Some(p.version),
+                    Some(format!("the node at {address} says it is node {:?}, not {name:?}; check the address", p.node)),
+                ),
                 Ok(p) => (
                     true,
                     Some(p.rtt.as_secs_f64() * 1000.0),
@@ -469,6 +510,7 @@ impl Dialer {
                 rtt_ms,
                 protocol,
                 error,
+                source: if in_config { "config" } else { "added" }.to_string(),
             }
         });
         futures::future::join_all(probes).await

@@ -867,11 +867,11 @@ impl ThreeNodes {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut proxies = std::collections::BTreeMap::new();
         for from in 0..3 {
-            for to in 0..3 {
+            for (to, port) in ports.iter().enumerate() {
                 if from != to {
                     proxies.insert(
                         (from, to),
-                        common::proxy::Proxy::start(&format!("127.0.0.1:{}", ports[to])),
+                        common::proxy::Proxy::start(&format!("127.0.0.1:{port}")),
                     );
                 }
             }
@@ -1105,4 +1105,83 @@ fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
             "an acknowledged write after the partitions",
         );
     }
+}
+
+/// `ditto node add`: only a node that answers at the address under the
+/// name given is recorded (kept across restarts); a duplicate name, the
+/// node's own name, a bad or silent address, or a node answering as
+/// another are refused and change nothing. A node in use cannot be removed.
+#[test]
+fn nodes_are_added_only_when_they_answer_as_themselves() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-2n-nodeadd-")
+        .tempdir()
+        .expect("tempdir");
+    let (pa, pb) = (free_port(), free_port());
+    let cfg = |me: &str, port: u16| {
+        format!("node_name = \"{me}\"\npeer_listen = \"127.0.0.1:{port}\"\nio_timeout_secs = 2\n")
+    };
+    let (mut a, a_files) = start_node(dir.path(), "a", &cfg("a", pa));
+    let (b, _) = start_node(dir.path(), "b", &cfg("b", pb));
+    let b_addr = format!("127.0.0.1:{pb}");
+    let refused = |d: &Daemon, args: &[&str], why: &str| {
+        let out = d.cli(args).assert_failure();
+        assert!(out.stderr.contains(why), "{}", out.describe());
+    };
+    refused(
+        &a,
+        &["node", "add", "c", "--address", &b_addr],
+        "says it is node \"b\"",
+    );
+    refused(
+        &a,
+        &["node", "add", "c", "--address", "127.0.0.1:1"],
+        "does not answer",
+    );
+    refused(
+        &a,
+        &["node", "add", "c", "--address", "nope"],
+        "not HOST:PORT",
+    );
+    refused(&a, &["node", "add", "a", "--address", &b_addr], "own name");
+    refused(
+        &a,
+        &["node", "add", "B_", "--address", &b_addr],
+        "node name",
+    );
+    assert_eq!(
+        a.cli_json(&["node", "list"]),
+        serde_json::json!([]),
+        "a refused add changed the list"
+    );
+
+    a.cli_ok(&["node", "add", "b", "--address", &b_addr]);
+    b.cli_ok(&["node", "add", "a", "--address", &format!("127.0.0.1:{pa}")]);
+    refused(
+        &a,
+        &["node", "add", "b", "--address", &b_addr],
+        "known already",
+    );
+    let list = a.cli_json(&["node", "list"]);
+    assert_eq!(list[0]["name"], "b", "{list:#}");
+    assert_eq!(list[0]["connected"], true, "{list:#}");
+    assert_eq!(list[0]["source"], "added", "{list:#}");
+
+    let size = SIZE.to_string();
+    a.cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
+    ]);
+    a.wait_healthy("vm1");
+    refused(&a, &["node", "remove", "b"], "holds replicas of vm1");
+
+    // Kept across a restart.
+    a.stop();
+    let a = Daemon::start_with(&a_files.data, &["--config", s(&a_files.cfg)]);
+    a.wait_healthy("vm1");
+    assert_eq!(a.cli_json(&["node", "list"])[0]["name"], "b");
+
+    a.cli_ok(&["volume", "delete", "vm1"]);
+    a.cli_ok(&["node", "remove", "b"]);
+    assert_eq!(a.cli_json(&["node", "list"]), serde_json::json!([]));
+    refused(&a, &["node", "remove", "b"], "not known");
 }

@@ -170,7 +170,12 @@ impl Node {
             path: data_dir.to_path_buf(),
             message: format!("[tls]: {e:#}"),
         })?;
-        let dialer = crate::peers::Dialer::new(&config, tls);
+        let added: Vec<(String, String)> = store
+            .nodes()?
+            .into_iter()
+            .map(|n| (n.name, n.address))
+            .collect();
+        let dialer = crate::peers::Dialer::new(&config, tls, &added);
         let membership_log = MembershipLogRef(Arc::new(StoreMembershipLog(store.clone())));
         let (resync_min_rate, resync_max_rate) = config.resync_rates();
         let node = Arc::new(Node {

@@ -943,3 +943,127 @@ impl Node {
         self.split_brains.lock().ok()?.get(&id).cloned()
     }
 }
+
+impl Node {
+    /// `ditto node add NAME --address HOST:PORT`: only a node that answers
+    /// at that address under that name (with TLS, proved by its
+    /// certificate) is recorded; anything else changes nothing.
+    pub async fn add_node(
+        &self,
+        req: crate::api_types::AddNode,
+    ) -> Result<crate::api_types::PeerNodeInfo, ControlError> {
+        validate::node_name(&req.name).map_err(ControlError::InvalidRequest)?;
+        let me = &self.config.node_name;
+        if &req.name == me {
+            return Err(ControlError::InvalidRequest(format!(
+                "{:?} is this node's own name (node_name); add the other nodes",
+                req.name
+            )));
+        }
+        if let Some(in_config) = self.dialer.in_config(&req.name) {
+            let (addr, _) = self
+                .dialer
+                .dial(&req.name)
+                .map_err(ControlError::InvalidRequest)?;
+            return Err(ControlError::InvalidRequest(format!(
+                "node {:?} is known already, at {addr} ({}); node names are unique",
+                req.name,
+                if in_config {
+                    "from the config's [nodes]"
+                } else {
+                    "added before; `ditto node remove` it first to change its address"
+                }
+            )));
+        }
+        let port_ok = req.address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            return Err(ControlError::InvalidRequest(format!(
+                "address {:?} is not HOST:PORT (the node's peer_listen, e.g. 192.0.2.2:10811)",
+                req.address
+            )));
+        }
+        let dial = self.dialer.dial_as(&req.name);
+        let pong = ditto_peer::client::ping(&req.address, &dial, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                ControlError::InvalidRequest(format!(
+                    "node {:?} at {} does not answer: {e}; nothing was added",
+                    req.name, req.address
+                ))
+            })?;
+        if pong.node != req.name {
+            return Err(ControlError::InvalidRequest(format!(
+                "the node at {} says it is node {:?}, not {:?}; check the address; nothing was added",
+                req.address, pong.node, req.name
+            )));
+        }
+        self.store.insert_node(&ditto_control::model::NodeRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            address: req.address.clone(),
+            added_unix: now_unix(),
+        })?;
+        self.dialer.add(&req.name, &req.address);
+        tracing::info!(node = %req.name, address = %req.address, "node added");
+        Ok(crate::api_types::PeerNodeInfo {
+            name: req.name,
+            address: req.address,
+            connected: true,
+            rtt_ms: Some(pong.rtt.as_secs_f64() * 1000.0),
+            protocol: Some(pong.version),
+            error: None,
+            source: "added".into(),
+        })
+    }
+
+    /// `ditto node remove NAME`: a node added with `node add` that holds no
+    /// replica of this node's volumes, and is no primary of replicas here.
+    pub async fn remove_node(&self, name: &str) -> Result<(), ControlError> {
+        match self.dialer.in_config(name) {
+            None => {
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {name:?} is not known here (`ditto node list`)"
+                )))
+            }
+            Some(true) => {
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {name:?} is listed in the config's [nodes]; remove it there and restart the daemon"
+                )))
+            }
+            Some(false) => {}
+        }
+        let _guard = self.ops.lock().await;
+        let using: Vec<String> = self
+            .store
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.replicas.iter().any(|r| r.node.as_deref() == Some(name)))
+            .map(|v| v.name)
+            .collect();
+        if !using.is_empty() {
+            return Err(ControlError::InvalidRequest(format!(
+                "node {name:?} holds replicas of {}; move them first (`ditto replica remove`)",
+                using.join(", ")
+            )));
+        }
+        let following: Vec<String> = self
+            .store
+            .held_replicas()?
+            .into_iter()
+            .filter(|h| h.primary == name)
+            .map(|h| h.volume_name)
+            .collect();
+        if !following.is_empty() {
+            return Err(ControlError::InvalidRequest(format!(
+                "node {name:?} is the primary of {}, whose replicas this node holds",
+                following.join(", ")
+            )));
+        }
+        self.store.delete_node(name)?;
+        self.dialer.remove(name);
+        tracing::info!(node = %name, "node removed");
+        Ok(())
+    }
+}
