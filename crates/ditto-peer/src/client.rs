@@ -314,6 +314,27 @@ pub async fn claim_primary(
     Ok(())
 }
 
+/// The pools of the node at `addr` that can hold a replica, with their room.
+pub async fn list_pools(
+    addr: &str,
+    dial: &Dial,
+    timeout: Duration,
+) -> Result<Vec<crate::wire::PoolRoom>, ConnectError> {
+    let answer = control(
+        addr,
+        dial,
+        (Kind::ListPools, 0),
+        Bytes::new(),
+        Uuid::nil(),
+        timeout,
+    )
+    .await?;
+    crate::wire::decode_pools(&answer.reply).map_err(|source| ConnectError::Protocol {
+        addr: addr.into(),
+        source,
+    })
+}
+
 fn superseded(addr: &str, payload: &[u8]) -> ConnectError {
     match crate::wire::Superseded::decode(payload) {
         Ok(s) => ConnectError::Superseded {

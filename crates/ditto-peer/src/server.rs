@@ -116,6 +116,10 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
         let _ = (from, claim);
         Box::pin(async { Ok(()) })
     }
+    /// The pools that can hold a replica for another node, with their room.
+    fn pools(&self) -> Vec<crate::wire::PoolRoom> {
+        Vec::new()
+    }
     /// Stop serving and delete a replica node `from` had created here.
     fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
         let _ = (from, volume, replica);
@@ -545,6 +549,12 @@ impl PeerServer {
                 },
                 // The reply names this node: `node add` checks it is the one meant.
                 Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::from(self.node.clone())),
+                Kind::ListPools => Frame::reply(
+                    f.id,
+                    0,
+                    Status::Ok,
+                    crate::wire::encode_pools(&self.registry.pools()),
+                ),
                 Kind::Primary => match crate::wire::PrimaryClaim::decode(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
                     Ok(claim) => match self.registry.claim(peer, claim).await {
@@ -761,7 +771,8 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::DeleteReplica
         | Kind::Ping
         | Kind::Demote
-        | Kind::Primary => invalid(format!("{:?} is not a request", f.kind)),
+        | Kind::Primary
+        | Kind::ListPools => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

@@ -59,6 +59,9 @@ pub enum Kind {
     /// took the volume over) or when it comes from the primary it follows;
     /// otherwise it answers [`Status::Superseded`].
     Primary = 18,
+    /// On a control session: the node's pools that can hold a replica for
+    /// another node, with their room ([`encode_pools`]); for `--nodes`.
+    ListPools = 19,
 }
 
 impl Kind {
@@ -83,6 +86,7 @@ impl Kind {
             16 => Ping,
             17 => Demote,
             18 => Primary,
+            19 => ListPools,
             _ => return None,
         })
     }
@@ -755,6 +759,63 @@ impl Superseded {
     }
 }
 
+/// A pool as [`Kind::ListPools`] answers: its name and the bytes a new
+/// replica may take in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRoom {
+    pub pool: String,
+    pub free: u64,
+}
+
+/// count u16, then per pool: name length u16, name, free bytes u64.
+pub fn encode_pools(pools: &[PoolRoom]) -> Bytes {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(pools.len().min(u16::MAX as usize) as u16).to_le_bytes());
+    for p in pools.iter().take(u16::MAX as usize) {
+        let name = &p.pool.as_bytes()[..p.pool.len().min(MAX_NAME)];
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(name);
+        b.extend_from_slice(&p.free.to_le_bytes());
+    }
+    Bytes::from(b)
+}
+
+pub fn decode_pools(b: &[u8]) -> Result<Vec<PoolRoom>, FrameError> {
+    let bad = |why: &str| FrameError::Malformed {
+        what: "pool list",
+        why: why.into(),
+    };
+    if b.len() < 2 {
+        return Err(bad("shorter than its count"));
+    }
+    let count = u16_at(b, 0) as usize;
+    let mut at = 2;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        if b.len() < at + 2 {
+            return Err(bad("truncated"));
+        }
+        let len = u16_at(b, at) as usize;
+        at += 2;
+        if len > MAX_NAME || b.len() < at + len + 8 {
+            return Err(bad("a pool runs past the end"));
+        }
+        let pool = std::str::from_utf8(&b[at..at + len])
+            .map_err(|_| bad("a name is not UTF-8"))?
+            .to_string();
+        at += len;
+        out.push(PoolRoom {
+            pool,
+            free: u64_at(b, at),
+        });
+        at += 8;
+    }
+    if at != b.len() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(out)
+}
+
 /// Allocation runs in a reply: 24 bytes each (offset, length, allocated).
 pub fn encode_runs(runs: &[ditto_engine::Allocation]) -> Bytes {
     let mut b = Vec::with_capacity(runs.len() * 24);
@@ -809,6 +870,21 @@ mod tests {
             assert!(Superseded::decode(&enc[..cut]).is_err(), "cut at {cut}");
         }
         assert!(PrimaryClaim::decode(&claim.encode()[..23]).is_err());
+        let pools = vec![
+            PoolRoom {
+                pool: "disk1".into(),
+                free: 5 << 30,
+            },
+            PoolRoom {
+                pool: "p".into(),
+                free: 0,
+            },
+        ];
+        let enc = encode_pools(&pools);
+        assert_eq!(decode_pools(&enc).unwrap(), pools);
+        for cut in 0..enc.len() {
+            assert!(decode_pools(&enc[..cut]).is_err(), "cut at {cut}");
+        }
         assert!(PrimaryClaim::decode(&claim.encode()[..30]).is_err());
     }
 

@@ -125,6 +125,10 @@ pub struct CreateVolume {
     /// Explicit pools, one replica each (instead of `replicas`).
     #[serde(default)]
     pub pools: Vec<String>,
+    /// One replica on each of these nodes, in its pool with the most room
+    /// (instead of `pools` or `replicas`).
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// Dirty-map region size, e.g. "1M" (power of two, 4 KiB to 1 GiB; default 1 MiB).
     #[serde(default)]
     pub region_size: Option<String>,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::api_types::{
     AddReplica, ApiErrorBody, CreatePool, CreateVolume, JobInfo, PoolInfo, ReaddResult, ReplicaRef,
-    ResolveRequest, ScrubRequest, SizeInput, StartVolume, StatusInfo, StopVolume, VolumeInfo,
+    ResolveRequest, ScrubRequest, StartVolume, StatusInfo, StopVolume, VolumeInfo,
 };
 
 pub struct Client {
@@ -255,25 +255,8 @@ pub fn pool_delete(c: &Client, name: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn volume_create(
-    c: &Client,
-    name: String,
-    size: String,
-    replicas: Option<usize>,
-    pools: Vec<String>,
-    region_size: Option<String>,
-    json: bool,
-) -> Result<()> {
-    let v: VolumeInfo = c.post(
-        "/v1/volumes",
-        &CreateVolume {
-            name,
-            size: SizeInput::Text(size),
-            replicas,
-            pools,
-            region_size,
-        },
-    )?;
+pub fn volume_create(c: &Client, req: CreateVolume, json: bool) -> Result<()> {
+    let v: VolumeInfo = c.post("/v1/volumes", &req)?;
     if json {
         return print_json(&v);
     }

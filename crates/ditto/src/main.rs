@@ -142,7 +142,9 @@ enum VolumeCommand {
     /// over (only when this node's replica is in sync) and this node serves it.
     Promote {
         name: String,
-        /// Without the current primary's consent (not available yet).
+        /// Without the current primary, which does not answer: the
+        /// operator's override (writes it acknowledged after its last
+        /// contact with this node may be lost). Not needed with quorum.
         #[arg(long)]
         force: bool,
     },
@@ -153,12 +155,16 @@ enum VolumeCommand {
         #[arg(long)]
         size: String,
         /// Number of replicas, each on its own pool [default: 2].
-        #[arg(long, conflicts_with = "pool")]
+        #[arg(long, conflicts_with_all = ["pool", "nodes"])]
         replicas: Option<usize>,
         /// Put a replica on this pool (repeat for each replica); NODE:POOL
-        /// for a pool on another node (`[nodes.NODE]` in the config).
-        #[arg(long)]
+        /// for a pool on another node (a known node, `ditto node list`).
+        #[arg(long, visible_alias = "replica")]
         pool: Vec<String>,
+        /// One replica on each of these nodes (this node's name included to
+        /// keep one here), each in the pool with the most room there.
+        #[arg(long, value_delimiter = ',', conflicts_with = "pool")]
+        nodes: Vec<String>,
         /// Dirty-map region size (power of two, 4K..1G) [default: 1M].
         #[arg(long)]
         region_size: Option<String>,
@@ -315,8 +321,20 @@ fn run(cli: Cli) -> Result<()> {
             size,
             replicas,
             pool,
+            nodes,
             region_size,
-        }) => cli::volume_create(&client(), name, size, replicas, pool, region_size, cli.json),
+        }) => cli::volume_create(
+            &client(),
+            api_types::CreateVolume {
+                name,
+                size: api_types::SizeInput::Text(size),
+                replicas,
+                pools: pool,
+                nodes,
+                region_size,
+            },
+            cli.json,
+        ),
         Command::Volume(VolumeCommand::List) => cli::volume_list(&client(), cli.json),
         Command::Volume(VolumeCommand::Promote { name, force }) => {
             check_name("volume", &name)?;

@@ -360,6 +360,19 @@ impl ReplicaRegistry for HeldReplicas {
         Box::pin(async move { self.delete_held(&from, volume, replica).await })
     }
 
+    fn pools(&self) -> Vec<ditto_peer::wire::PoolRoom> {
+        self.store
+            .pools()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.kind == PoolKind::Directory)
+            .map(|p| ditto_peer::wire::PoolRoom {
+                free: self.node.pool_free(&p.name),
+                pool: p.name,
+            })
+            .collect()
+    }
+
     fn check_primary(&self, from: &str, volume: Uuid) -> Result<(), Superseded> {
         match self.followed_primary(volume) {
             Some((primary, epoch)) if primary != from => {

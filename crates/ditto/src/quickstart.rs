@@ -61,6 +61,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         size: SizeInput::Text("1G".into()),
         replicas: None,
         pools: vec!["pool-a".into(), "pool-b".into()],
+        nodes: Vec::new(),
         region_size: None,
     };
     match node.create_volume(create).await {

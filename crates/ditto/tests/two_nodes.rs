@@ -1167,11 +1167,36 @@ fn nodes_are_added_only_when_they_answer_as_themselves() {
     assert_eq!(list[0]["connected"], true, "{list:#}");
     assert_eq!(list[0]["source"], "added", "{list:#}");
 
+    // --nodes: one replica per node, in the pool with the most room there.
     let size = SIZE.to_string();
-    a.cli_ok(&[
-        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0",
-    ]);
-    a.wait_healthy("vm1");
+    refused(
+        &a,
+        &["volume", "create", "vm1", "--size", &size, "--nodes", "a,a"],
+        "named twice",
+    );
+    refused(
+        &a,
+        &[
+            "volume", "create", "vm1", "--size", &size, "--nodes", "a,zz",
+        ],
+        "not known",
+    );
+    refused(
+        &a,
+        &[
+            "volume", "create", "vm1", "--size", "100T", "--nodes", "a,b",
+        ],
+        "no pool with room",
+    );
+    assert!(
+        a.volume_names().is_empty(),
+        "a refused create left a volume"
+    );
+    a.cli_ok(&["volume", "create", "vm1", "--size", &size, "--nodes", "a,b"]);
+    let v = a.wait_healthy("vm1");
+    let mut pools: Vec<String> = replicas(&v).iter().map(|r| r.pool.clone()).collect();
+    pools.sort();
+    assert_eq!(pools, ["b:p0", "p0"], "{v:#}");
     refused(&a, &["node", "remove", "b"], "holds replicas of vm1");
 
     // Kept across a restart.

@@ -94,7 +94,7 @@ impl Node {
         }
     }
 
-    pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeInfo, ControlError> {
+    pub async fn create_volume(&self, mut req: CreateVolume) -> Result<VolumeInfo, ControlError> {
         validate::name("volume", &req.name)?;
         let size = match &req.size {
             SizeInput::Bytes(b) => {
@@ -137,6 +137,16 @@ impl Node {
         };
         let layout = Layout::new(size, region_size)
             .map_err(|e| ControlError::InvalidRequest(e.to_string()))?;
+        if !req.nodes.is_empty() {
+            if req.replicas.is_some() || !req.pools.is_empty() {
+                return Err(ControlError::InvalidRequest(
+                    "give one of --nodes, --pool or --replicas".into(),
+                ));
+            }
+            req.pools = self
+                .place_on_nodes(&req.nodes, layout.replica_len())
+                .await?;
+        }
         let _guard = self.ops.lock().await;
         let volumes = self.store.volumes()?;
         if volumes.iter().any(|v| v.name == req.name) {
@@ -246,6 +256,64 @@ impl Node {
         self.set_runtime(&record.name, Some(VolumeRuntime::Running(volume)));
         self.announce_primary(&record).await;
         self.volume_info(&record)
+    }
+
+    /// `--nodes a,b`: on each node the pool with the most room that fits a
+    /// replica of `need` bytes (asked of the other nodes, `ListPools`).
+    async fn place_on_nodes(
+        &self,
+        nodes: &[String],
+        need: u64,
+    ) -> Result<Vec<String>, ControlError> {
+        let me = &self.config.node_name;
+        let mut pools = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            validate::node_name(node).map_err(ControlError::InvalidRequest)?;
+            if nodes[..i].contains(node) {
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {node} is named twice in --nodes: two copies on one machine do not survive its loss"
+                )));
+            }
+            let rooms: Vec<(String, u64)> = if node == me {
+                let local = self.store.pools()?;
+                let volumes = self.store.volumes()?;
+                local
+                    .iter()
+                    .zip(self.pool_usages(&local, &volumes))
+                    .filter(|(p, _)| p.kind == PoolKind::Directory)
+                    .map(|(p, u)| (p.name.clone(), u.free_bytes))
+                    .collect()
+            } else {
+                let (addr, dial) = self
+                    .dialer
+                    .dial(node)
+                    .map_err(ControlError::InvalidRequest)?;
+                ditto_peer::client::list_pools(&addr, &dial, crate::peers::PEER_TIMEOUT)
+                    .await
+                    .map_err(|e| {
+                        ControlError::Engine(format!("asking node {node} for its pools: {e}"))
+                    })?
+                    .into_iter()
+                    .map(|p| (p.pool, p.free))
+                    .collect()
+            };
+            let Some((pool, free)) = rooms.iter().max_by_key(|(_, free)| *free).cloned() else {
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {node} has no directory pool; create one there with `ditto pool create`"
+                )));
+            };
+            if free < need {
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {node} has no pool with room for a replica of {need} bytes (the largest, {pool}, has {free} free)"
+                )));
+            }
+            pools.push(if node == me {
+                pool
+            } else {
+                format!("{node}:{pool}")
+            });
+        }
+        Ok(pools)
     }
 
     pub async fn delete_volume(&self, name: &str, force: bool) -> Result<(), ControlError> {
