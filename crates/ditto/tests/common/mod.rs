@@ -542,9 +542,36 @@ pub struct Daemon {
     pub pid: u32,
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
+    /// The network namespace it runs in (its CLI runs there too).
+    pub netns: Option<String>,
+}
+
+/// `ditto` run in network namespace `netns` when given.
+pub fn ditto_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, DITTO]);
+            c
+        }
+        None => Command::new(DITTO),
+    }
 }
 
 impl Daemon {
+    /// `ditto daemon` on ephemeral loopback ports inside network namespace
+    /// `netns` (its loopback must be up).
+    pub fn start_in_netns(netns: &str, data_dir: &Path, extra: &[&str]) -> Daemon {
+        let mut args: Vec<OsString> = vec!["daemon".into(), "--data-dir".into(), data_dir.into()];
+        args.extend(
+            ["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]
+                .iter()
+                .map(OsString::from),
+        );
+        args.extend(extra.iter().map(OsString::from));
+        Self::spawn_cmd(Some(netns), None, data_dir, &args)
+    }
+
     /// `ditto daemon --data-dir DIR` on ephemeral loopback ports.
     pub fn start(data_dir: &Path) -> Daemon {
         Self::start_with(data_dir, &[])
@@ -576,11 +603,20 @@ impl Daemon {
 
     /// Like [`Daemon::spawn`], in working directory `cwd` if given.
     pub fn spawn_in<S: AsRef<OsStr>>(cwd: Option<&Path>, data_dir: &Path, args: &[S]) -> Daemon {
+        Self::spawn_cmd(None, cwd, data_dir, args)
+    }
+
+    fn spawn_cmd<S: AsRef<OsStr>>(
+        netns: Option<&str>,
+        cwd: Option<&Path>,
+        data_dir: &Path,
+        args: &[S],
+    ) -> Daemon {
         let n = SPAWNED.fetch_add(1, Ordering::SeqCst);
         let base = data_dir.to_string_lossy().trim_end_matches('/').to_string();
         let stdout_path = PathBuf::from(format!("{base}.{n}.stdout"));
         let stderr_path = PathBuf::from(format!("{base}.{n}.stderr"));
-        let mut cmd = Command::new(DITTO);
+        let mut cmd = ditto_in(netns);
         cmd.args(args)
             .env_remove("DITTO_API")
             .env("RUST_BACKTRACE", "1")
@@ -603,6 +639,7 @@ impl Daemon {
             pid,
             stdout_path,
             stderr_path,
+            netns: netns.map(str::to_string),
         };
         let json_path = data_dir.join("daemon.json");
         let deadline = Instant::now() + START_TIMEOUT;
@@ -702,7 +739,7 @@ impl Daemon {
 
     /// The CLI with `DITTO_API` pointing at this daemon.
     pub fn cli_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(DITTO);
+        let mut c = ditto_in(self.netns.as_deref());
         c.args(args).env("DITTO_API", &self.api);
         c
     }
