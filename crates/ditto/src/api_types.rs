@@ -126,8 +126,9 @@ pub struct CreateVolume {
     #[serde(default)]
     pub pools: Vec<String>,
     /// One replica on each of these nodes, in its pool with the most room
-    /// (instead of `pools` or `replicas`).
-    #[serde(default)]
+    /// (instead of `pools` or `replicas`). Left out when empty, so a newer
+    /// CLI still talks to an older daemon.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
     /// Dirty-map region size, e.g. "1M" (power of two, 4 KiB to 1 GiB; default 1 MiB).
     #[serde(default)]
