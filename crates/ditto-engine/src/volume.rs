@@ -457,6 +457,27 @@ impl Volume {
             generation = generation.max(sb.generation);
             newest = newest.max(sb.order_key());
         }
+        // With quorum, a minority of the volume's nodes must not start: it
+        // may lack writes a majority acknowledged, and its own start would
+        // record the others as failed.
+        if options.quorum.is_some() {
+            let all: std::collections::BTreeSet<&str> =
+                members.iter().map(|m| m.domain.as_str()).collect();
+            let here: std::collections::BTreeSet<&str> = members
+                .iter()
+                .filter(|m| m.backend.is_present())
+                .map(|m| m.domain.as_str())
+                .collect();
+            let need = all.len() / 2 + 1;
+            if here.len() < need {
+                return Err(EngineError::NoQuorum {
+                    volume: name,
+                    have: here.len(),
+                    need,
+                    voters: all.len(),
+                });
+            }
+        }
         let Some(layout) = present.first().map(|m| m.backend.superblock().layout) else {
             return Err(EngineError::Refused {
                 volume: name,

@@ -194,3 +194,53 @@ async fn quorum_counts_nodes_not_replicas() {
         })
     ));
 }
+
+/// With quorum, a volume does not open on a minority of its nodes (found
+/// by the simulator: a minority start took over from a stale copy).
+#[tokio::test]
+async fn a_minority_of_nodes_does_not_open() {
+    let f = Fixture::new(3).await;
+    let mut members = Vec::new();
+    for (i, node) in ["a", "b", "c"].iter().enumerate() {
+        let backend: Arc<dyn ReplicaBackend> = if i == 0 {
+            f.backend(i).await
+        } else {
+            Arc::new(ditto_engine::MissingReplica::new(
+                "gone",
+                "node unreachable",
+                f.vol_id,
+                f.ids[i],
+                layout(),
+            ))
+        };
+        members.push(Member::new(f.ids[i], format!("{node}:p0"), backend).in_domain(*node));
+    }
+    let r = Volume::open(
+        "v",
+        f.vol_id,
+        SIZE,
+        members,
+        VolumeOptions {
+            quorum: Some(NoQuorum::Error),
+            ..options()
+        },
+        Arc::new(ditto_engine::LogSink),
+    )
+    .await;
+    assert!(
+        matches!(
+            r,
+            Err(EngineError::NoQuorum {
+                have: 1,
+                need: 2,
+                voters: 3,
+                ..
+            })
+        ),
+        "{:?}",
+        r.map(|_| ())
+    );
+    // Nothing written: a start would have recorded the others as failed.
+    let sb = f.superblock(0);
+    assert_eq!((sb.generation, sb.replica_set.len()), (1, 0), "{sb:?}");
+}

@@ -61,6 +61,11 @@ struct Args {
     /// in flight settles it, so overlapping reads may not go back.
     #[arg(long)]
     strict_reads: bool,
+    /// Majority quorum, each replica its own node: every start is a
+    /// takeover at a new epoch by a node without the membership record,
+    /// refused on a minority; acknowledged writes must survive it.
+    #[arg(long)]
+    quorum: bool,
     /// Simulated seconds a settle may take before it is a liveness
     /// violation (default 600; 30 when liveness is skipped, so stuck seeds
     /// move on).
@@ -93,6 +98,7 @@ fn config(args: &Args) -> Result<SimConfig, String> {
         vary_dirty: !args.no_vary_dirty,
         membership_log: !args.no_membership_log,
         strict_reads: args.strict_reads,
+        quorum: args.quorum,
         ..SimConfig::default()
     })
 }
@@ -104,6 +110,7 @@ fn command_for(args: &Args, seed: u64) -> String {
         (args.no_vary_dirty, " --no-vary-dirty"),
         (args.no_membership_log, " --no-membership-log"),
         (args.strict_reads, " --strict-reads"),
+        (args.quorum, " --quorum"),
     ] {
         if on {
             cmd.push_str(flag);

@@ -58,6 +58,12 @@ pub struct SimConfig {
     /// flight settles it (reads overlapping it may not go back). Too strict
     /// for a mirror; kept to tell such reports apart.
     pub strict_reads: bool,
+    /// Majority quorum with each replica on its own node (failure domain):
+    /// every start is a takeover at a new epoch by a node without the
+    /// membership record (so `membership_log` is off), refused by the node
+    /// when the disks present are no majority; I/O without quorum fails.
+    /// Acknowledged writes must survive any majority taking over.
+    pub quorum: bool,
 }
 
 impl Default for SimConfig {
@@ -74,6 +80,7 @@ impl Default for SimConfig {
             vary_dirty: true,
             membership_log: true,
             strict_reads: false,
+            quorum: false,
         }
     }
 }
@@ -666,7 +673,8 @@ async fn open_volume(
                 spec.layout,
             )),
         };
-        list.push(Member::new(m.id, m.label.clone(), backend));
+        // Each replica its own node; the domain matters only with quorum.
+        list.push(Member::new(m.id, m.label.clone(), backend).in_domain(m.label.clone()));
     }
     let options = VolumeOptions {
         membership_log: link
@@ -723,6 +731,14 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
             },
             _,
         ) => {
+            // The node does not start a volume on a minority of its nodes.
+            let present = members.iter().filter(|m| m.disk.is_some()).count();
+            if options.quorum.is_some() && present < members.len() / 2 + 1 {
+                return Reply::Err(format!(
+                    "no quorum: {present} of {} replicas present",
+                    members.len()
+                ));
+            }
             let mut r = open_volume(link, &members, options.clone(), false).await;
             let mut forced = false;
             if force && matches!(r, Err(EngineError::StaleOnly { .. })) {
@@ -843,7 +859,10 @@ async fn serve(link: &Arc<Link>, req: Req) -> Reply {
             {
                 Ok(b) => {
                     lock(&link.recorded).push(id);
-                    status(v.add_replica(Member::new(id, label, b)).await)
+                    status(
+                        v.add_replica(Member::new(id, label.clone(), b).in_domain(label))
+                            .await,
+                    )
                 }
                 Err(e) => Reply::Err(e.to_string()),
             }
@@ -991,7 +1010,7 @@ impl World {
             events: Mutex::new(Vec::new()),
             record_events: cfg.verbose,
             spec,
-            log: cfg.membership_log.then(|| Arc::new(SimLog::new(seed))),
+            log: (cfg.membership_log && !cfg.quorum).then(|| Arc::new(SimLog::new(seed))),
         });
         let mut sim = turmoil::Builder::new()
             .tick_duration(cfg.tick)
@@ -1486,6 +1505,13 @@ impl World {
         let r = rate.bytes_per_sec();
         let defaults = VolumeOptions::default();
         VolumeOptions {
+            quorum: self.cfg.quorum.then_some(ditto_engine::NoQuorum::Error),
+            // Every start a new primary (a takeover) with quorum.
+            epoch: if self.cfg.quorum {
+                self.stats.starts + 1
+            } else {
+                0
+            },
             io_timeout: self.cfg.io_timeout,
             resync_min_rate: r,
             resync_max_rate: r,
@@ -1973,6 +1999,9 @@ impl World {
     }
 
     fn check_read_error(&mut self, first: u64, n: u64, in_sync: &[(usize, u64)], err: &str) {
+        if self.cfg.quorum && err.contains("no quorum") {
+            return; // refused by policy: the other side may have taken over
+        }
         let now_in_sync = self.in_sync_slots();
         for &(slot, faults) in in_sync {
             let disk = &self.slots[slot].disk;
