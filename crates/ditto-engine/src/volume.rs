@@ -1714,6 +1714,11 @@ impl Volume {
         // Every write into these regions has completed; make them durable
         // everywhere before forgetting that they may differ.
         self.flush_all().await?;
+        // A replica whose flush failed was failed out by it, and may lack
+        // those writes: it needs every bit to catch up later.
+        if !self.fully_reconciled() {
+            return Ok(());
+        }
         let blocks = self.dirty.blocks_without(regions);
         for m in self.in_sync() {
             for (first, data) in &blocks {

@@ -1025,3 +1025,39 @@ async fn sim1955_concurrent_readds_of_one_replica_are_serialised() {
     v.close().await.unwrap();
     assert_same_data(&f, 0, 1, "after the re-add");
 }
+
+/// Sim seed 416 of the `--quorum` campaign: a close (or a sweep) found the
+/// volume fully reconciled, flushed every replica to clear the dirty bits,
+/// and one replica's flush failed, failing it out. The bits were cleared
+/// on the others anyway, though the failed replica may lack those writes
+/// (unflushed, then lost): its later catch-up skipped the region and it
+/// counted in sync without an acknowledged write.
+#[tokio::test]
+async fn sim416_a_replica_failed_by_the_clearing_flush_keeps_its_bits() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f.open(options()).await;
+    let v = v.unwrap();
+    v.write(0, block(7), false).await.unwrap();
+    faults[1].flush_failures.store(1, Ordering::SeqCst);
+    v.close().await.unwrap();
+    assert_eq!(
+        v.members()[1].state,
+        ReplicaState::Failed,
+        "the replica whose flush failed is out"
+    );
+    let bits = f.map_bits(0);
+    assert!(
+        bits.first().is_some_and(|b| b & 1 == 1),
+        "region 0's bit was cleared on the survivor though replica 1 may lack its write: {:?}",
+        &bits[..4]
+    );
+    // Replica 1 lost the unflushed write; its catch-up must copy region 0.
+    f.scribble(1, 0, &[0u8; 4096]);
+    let v = f.open_present(&[0, 1], options()).await.unwrap();
+    assert_ne!(v.members()[1].state, ReplicaState::InSync);
+    v.readd(f.ids[1], f.backend(1).await, false).await.unwrap();
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the catch-up");
+}

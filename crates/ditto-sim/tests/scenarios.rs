@@ -1178,3 +1178,26 @@ fn quorum_a_minority_never_starts_and_a_majority_keeps_every_acknowledged_write(
     start(&mut w, 0b001);
     verify(&mut w);
 }
+
+/// Sim seed 416 (`--quorum`): the flush that precedes clearing the dirty
+/// bits at a stop fails on one replica, failing it out with the write
+/// unflushed. Its bits must stay on the survivor, so that after a crash
+/// that loses the unflushed write, its catch-up copies that region again.
+#[test]
+fn sim416_a_replica_failed_by_the_clearing_flush_is_caught_up_in_full() {
+    let mut w = world(2);
+    assert!(write(&mut w, 5, false).is_ok());
+    go(&mut w, fault(1, &[OpKind::Sync], None, FaultKind::Eio));
+    assert!(run(&mut w, Event::Stop).is_ok());
+    go(
+        &mut w,
+        Event::Crash {
+            mode: CrashMode::LoseAll,
+        },
+    );
+    start(&mut w, 0);
+    let readd = run(&mut w, Event::Readd { slot: 1 });
+    assert!(readd.is_ok(), "{readd:?}");
+    verify(&mut w);
+    assert_eq!(w.in_sync_slots().len(), 2);
+}

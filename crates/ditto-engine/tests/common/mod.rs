@@ -81,6 +81,8 @@ pub struct Faulty {
     pub superblock_gate: Gate,
     /// The next N superblock writes fail.
     pub superblock_failures: AtomicI64,
+    /// The next N flushes fail.
+    pub flush_failures: AtomicI64,
     /// With `pause_next_write` set, the next data write waits here (alone).
     pub held_write: Gate,
     pub pause_next_write: AtomicBool,
@@ -113,6 +115,7 @@ impl Faulty {
             write_delay_ms: AtomicU64::new(0),
             superblock_gate: Gate::default(),
             superblock_failures: AtomicI64::new(0),
+            flush_failures: AtomicI64::new(0),
             held_write: Gate::default(),
             pause_next_write: AtomicBool::new(false),
             dirty_map_gate: Gate::default(),
@@ -216,6 +219,10 @@ impl ReplicaBackend for Faulty {
     fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             self.check("flush")?;
+            if self.flush_failures.load(Ordering::SeqCst) > 0 {
+                self.flush_failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(injected(self.inner.location(), "flush", 0));
+            }
             self.record(Op::Flush);
             self.inner.flush().await
         })
