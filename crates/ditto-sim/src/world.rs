@@ -1923,7 +1923,19 @@ impl World {
                 }
             }
             Waiting::Stop { cover } => {
-                if ok {
+                // A clean stop makes writes durable only where its flush
+                // went: with quorum, on a minority that is no promise a
+                // takeover by the others keeps (no client flush succeeded).
+                let majority = !self.cfg.quorum || {
+                    let n = self.last_members.len();
+                    let in_sync = self
+                        .last_members
+                        .iter()
+                        .filter(|m| m.state == ReplicaState::InSync)
+                        .count();
+                    in_sync >= n / 2 + 1
+                };
+                if ok && majority {
                     self.model.flushed(cover);
                 }
                 self.node = NodeState::Down;
