@@ -109,3 +109,34 @@ fn one_seed_replays_exactly() {
         "no throttled start or no clear delay among the seeds replayed: {seen:?}"
     );
 }
+
+/// The same with majority quorum, each replica on its own node and every
+/// start a takeover at a new epoch (`ditto-sim --quorum`): acknowledged
+/// writes survive any majority taking over, and no minority starts.
+#[test]
+fn quorum_campaign() {
+    let seeds = env("DITTO_SIM_SEEDS", 48) / 2;
+    let ops = env("DITTO_SIM_OPS", 800);
+    let cfg = || SimConfig {
+        quorum: true,
+        ..SimConfig::default()
+    };
+    let mut failures = Vec::new();
+    let mut refused = 0;
+    for seed in 0..seeds {
+        let o = generate(seed, ops, cfg());
+        refused += o.stats.start_refusals;
+        if let Some(v) = o.violation {
+            failures.push(format!(
+                "seed {seed}: {v}\n  replay: scripts/sim --seed {seed} --ops {ops} --replay --quorum"
+            ));
+        }
+    }
+    println!("{seeds} quorum seeds, {refused} starts refused");
+    assert!(
+        failures.is_empty(),
+        "{} of the seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
