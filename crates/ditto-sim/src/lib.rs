@@ -16,6 +16,19 @@
 //! - [`model::Model`]: the per-block register the checker judges reads and
 //!   replicas against.
 //!
+//! # Quorum mode (`--quorum`)
+//!
+//! Each replica is its own node (failure domain) and the volume runs with
+//! majority quorum (`on_no_quorum = "error"`). Every start is a takeover by
+//! another node at a new epoch, without the first node's membership record,
+//! from whichever disks are present: a start on a minority is refused. The
+//! same checks hold, with two changes of the rules: a read refused for lack
+//! of quorum is not a needless EIO, and a clean stop makes writes durable
+//! only if its flush reached a majority (a client flush without quorum
+//! fails). Acknowledged writes must survive any majority taking over.
+//! Measured: seeds 0..5000 at 1000 operations, 5,214,121 client requests,
+//! 1 violation (seed 4995, *diverged*, not yet explained; see issue 10).
+//!
 //! # Why turmoil
 //!
 //! turmoil gives each host its own current-thread tokio runtime with paused
