@@ -1933,7 +1933,7 @@ impl World {
                         .iter()
                         .filter(|m| m.state == ReplicaState::InSync)
                         .count();
-                    in_sync >= n / 2 + 1
+                    in_sync > n / 2
                 };
                 if ok && majority {
                     self.model.flushed(cover);
