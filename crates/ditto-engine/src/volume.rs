@@ -141,6 +141,7 @@ pub struct Member {
     /// The failure domain (node) the replica lives in; quorum counts
     /// domains, not replicas. Empty: this node.
     pub domain: String,
+    changed_unix: AtomicU64,
 }
 
 /// A snapshot of a member's state for status.
@@ -157,6 +158,15 @@ pub struct MemberStatus {
     pub reads: u64,
     pub writes: u64,
     pub errors: u64,
+    /// Wall-clock time (Unix seconds) of its last state change, for status
+    /// ("unreachable since"); never used for a decision.
+    pub state_since_unix: u64,
+}
+
+fn wall_clock_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Member {
@@ -181,6 +191,7 @@ impl Member {
             abandoned: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
             domain: String::new(),
+            changed_unix: AtomicU64::new(wall_clock_unix()),
         }
     }
 
@@ -234,6 +245,10 @@ impl Member {
     }
 
     pub(crate) fn set_state(&self, state: ReplicaState, since: u64, reason: Option<String>) {
+        if self.state() != state {
+            self.changed_unix
+                .store(wall_clock_unix(), Ordering::Relaxed);
+        }
         self.state.store(state as u8, Ordering::Release);
         self.since.store(since, Ordering::Release);
         self.set_reason(reason);
@@ -263,6 +278,7 @@ impl Member {
             reads: self.reads.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            state_since_unix: self.changed_unix.load(Ordering::Relaxed),
         }
     }
 }

@@ -169,6 +169,10 @@ pub struct ReplicaInfo {
     pub reads: u64,
     pub writes: u64,
     pub errors: u64,
+    /// When it entered its state (Unix seconds): a failed replica on a dead
+    /// node has been unreachable since then.
+    #[serde(default)]
+    pub state_since_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

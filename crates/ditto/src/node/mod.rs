@@ -379,6 +379,7 @@ fn unknown_replica(r: &ReplicaRecord, why: &str) -> ReplicaInfo {
         reads: 0,
         writes: 0,
         errors: 0,
+        state_since_unix: None,
     }
 }
 

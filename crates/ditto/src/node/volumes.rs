@@ -451,12 +451,26 @@ impl Node {
                                 Some(_) => "split-brain".to_string(),
                                 None => m.state.as_str().to_string(),
                             },
-                            reason: self.split_brain_of(r.id).or_else(|| m.reason.clone()),
+                            reason: self.split_brain_of(r.id).or_else(|| {
+                                // A replica on another node that is out: since when.
+                                let out =
+                                    matches!(m.state, ReplicaState::Failed | ReplicaState::Missing);
+                                match (&r.node, out) {
+                                    (Some(node), true) => Some(format!(
+                                        "node {node} unreachable or failed since {} ({}): {}",
+                                        crate::events::format_time_utc(m.state_since_unix * 1000),
+                                        ago(m.state_since_unix),
+                                        m.reason.clone().unwrap_or_default()
+                                    )),
+                                    _ => m.reason.clone(),
+                                }
+                            }),
                             generation: Some(m.generation),
                             data_offset: Some(m.data_offset),
                             reads: m.reads,
                             writes: m.writes,
                             errors: m.errors,
+                            state_since_unix: Some(m.state_since_unix),
                         },
                         None => unknown_replica(r, "not part of the running volume"),
                     })
@@ -587,5 +601,15 @@ impl Node {
                 })
                 .collect(),
         })
+    }
+}
+
+/// "12 s ago", "5 min ago", "3 h ago".
+fn ago(unix: u64) -> String {
+    let secs = now_unix().saturating_sub(unix);
+    match secs {
+        0..=119 => format!("{secs} s ago"),
+        120..=7199 => format!("{} min ago", secs / 60),
+        _ => format!("{} h ago", secs / 3600),
     }
 }
