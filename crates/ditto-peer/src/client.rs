@@ -314,6 +314,26 @@ pub async fn claim_primary(
     Ok(())
 }
 
+/// Ask the node at `addr` to take `volume` over from this node now.
+pub async fn take_over(
+    addr: &str,
+    dial: &Dial,
+    volume: Uuid,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    let payload = crate::wire::encode_replica_ref(volume, Uuid::nil());
+    control(
+        addr,
+        dial,
+        (Kind::TakeOver, 0),
+        payload,
+        Uuid::nil(),
+        timeout,
+    )
+    .await?;
+    Ok(())
+}
+
 /// The pools of the node at `addr` that can hold a replica, with their room.
 pub async fn list_pools(
     addr: &str,

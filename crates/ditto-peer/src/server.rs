@@ -116,6 +116,12 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
         let _ = (from, claim);
         Box::pin(async { Ok(()) })
     }
+    /// Node `from`, the primary of `volume`, asks this node to take it over
+    /// (a planned promote here).
+    fn take_over(&self, from: &str, volume: Uuid) -> BoxFuture<'_, Result<(), String>> {
+        let _ = (from, volume);
+        Box::pin(async { Err("this node does not take volumes over".to_string()) })
+    }
     /// The pools that can hold a replica for another node, with their room.
     fn pools(&self) -> Vec<crate::wire::PoolRoom> {
         Vec::new()
@@ -549,6 +555,13 @@ impl PeerServer {
                 },
                 // The reply names this node: `node add` checks it is the one meant.
                 Kind::Ping => Frame::reply(f.id, 0, Status::Ok, Bytes::from(self.node.clone())),
+                Kind::TakeOver => match crate::wire::decode_replica_ref(&f.payload) {
+                    Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
+                    Ok((volume, _)) => match self.registry.take_over(peer, volume).await {
+                        Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                        Err(why) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why)),
+                    },
+                },
                 Kind::ListPools => Frame::reply(
                     f.id,
                     0,
@@ -772,7 +785,8 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::Ping
         | Kind::Demote
         | Kind::Primary
-        | Kind::ListPools => invalid(format!("{:?} is not a request", f.kind)),
+        | Kind::ListPools
+        | Kind::TakeOver => invalid(format!("{:?} is not a request", f.kind)),
     }
 }
 

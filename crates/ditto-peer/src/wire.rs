@@ -62,6 +62,11 @@ pub enum Kind {
     /// On a control session: the node's pools that can hold a replica for
     /// another node, with their room ([`encode_pools`]); for `--nodes`.
     ListPools = 19,
+    /// On a control session: the sender, the volume's primary, asks the
+    /// receiver (which holds an in-sync replica) to take it over now, by a
+    /// planned promote (the receiver sends Demote back). Payload: volume
+    /// uuid, nil uuid (as DeleteReplica). For `volume demote --to`.
+    TakeOver = 20,
 }
 
 impl Kind {
@@ -87,6 +92,7 @@ impl Kind {
             17 => Demote,
             18 => Primary,
             19 => ListPools,
+            20 => TakeOver,
             _ => return None,
         })
     }

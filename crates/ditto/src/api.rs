@@ -115,6 +115,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}/start", post(start_volume))
         .route("/v1/volumes/{name}/stop", post(stop_volume))
         .route("/v1/volumes/{name}/promote", post(promote_volume))
+        .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/volumes/{name}/scrub", post(scrub_volume))
         .route("/v1/volumes/{name}/resolve", post(resolve_volume))
         .route("/v1/volumes/{name}/replicas", post(add_replica))
@@ -233,6 +234,16 @@ async fn start_volume(
         node.start_volume(&name, req.degraded, req.force_stale)
             .await?,
     ))
+}
+
+async fn demote_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    b: Result<Json<crate::api_types::DemoteVolume>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let req = body(b)?;
+    node.demote(&name, &req.to).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn promote_volume(
@@ -374,6 +385,9 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/volumes/{name}/promote": {"post": {"summary": "Make this node the volume's primary: the current primary hands it over (only with this node's replica in sync) and this node serves it", "parameters": [name_param],
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"force": {"type": "boolean"}}}}}},
                 "responses": {"200": {"description": "volume", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Volume"}}}}, "400": err, "500": err}}},
+            "/v1/volumes/{name}/demote": {"post": {"summary": "On the primary: node `to` (holding an in-sync replica) takes the volume over by a planned switch-over", "parameters": [name_param],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["to"], "additionalProperties": false, "properties": {"to": {"type": "string"}}}}}},
+                "responses": {"204": {"description": "handed over"}, "400": err, "404": err, "500": err}}},
             "/v1/volumes/{name}/stop": {"post": {"summary": "Stop serving a volume", "parameters": [name_param],
                 "requestBody": {"content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {"force": {"type": "boolean"}}}}}},
                 "responses": {"200": {"description": "stopped"}, "409": err}}},

@@ -22,9 +22,18 @@ pub struct CreatePool {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteVolume {
-    /// Promote without the current primary's consent (not available yet).
+    /// Take over without the current primary, which does not answer (the
+    /// operator's override; not needed with quorum).
     #[serde(default)]
     pub force: bool,
+}
+
+/// `POST /v1/volumes/{name}/demote`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoteVolume {
+    /// The node that takes the volume over (it holds an in-sync replica).
+    pub to: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -622,6 +622,18 @@ pub fn volume_promote(c: &Client, name: &str, force: bool, json: bool) -> Result
     Ok(())
 }
 
+pub fn volume_demote(c: &Client, name: &str, to: String, json: bool) -> Result<()> {
+    let _: serde_json::Value = c.post(
+        &format!("/v1/volumes/{name}/demote"),
+        &crate::api_types::DemoteVolume { to: to.clone() },
+    )?;
+    if json {
+        return print_json(&serde_json::json!({"volume": name, "primary": to}));
+    }
+    println!("volume {name}: node {to} is its primary now; this node holds its replica(s) for it");
+    Ok(())
+}
+
 pub fn volume_start(
     c: &Client,
     name: &str,

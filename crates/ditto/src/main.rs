@@ -148,6 +148,13 @@ enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+    /// On the primary: hand the volume over to node TO (a planned
+    /// switch-over; TO's replica must be in sync, no client connected).
+    Demote {
+        name: String,
+        #[arg(long, value_name = "NODE")]
+        to: String,
+    },
     /// Create a mirrored volume.
     Create {
         name: String,
@@ -336,6 +343,10 @@ fn run(cli: Cli) -> Result<()> {
             cli.json,
         ),
         Command::Volume(VolumeCommand::List) => cli::volume_list(&client(), cli.json),
+        Command::Volume(VolumeCommand::Demote { name, to }) => {
+            check_name("volume", &name)?;
+            cli::volume_demote(&client(), &name, to, cli.json)
+        }
         Command::Volume(VolumeCommand::Promote { name, force }) => {
             check_name("volume", &name)?;
             cli::volume_promote(&client(), &name, force, cli.json)

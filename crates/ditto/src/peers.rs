@@ -34,6 +34,8 @@ pub trait LocalNode: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(Vec<HeldReplicaRecord>, PrimaryClaim), String>>;
     /// The epoch of `volume` when this node is its primary.
     fn primary_epoch(&self, volume: Uuid) -> Option<u64>;
+    /// Node `from` (the primary) asks this node to take `volume` over.
+    fn take_over(&self, from: String, volume: Uuid) -> BoxFuture<'static, Result<(), String>>;
     /// Node `by` took `volume` over at `epoch` (newer than this node's):
     /// stop serving it and hold its replicas for `by`. Returns those.
     fn superseded(
@@ -358,6 +360,25 @@ impl ReplicaRegistry for HeldReplicas {
     fn delete(&self, from: &str, volume: Uuid, replica: Uuid) -> BoxFuture<'_, Result<(), String>> {
         let from = from.to_string();
         Box::pin(async move { self.delete_held(&from, volume, replica).await })
+    }
+
+    fn take_over(&self, from: &str, volume: Uuid) -> BoxFuture<'_, Result<(), String>> {
+        let followed = self
+            .store
+            .held_replicas()
+            .ok()
+            .and_then(|h| h.into_iter().find(|h| h.volume == volume));
+        let from = from.to_string();
+        Box::pin(async move {
+            match followed {
+                Some(h) if h.primary == from => self.node.take_over(from, volume).await,
+                Some(h) => Err(format!(
+                    "this node follows node {} for {}, not node {from}",
+                    h.primary, h.volume_name
+                )),
+                None => Err(format!("this node holds no replica of volume {volume}")),
+            }
+        })
     }
 
     fn pools(&self) -> Vec<ditto_peer::wire::PoolRoom> {

@@ -552,8 +552,16 @@ fn promote_switches_the_primary_over_and_back() {
         "node a's replica is not mirrored from b"
     );
 
-    // And back.
-    a.cli_ok(&["volume", "promote", "vm1"]);
+    // And back, pushed from the primary this time: `demote --to`.
+    let out = b
+        .cli(&["volume", "demote", "vm1", "--to", "zz"])
+        .assert_failure();
+    assert!(
+        out.stderr.contains("holds no replica"),
+        "{}",
+        out.describe()
+    );
+    b.cli_ok(&["volume", "demote", "vm1", "--to", "a"]);
     a.wait_healthy("vm1");
     let back = dir.path().join("on-a.raw");
     run_with_timeout(

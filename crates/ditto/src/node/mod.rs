@@ -122,6 +122,29 @@ impl crate::peers::LocalNode for NodeHandle {
         self.0.upgrade()?.primary_epoch(volume)
     }
 
+    fn take_over(&self, from: String, volume: Uuid) -> BoxFuture<'static, Result<(), String>> {
+        let weak = self.0.clone();
+        Box::pin(async move {
+            let Some(n) = weak.upgrade() else {
+                return Err("this node is stopping".to_string());
+            };
+            let name = n
+                .store
+                .held_replicas()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|h| h.volume == volume && h.primary == from)
+                .map(|h| h.volume_name)
+                .ok_or_else(|| {
+                    format!("this node holds no replica of volume {volume} for node {from}")
+                })?;
+            n.promote(&name, false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn superseded(
         &self,
         volume: Uuid,

@@ -582,6 +582,35 @@ impl Node {
         self.volume_info(&record)
     }
 
+    /// `ditto volume demote NAME --to NODE` on the primary: node `to`, which
+    /// holds an in-sync replica, takes the volume over by a planned promote
+    /// (it asks this node to hand over, with the same checks).
+    pub async fn demote(&self, name: &str, to: &str) -> Result<(), ControlError> {
+        let record = self.record(name)?;
+        if !record
+            .replicas
+            .iter()
+            .any(|r| r.node.as_deref() == Some(to))
+        {
+            return Err(ControlError::InvalidRequest(format!(
+                "node {to} holds no replica of {name}; its replicas are on {}",
+                record
+                    .replicas
+                    .iter()
+                    .map(|r| r
+                        .node
+                        .clone()
+                        .unwrap_or_else(|| self.config.node_name.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let (addr, dial) = self.dialer.dial(to).map_err(ControlError::InvalidRequest)?;
+        ditto_peer::client::take_over(&addr, &dial, record.uuid, crate::peers::PEER_TIMEOUT * 3)
+            .await
+            .map_err(|e| ControlError::Engine(format!("node {to} did not take {name} over: {e}")))
+    }
+
     /// Rebuild in full the replicas of the losing side of a split brain.
     async fn rebuild_discarded(&self, record: &VolumeRecord, discarded: &[Uuid]) {
         let Ok(volume) = self.running(&record.name) else {
