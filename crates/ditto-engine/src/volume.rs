@@ -707,6 +707,7 @@ impl Volume {
     async fn assemble(&self, view: &Superblock) -> Result<bool, EngineError> {
         let _guard = self.membership.lock().await;
         let mut unclean = false;
+        let mut maps = Vec::new();
         for m in self.with_state(&[ReplicaState::InSync]) {
             let sb = m.backend.superblock();
             unclean |= !sb.clean;
@@ -714,7 +715,10 @@ impl Volume {
                 .timed(&m, |b| async move { b.read_dirty_map().await })
                 .await
             {
-                Ok(map) => self.dirty.load(&map),
+                Ok(map) => {
+                    self.dirty.load(&map);
+                    maps.push((m, map));
+                }
                 Err(e) => {
                     let since = self.generation();
                     m.set_state(
@@ -723,6 +727,30 @@ impl Volume {
                         Some(format!("cannot read its dirty map: {e}")),
                     );
                 }
+            }
+        }
+        // The volume now counts the union of the maps as durable, so later
+        // writes into those regions write no bit: every in-sync replica must
+        // hold all of it, or one left alone later would miss a region.
+        let union = self.dirty.encoded();
+        for (m, map) in maps {
+            if map.starts_with(&union) {
+                continue;
+            }
+            let blocks = union.clone();
+            if let Err(e) = self
+                .timed_write(
+                    &m,
+                    move |b| async move { b.write_dirty_map(0, blocks).await },
+                )
+                .await
+            {
+                let since = self.generation();
+                m.set_state(
+                    ReplicaState::Failed,
+                    since,
+                    Some(format!("cannot write the volume's dirty map: {e}")),
+                );
             }
         }
         let changed = self.member_list().iter().any(|m| {

@@ -1061,3 +1061,53 @@ async fn sim416_a_replica_failed_by_the_clearing_flush_keeps_its_bits() {
     v.close().await.unwrap();
     assert_same_data(&f, 0, 1, "after the catch-up");
 }
+
+/// Sim seed 4995 of the `--quorum` campaign: at a start the volume loads
+/// the union of its in-sync replicas' dirty maps and counts those bits as
+/// durable, so later writes into those regions write no bit. A replica
+/// whose own map lacked one (a clear that reached it and not the others
+/// before a crash) then held no bit for a region written since; left alone
+/// later, its map skipped that region in another replica's catch-up.
+/// Every in-sync replica now gets the union at start.
+#[tokio::test]
+async fn sim4995_every_replica_carries_the_dirty_bits_the_volume_counts_durable() {
+    let f = Fixture::new(2).await;
+    {
+        let v = f.open_present(&[0, 1], options()).await.unwrap();
+        v.write(0, block(1), false).await.unwrap();
+        // A crash: no close, the bits stay on both.
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Replica 1's map lost the bit (a clear that reached only it).
+    let empty = ditto_format::encode_map_block(&[0u8; 8]);
+    let mut area = Vec::new();
+    for _ in 0..layout().map_blocks() {
+        area.extend_from_slice(&empty);
+    }
+    f.backend(1)
+        .await
+        .write_dirty_map(0, Bytes::from(area))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.map_bits(1)[0] & 1,
+        0,
+        "set-up: replica 1's map lacks region 0"
+    );
+    let v = f.open_present(&[0, 1], options()).await.unwrap();
+    assert_eq!(
+        f.map_bits(1)[0] & 1,
+        1,
+        "replica 1 must carry region 0's bit the volume counts durable"
+    );
+    // Written again (no bit written: it is set), then replica 0 leaves.
+    v.write(0, block(2), false).await.unwrap();
+    v.fail_replica(f.ids[0], "test").await.unwrap();
+    v.close().await.unwrap();
+    // Replica 1 alone catches replica 0 up: region 0 must be copied.
+    let v = f.open_present(&[1], options()).await.unwrap();
+    v.readd(f.ids[0], f.backend(0).await, false).await.unwrap();
+    wait_idle(&v).await;
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 1, "after the catch-up from replica 1's map");
+}

@@ -1201,3 +1201,20 @@ fn sim416_a_replica_failed_by_the_clearing_flush_is_caught_up_in_full() {
     verify(&mut w);
     assert_eq!(w.in_sync_slots().len(), 2);
 }
+
+/// Sim seed 4995 of the `--quorum` campaign, replayed from its recorded
+/// trace: a replica whose own dirty map lacked a bit the volume counted
+/// durable (from another replica's map) was left alone later, and its map
+/// skipped a region in the other's catch-up: the two diverged. The engine
+/// now writes the union of the maps to every in-sync replica at start.
+#[test]
+fn sim4995_quorum_trace_replays_without_violation() {
+    let text = include_str!("traces/quorum-seed-4995.trace");
+    let (replicas, steps) = ditto_sim::trace::parse_trace(text).expect("trace");
+    let cfg = SimConfig {
+        quorum: true,
+        ..SimConfig::default()
+    };
+    let o = ditto_sim::replay(4995, replicas, &steps, cfg, true);
+    assert!(o.violation.is_none(), "{:?}", o.violation);
+}
