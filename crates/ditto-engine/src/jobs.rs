@@ -1167,14 +1167,17 @@ impl Volume {
                 report.error = Some("stopped".into());
                 break;
             }
+            let range = self.dirty.region_range(r);
+            let len = (range.end - range.start) as usize;
+            let _lock = self.lock_region(r).await;
+            // The members as they are once the region is ours: a write that
+            // held it may have failed one out meanwhile (its copy is stale
+            // and must be neither compared nor repaired from).
             let members = self.in_sync();
             if members.len() < 2 {
                 report.error = Some("fewer than two in-sync replicas left".into());
                 break;
             }
-            let range = self.dirty.region_range(r);
-            let len = (range.end - range.start) as usize;
-            let _lock = self.lock_region(r).await;
             let mut sums = Vec::new();
             let mut datas: Vec<Option<Bytes>> = Vec::new();
             for m in &members {
@@ -1210,10 +1213,17 @@ impl Volume {
                     let src_idx = source
                         .and_then(|s| members.iter().position(|m| m.id == s))
                         .unwrap_or(0);
-                    if let Some(Some(good)) = datas.get(src_idx) {
+                    // Still in sync now: a read may have outlived its member.
+                    let src_ok = members
+                        .get(src_idx)
+                        .is_some_and(|m| m.state() == ReplicaState::InSync);
+                    if let (true, Some(Some(good))) = (src_ok, datas.get(src_idx)) {
                         report.source = Some(members[src_idx].backend.location().to_string());
                         for (i, m) in members.iter().enumerate() {
-                            if i != src_idx && sums[i] != sums[src_idx] {
+                            if i != src_idx
+                                && sums[i] != sums[src_idx]
+                                && m.state() == ReplicaState::InSync
+                            {
                                 let (start, good) = (range.start, good.clone());
                                 match self
                                     .timed_write(

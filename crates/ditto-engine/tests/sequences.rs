@@ -1111,3 +1111,39 @@ async fn sim4995_every_replica_carries_the_dirty_bits_the_volume_counts_durable(
     v.close().await.unwrap();
     assert_same_data(&f, 0, 1, "after the catch-up from replica 1's map");
 }
+
+/// Sim seed 9804: a scrub with repair picked its replicas before waiting
+/// for the region; a client write holding the region failed one of them
+/// out (its disk hung) and was acknowledged by the other. The scrub then
+/// compared the failed replica's stale copy with the good one and
+/// "repaired" the good one from it: the acknowledged write was gone.
+/// The scrub now takes the members once the region is its own, and repairs
+/// only from and to replicas still in sync.
+#[tokio::test]
+async fn sim9804_scrub_never_repairs_from_a_replica_failed_while_it_waited() {
+    let f = Fixture::new(2).await;
+    let (v, faults) = f
+        .open(VolumeOptions {
+            io_timeout: Duration::from_millis(300),
+            ..options()
+        })
+        .await;
+    let v = v.unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    // Replica 0 (the scrub's default repair source) hangs on the next write.
+    faults[0].write_delay_ms.store(1500, Ordering::SeqCst);
+    let write = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(0, block(9), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    v.scrub(true, None).await.unwrap();
+    write.await.unwrap().unwrap();
+    wait_idle(&v).await;
+    assert_eq!(v.members()[0].state, ReplicaState::Failed);
+    assert_eq!(
+        v.read(0, 4096).await.unwrap(),
+        block(9),
+        "the acknowledged write was overwritten by the scrub's repair"
+    );
+}

@@ -1218,3 +1218,16 @@ fn sim4995_quorum_trace_replays_without_violation() {
     let o = ditto_sim::replay(4995, replicas, &steps, cfg, true);
     assert!(o.violation.is_none(), "{:?}", o.violation);
 }
+
+/// Sim seed 9804 (campaign 8000..10000, 1500 operations), replayed from its
+/// recorded trace: a scrub with repair picked its replicas before waiting
+/// for a region that a client write held; the write failed one replica out
+/// (its disk hung) and was acknowledged by the other, and the scrub then
+/// "repaired" the good replica from the failed one's stale copy.
+#[test]
+fn sim9804_trace_replays_without_violation() {
+    let text = include_str!("traces/seed-9804.trace");
+    let (replicas, steps) = ditto_sim::trace::parse_trace(text).expect("trace");
+    let o = ditto_sim::replay(9804, replicas, &steps, SimConfig::default(), true);
+    assert!(o.violation.is_none(), "{:?}", o.violation);
+}
