@@ -20,6 +20,29 @@ use uuid::Uuid;
 /// How long a peer may take to answer a connect, hello or create.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A member as the store keeps it, from the wire's form, and back.
+pub fn held_members(members: &[MemberRef]) -> Vec<HeldMember> {
+    members
+        .iter()
+        .map(|m| HeldMember {
+            replica: m.replica,
+            node: m.node.clone(),
+            pool: m.pool.clone(),
+        })
+        .collect()
+}
+
+pub fn member_refs(members: &[HeldMember]) -> Vec<MemberRef> {
+    members
+        .iter()
+        .map(|m| MemberRef {
+            replica: m.replica,
+            node: m.node.clone(),
+            pool: m.pool.clone(),
+        })
+        .collect()
+}
+
 /// What the held-replica registry asks of the node it runs in (`Node`).
 pub trait LocalNode: Send + Sync + 'static {
     /// Room a new replica may take in a pool (the node's own accounting).
@@ -231,15 +254,7 @@ impl HeldReplicas {
     /// primary this node follows.
     async fn claim_for(&self, me: &str, from: &str, claim: PrimaryClaim) -> Result<(), Superseded> {
         let _one = self.creating.lock().await;
-        let members: Vec<HeldMember> = claim
-            .members
-            .iter()
-            .map(|m| HeldMember {
-                replica: m.replica,
-                node: m.node.clone(),
-                pool: m.pool.clone(),
-            })
-            .collect();
+        let members = held_members(&claim.members);
         if let Some(mine) = self.node.primary_epoch(claim.volume) {
             if claim.epoch <= mine {
                 return Err(Superseded {

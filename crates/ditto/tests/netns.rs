@@ -106,17 +106,6 @@ fn write_in(ns: &str, d: &Daemon, pattern: u8, offset: u64, len: u64) -> Output 
     )
 }
 
-fn replica_data(pool: &Path) -> Vec<u8> {
-    let file = std::fs::read_dir(pool)
-        .expect("pool dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "replica"))
-        .expect("a replica file in the pool");
-    let all = std::fs::read(&file).expect("read replica");
-    let sb = ditto_format::Superblock::decode_slots(&all).expect("superblock");
-    all[sb.layout.data_offset as usize..].to_vec()
-}
-
 #[test]
 fn a_cut_link_between_namespaces_fails_the_replica_out_and_heals_by_itself() {
     let Some(net) = Net::create() else {

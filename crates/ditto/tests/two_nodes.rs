@@ -42,18 +42,6 @@ fn start_node(dir: &Path, name: &str, config: &str) -> (Daemon, NodeFiles) {
     (d, files)
 }
 
-/// The data area of the one replica file in `pool` (node b's side).
-fn replica_data(pool: &Path) -> Vec<u8> {
-    let file = std::fs::read_dir(pool)
-        .expect("pool dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "replica"))
-        .expect("a replica file in node b's pool");
-    let all = std::fs::read(&file).expect("read replica");
-    let sb = ditto_format::Superblock::decode_slots(&all).expect("superblock");
-    all[sb.layout.data_offset as usize..].to_vec()
-}
-
 fn qemu_write(uri: &str, pattern: u8, offset: u64, len: u64) {
     let cmd = format!("write -P {pattern:#x} {offset} {len}");
     let out = qemu_io_ok(uri, &[cmd]);

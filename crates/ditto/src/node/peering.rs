@@ -61,15 +61,7 @@ impl Node {
             let claim = ditto_peer::wire::PrimaryClaim {
                 volume,
                 epoch: first.epoch,
-                members: first
-                    .members
-                    .iter()
-                    .map(|m| ditto_peer::wire::MemberRef {
-                        replica: m.replica,
-                        node: m.node.clone(),
-                        pool: m.pool.clone(),
-                    })
-                    .collect(),
+                members: crate::peers::member_refs(&first.members),
             };
             return Ok((Vec::new(), claim));
         };
@@ -190,14 +182,7 @@ impl Node {
                 primary: to.to_string(),
                 created_unix: now_unix(),
                 epoch,
-                members: members
-                    .iter()
-                    .map(|m| ditto_control::model::HeldMember {
-                        replica: m.replica,
-                        node: m.node.clone(),
-                        pool: m.pool.clone(),
-                    })
-                    .collect(),
+                members: crate::peers::held_members(members),
             };
             self.store.insert_held_replica(&h).map_err(err)?;
             held.push(h);
@@ -348,9 +333,9 @@ impl Node {
 
     /// Tell every node holding a replica of `record` that this node is its
     /// primary at the record's epoch, with its current replicas. Best
-    /// effort: a node that misses it learns at the next claim. Returns the
-    /// nodes that refused, naming the primary they follow.
-    pub(super) async fn announce_primary(&self, record: &VolumeRecord) -> Vec<(String, String)> {
+    /// effort: a node that misses it learns at the next claim; one that
+    /// follows a newer primary is noted (`note_superseded`).
+    pub(super) async fn announce_primary(&self, record: &VolumeRecord) {
         let claim = ditto_peer::wire::PrimaryClaim {
             volume: record.uuid,
             epoch: record.epoch,
@@ -361,30 +346,29 @@ impl Node {
             .iter()
             .filter_map(|r| r.node.as_deref())
             .collect();
-        let mut refused = Vec::new();
         for node in nodes {
-            let Ok((addr, dial)) = self.dialer.dial(node) else {
-                continue;
-            };
-            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3))
-                .await
-            {
-                Ok(()) => {}
-                Err(ditto_peer::client::ConnectError::Superseded {
-                    node: by,
-                    epoch,
-                    why,
-                    ..
-                }) => {
-                    self.note_superseded(record.uuid, by.clone(), epoch);
-                    refused.push((node.to_string(), why));
+            match self.send_claim(node, &claim).await {
+                Some(Err(ditto_peer::client::ConnectError::Superseded {
+                    node: by, epoch, ..
+                })) => {
+                    self.note_superseded(record.uuid, by, epoch);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::debug!(node, error = %e, "primary claim not delivered; the node learns at the next one")
                 }
+                _ => {}
             }
         }
-        refused
+    }
+
+    /// Send `claim` to node `node`; None when the node is not known here.
+    async fn send_claim(
+        &self,
+        node: &str,
+        claim: &ditto_peer::wire::PrimaryClaim,
+    ) -> Option<Result<(), ditto_peer::client::ConnectError>> {
+        let (addr, dial) = self.dialer.dial(node).ok()?;
+        Some(ditto_peer::client::claim_primary(&addr, &dial, claim, Duration::from_secs(3)).await)
     }
 
     /// `ditto volume promote NAME` on a node holding a replica of it: the
@@ -699,15 +683,7 @@ impl Node {
                 )));
             }
         }
-        let mut members: Vec<ditto_peer::wire::MemberRef> = held
-            .members
-            .iter()
-            .map(|m| ditto_peer::wire::MemberRef {
-                replica: m.replica,
-                node: m.node.clone(),
-                pool: m.pool.clone(),
-            })
-            .collect();
+        let mut members = crate::peers::member_refs(&held.members);
         for h in held_all {
             if !members.iter().any(|m| m.replica == h.replica) {
                 members.push(ditto_peer::wire::MemberRef {
@@ -768,19 +744,14 @@ impl Node {
             }
         }
         for node in nodes {
-            let Ok((addr, dial)) = self.dialer.dial(node) else {
-                continue;
-            };
-            match ditto_peer::client::claim_primary(&addr, &dial, &claim, Duration::from_secs(3))
-                .await
-            {
-                Ok(()) => {}
-                Err(ditto_peer::client::ConnectError::Superseded { why, .. }) => {
+            match self.send_claim(node, &claim).await {
+                None | Some(Ok(())) => {}
+                Some(Err(ditto_peer::client::ConnectError::Superseded { why, .. })) => {
                     return Err(ControlError::InvalidRequest(format!(
                         "node {node} refused this node's takeover of {name}: {why}; not promoted"
                     )));
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(volume = %name, node, error = %e, "node holding a replica did not hear of the takeover; it is told when it answers")
                 }
             }

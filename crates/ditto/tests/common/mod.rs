@@ -546,6 +546,30 @@ pub struct Daemon {
     pub netns: Option<String>,
 }
 
+/// The data area of the one replica file in directory pool `pool`.
+pub fn replica_data(pool: &Path) -> Vec<u8> {
+    let file = std::fs::read_dir(pool)
+        .expect("pool dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "replica"))
+        .expect("a replica file in the pool");
+    let all = std::fs::read(&file).expect("read replica");
+    let sb = ditto_format::Superblock::decode_slots(&all).expect("superblock");
+    all[sb.layout.data_offset as usize..].to_vec()
+}
+
+/// `daemon --data-dir DIR` on ephemeral loopback ports, then `extra`.
+fn daemon_args(data_dir: &Path, extra: &[&str]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["daemon".into(), "--data-dir".into(), data_dir.into()];
+    args.extend(
+        ["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]
+            .iter()
+            .map(OsString::from),
+    );
+    args.extend(extra.iter().map(OsString::from));
+    args
+}
+
 /// `ditto` run in network namespace `netns` when given.
 pub fn ditto_in(netns: Option<&str>) -> Command {
     match netns {
@@ -562,14 +586,7 @@ impl Daemon {
     /// `ditto daemon` on ephemeral loopback ports inside network namespace
     /// `netns` (its loopback must be up).
     pub fn start_in_netns(netns: &str, data_dir: &Path, extra: &[&str]) -> Daemon {
-        let mut args: Vec<OsString> = vec!["daemon".into(), "--data-dir".into(), data_dir.into()];
-        args.extend(
-            ["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]
-                .iter()
-                .map(OsString::from),
-        );
-        args.extend(extra.iter().map(OsString::from));
-        Self::spawn_cmd(Some(netns), None, data_dir, &args)
+        Self::spawn_cmd(Some(netns), None, data_dir, &daemon_args(data_dir, extra))
     }
 
     /// `ditto daemon --data-dir DIR` on ephemeral loopback ports.
@@ -579,13 +596,7 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with extra daemon arguments.
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Daemon {
-        let mut args: Vec<OsString> = vec!["daemon".into(), "--data-dir".into(), data_dir.into()];
-        args.extend(
-            ["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]
-                .iter()
-                .map(OsString::from),
-        );
-        args.extend(extra.iter().map(OsString::from));
+        let mut args = daemon_args(data_dir, extra);
         // Run the whole suite on another disk I/O engine: DITTO_TEST_IO_ENGINE=io_uring.
         if let Some(engine) = std::env::var_os("DITTO_TEST_IO_ENGINE") {
             args.push("--io-engine".into());
