@@ -72,6 +72,12 @@ pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerStream for T {}
 type Stream = Box<dyn PeerStream>;
 
+/// Opens the byte stream to a peer address in place of TCP: the
+/// simulator's network. Its streams are used as given (no TLS, no loopback
+/// check), so only code embedding the peer client can set one.
+pub type Connector =
+    Arc<dyn Fn(String) -> BoxFuture<'static, io::Result<Box<dyn PeerStream>>> + Send + Sync>;
+
 /// How this node dials a peer: its own name, the name the peer must prove
 /// (its certificate), and TLS, which is required unless the address is on
 /// loopback.
@@ -80,6 +86,8 @@ pub struct Dial {
     pub me: String,
     pub peer: String,
     pub tls: Option<PeerTls>,
+    /// A transport other than TCP (None: TCP, the daemon's).
+    pub connector: Option<Connector>,
 }
 
 impl Dial {
@@ -88,6 +96,9 @@ impl Dial {
             addr: addr.into(),
             source,
         };
+        if let Some(connect) = &self.connector {
+            return connect(addr.to_string()).await.map_err(unreachable);
+        }
         let tcp = TcpStream::connect(addr).await.map_err(unreachable)?;
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {

@@ -14,6 +14,7 @@
 //! superseded while away can never write.
 
 pub mod client;
+pub mod fence;
 pub mod server;
 pub mod tls;
 pub mod wire;

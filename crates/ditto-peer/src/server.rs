@@ -326,6 +326,21 @@ impl PeerServer {
         }
     }
 
+    /// Run one connection on a stream from a transport the caller trusts
+    /// (the simulator's network): no TLS and no loopback check, the peer is
+    /// the node its hello names. The daemon uses [`PeerServer::serve`].
+    pub async fn serve_trusted<S>(
+        self: Arc<Self>,
+        stream: S,
+        addr: SocketAddr,
+    ) -> Result<(), FrameError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        self.connection(r, w, addr, None).await
+    }
+
     /// Run one connection: handshake, then requests until it closes.
     async fn connection<R, W>(
         self: Arc<Self>,

@@ -117,6 +117,7 @@ fn dial() -> Dial {
         me: "a".into(),
         peer: "b".into(),
         tls: None,
+        connector: None,
     }
 }
 

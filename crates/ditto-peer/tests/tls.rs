@@ -81,6 +81,7 @@ impl Cluster {
             me: me.into(),
             peer: peer.into(),
             tls: Some(tls),
+            connector: None,
         };
         RemoteReplica::connect(&self.addr, &dial, self.vol, self.replica, TIMEOUT)
             .await

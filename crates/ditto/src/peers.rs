@@ -256,7 +256,7 @@ impl HeldReplicas {
         let _one = self.creating.lock().await;
         let members = held_members(&claim.members);
         if let Some(mine) = self.node.primary_epoch(claim.volume) {
-            if claim.epoch <= mine {
+            if !ditto_peer::fence::superseded_by_claim(mine, claim.epoch) {
                 return Err(Superseded {
                     node: me.to_string(),
                     epoch: mine,
@@ -284,8 +284,8 @@ impl HeldReplicas {
             why: e.to_string(),
         })?;
         for mut h in records.into_iter().filter(|h| h.volume == claim.volume) {
-            let follows = h.primary == from && claim.epoch >= h.epoch;
-            if !follows && claim.epoch <= h.epoch {
+            let verdict = ditto_peer::fence::judge_claim(&h.primary, h.epoch, from, claim.epoch);
+            if verdict == ditto_peer::fence::ClaimVerdict::Refuse {
                 return Err(Superseded {
                     node: h.primary.clone(),
                     epoch: h.epoch,
@@ -295,7 +295,7 @@ impl HeldReplicas {
                     ),
                 });
             }
-            let took_over = h.primary != from;
+            let took_over = verdict == ditto_peer::fence::ClaimVerdict::TakeOver;
             h.primary = from.to_string();
             h.epoch = claim.epoch;
             h.members = members.clone();
@@ -411,7 +411,7 @@ impl ReplicaRegistry for HeldReplicas {
 
     fn check_primary(&self, from: &str, volume: Uuid) -> Result<(), Superseded> {
         match self.followed_primary(volume) {
-            Some((primary, epoch)) if primary != from => {
+            Some((primary, epoch)) if !ditto_peer::fence::may_open(Some(&primary), from) => {
                 let primary = if primary.is_empty() {
                     self.me.clone()
                 } else {
@@ -501,6 +501,7 @@ impl Dialer {
             me: self.me.clone(),
             peer: name.to_string(),
             tls: self.tls.clone(),
+            connector: None,
         }
     }
 
