@@ -136,6 +136,7 @@
 //! and a seed still replays exactly (`tests/campaign.rs` checks it).
 //! `--no-throttle` and `--no-vary-dirty` turn those choices off.
 
+pub mod cluster;
 pub mod disk;
 pub mod model;
 pub mod rng;

@@ -66,6 +66,12 @@ struct Args {
     /// refused on a minority; acknowledged writes must survive it.
     #[arg(long)]
     quorum: bool,
+    /// Three nodes on a simulated network (partitions, delay, reordering,
+    /// resets, crashes, promotes), the real peer protocol and fencing
+    /// between them: acknowledged writes read back at the end, and one
+    /// node's writes only per epoch and generation. --ops counts steps.
+    #[arg(long)]
+    cluster: bool,
     /// Simulated seconds a settle may take before it is a liveness
     /// violation (default 600; 30 when liveness is skipped, so stuck seeds
     /// move on).
@@ -190,6 +196,9 @@ fn report_failure(args: &Args, cfg: &SimConfig, o: &Outcome) {
 
 fn run() -> Result<bool, String> {
     let args = Args::parse();
+    if args.cluster {
+        return Ok(cluster_campaign(&args));
+    }
     let cfg = config(&args)?;
     if let Some(path) = &args.trace {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -357,6 +366,80 @@ fn campaign(args: &Args, cfg: &SimConfig) -> Result<bool, String> {
         report_failure(args, cfg, first);
     }
     Ok(failures.is_empty())
+}
+
+/// `--cluster`: seeds of the multi-node simulation, or one with its log.
+fn cluster_campaign(args: &Args) -> bool {
+    use ditto_sim::cluster::{run_cluster_seed, ClusterConfig, ClusterStats};
+    if let Some(seed) = args.seed {
+        let cfg = ClusterConfig {
+            verbose: args.replay,
+            ..ClusterConfig::default()
+        };
+        let t = Instant::now();
+        let (r, stats, log) = run_cluster_seed(seed, args.ops, cfg);
+        if args.replay {
+            print_log(&log, usize::MAX);
+        }
+        println!("seed {seed}: {stats:?}, {:.2}s wall", t.elapsed().as_secs_f64());
+        return match r {
+            Ok(()) => {
+                println!("passed");
+                true
+            }
+            Err(v) => {
+                println!("FAILED: {v}\nreplay: scripts/sim --cluster --seed {seed} --ops {} --replay", args.ops);
+                false
+            }
+        };
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let next = AtomicU64::new(args.start);
+    let end = args.start + args.seeds;
+    let totals = Mutex::new((ClusterStats::default(), Vec::<(u64, String)>::new(), 0u64));
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    return;
+                }
+                let (r, stats, _) = run_cluster_seed(seed, args.ops, ClusterConfig::default());
+                let mut g = totals.lock().unwrap_or_else(|p| p.into_inner());
+                g.0.add(&stats);
+                g.2 += 1;
+                if let Err(v) = r {
+                    println!("seed {seed}: {v}");
+                    g.1.push((seed, v.to_string()));
+                }
+                if g.2 % 50 == 0 {
+                    println!("{} seeds, {} writes, {} failing, {:.0}s", g.2, g.0.writes, g.1.len(), t.elapsed().as_secs_f64());
+                }
+            });
+        }
+    });
+    let (stats, mut failures, seeds) = totals.into_inner().unwrap_or_else(|p| p.into_inner());
+    failures.sort();
+    println!(
+        "\ncluster campaign: seeds {}..{} ({seeds} run), {} steps each, {:.1}s wall",
+        args.start,
+        args.start + seeds,
+        args.ops,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "  writes {} ({} acknowledged), flushes {}, promotes {} ({} took effect), primaries {}, crashes {}, partitions {}, resets {}",
+        stats.writes, stats.acked, stats.flushes, stats.promotes, stats.promoted, stats.primaries_seen, stats.crashes, stats.partitions, stats.resets
+    );
+    println!("  violations: {}", failures.len());
+    if let Some((seed, v)) = failures.first() {
+        println!("first: seed {seed}: {v}\nreplay: scripts/sim --cluster --seed {seed} --ops {} --replay", args.ops);
+    }
+    failures.is_empty()
 }
 
 fn main() -> ExitCode {

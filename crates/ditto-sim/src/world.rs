@@ -922,7 +922,7 @@ thread_local! {
     static PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
-fn install_panic_hook() {
+pub(crate) fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
@@ -938,6 +938,11 @@ fn install_panic_hook() {
             }
         }));
     });
+}
+
+/// Panics caught on this thread since last asked.
+pub(crate) fn take_panics() -> Vec<String> {
+    PANICS.with(|p| p.borrow_mut().drain(..).collect())
 }
 
 /// The simulated world of one seed.
