@@ -2,7 +2,8 @@
 //! nodes. Each connection opens one replica (by volume and replica uuid),
 //! then runs its requests concurrently (pipelined, replies in completion
 //! order), bounded in bytes. The server owns the replica's superblock and
-//! fences: a request older than the replica's generation is refused.
+//! fences: only the newest connection may use a replica, and its
+//! superblock generation never goes back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -688,16 +689,11 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
     if served.session.load(Ordering::Acquire) != session {
         return superseded();
     }
-    let current = served.generation();
-    if f.generation < current {
-        return reply(
-            Status::Fenced,
-            Bytes::from(format!(
-                "request at generation {} refused: replica {} is at generation {current}; another primary took this volume over",
-                f.generation, served.replica
-            )),
-        );
-    }
+    // Data requests are fenced by connection (only the newest may write)
+    // and, at the hello, by epoch; not by generation: the primary's own
+    // superblock write races its requests in flight on this connection
+    // (they run concurrently here), and refusing those failed healthy
+    // replicas out at every membership change (cluster simulator, seed 1).
     let size = served.layout.volume_size;
     let in_range = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= size);
     match f.kind {

@@ -274,10 +274,12 @@ async fn a_superseded_connection_is_fenced() {
     assert!(e.contains("another primary"), "{e}");
 }
 
-/// A request carrying an older generation than the replica's is refused,
-/// even on the connection that is current.
+/// A request the primary issued before its own superblock write (a
+/// membership change) is served, though it arrives after it: the connection
+/// is the current one. Refusing it failed healthy replicas out at every
+/// membership change under load (cluster simulator, seed 1).
 #[tokio::test]
-async fn a_request_from_an_older_generation_is_fenced() {
+async fn a_request_issued_before_its_own_superblock_write_is_served() {
     let t = Two::new().await;
     let (addr, _server) = t.serve().await;
     let (mut s, ok) = raw_hello(addr, t.vol, t.ids[1], (1, 1)).await;
@@ -304,12 +306,13 @@ async fn a_request_from_an_older_generation_is_fenced() {
     .await
     .unwrap();
     let r = Frame::read_from(&mut s, 1 << 16).await.unwrap();
-    assert_eq!(r.arg, ditto_peer::wire::Status::Fenced as u64);
-    assert!(String::from_utf8_lossy(&r.payload).contains(&format!("generation {}", generation + 3)));
-    assert!(
-        t.data(1)[..4096].iter().all(|b| *b == 0),
-        "a fenced write landed"
+    assert_eq!(
+        r.arg,
+        ditto_peer::wire::Status::Ok as u64,
+        "{}",
+        String::from_utf8_lossy(&r.payload)
     );
+    assert_eq!(&t.data(1)[..4096], &pattern(5, 4096)[..], "the write did not land");
 }
 
 #[tokio::test]

@@ -316,6 +316,9 @@ struct Boot {
     shared: Arc<NodeShared>,
     /// Serializes role changes, as the daemon's control lock does.
     ops: tokio::sync::Mutex<()>,
+    /// One assembly at a time (the daemon's `assembling` set): two would
+    /// run two instances of the volume on the same replicas.
+    assembling: tokio::sync::Mutex<()>,
 }
 
 impl NodeShared {
@@ -441,6 +444,7 @@ impl Boot {
     /// the others' over the network (those that do not answer are missing).
     async fn assemble(self: &Arc<Self>, epoch: u64) {
         let s = &self.shared;
+        let _one = self.assembling.lock().await;
         if s.volume().is_some() {
             return;
         }
@@ -837,6 +841,7 @@ async fn node_main(shared: Arc<NodeShared>) -> turmoil::Result {
     let boot = Arc::new(Boot {
         shared: shared.clone(),
         ops: tokio::sync::Mutex::new(()),
+        assembling: tokio::sync::Mutex::new(()),
     });
     if !shared.formatted.load(Ordering::Acquire) {
         let spec = &shared.spec;
