@@ -574,8 +574,11 @@ impl Volume {
                 why: "its superblock names another volume or replica".into(),
             });
         }
-        // It went on without the current replicas: a split brain, never merged silently.
+        // It went on without the current replicas: a split brain, never
+        // merged silently. (Not one stopped mid-rebuild or stale by its own
+        // record: it never served as current; it is rebuilt below.)
         if !force_full
+            && crate::volume::could_be_current(&sb)
             && self.in_sync().iter().any(|m| {
                 sb.replica_set
                     .iter()

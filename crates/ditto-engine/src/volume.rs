@@ -402,6 +402,12 @@ fn self_in_sync(sb: &Superblock) -> bool {
     sb.replica_set.is_empty() || is_in_sync(sb, sb.replica_uuid)
 }
 
+/// In sync by its own record and not in the middle of a rebuild: a replica
+/// that may have served as current.
+pub(crate) fn could_be_current(sb: &Superblock) -> bool {
+    self_in_sync(sb) && sb.rebuild_cursor.is_none()
+}
+
 fn is_in_sync(sb: &Superblock, id: Uuid) -> bool {
     sb.replica_set
         .iter()
@@ -505,7 +511,15 @@ impl Volume {
                 let (sa, sbb) = (a.backend.superblock(), b.backend.superblock());
                 // Across epochs the newer primary's record wins: the older
                 // side is stale, found again (split brain or rebuild) at its re-add.
-                if sa.epoch == sbb.epoch && excludes(&sa, b.id) && excludes(&sbb, a.id) {
+                // Only replicas that could each have been current (in sync
+                // by their own record, no rebuild half done) can have gone on
+                // without each other: one stopped mid-rebuild is stale.
+                if sa.epoch == sbb.epoch
+                    && could_be_current(&sa)
+                    && could_be_current(&sbb)
+                    && excludes(&sa, b.id)
+                    && excludes(&sbb, a.id)
+                {
                     let e = EngineError::SplitBrain {
                         volume: name.clone(),
                         a: a.backend.location().to_string(),
@@ -527,9 +541,7 @@ impl Volume {
         let candidates: Vec<Superblock> = present
             .iter()
             .map(|m| m.backend.superblock())
-            .filter(|sb| {
-                sb.order_key() == newest && self_in_sync(sb) && sb.rebuild_cursor.is_none()
-            })
+            .filter(|sb| sb.order_key() == newest && could_be_current(sb))
             .collect();
         let current: Vec<Superblock> = candidates
             .iter()

@@ -255,3 +255,59 @@ async fn row9_a_newer_epoch_wins_over_a_higher_generation() {
         other => panic!("expected a split brain, got {other:?}"),
     }
 }
+
+/// Row 10: a replica stopped in the middle of its rebuild, whose superblock
+/// (written when the rebuild began) excludes a replica that was itself
+/// being rebuilt then and finished since: not a split brain. The half-built
+/// one never served as current; it is stale and rebuilt. Before, the start
+/// was refused as a split brain and three nodes ended with no primary
+/// (cluster simulator, seed 1: the primary crashed during the rebuild).
+#[tokio::test]
+async fn row10_a_half_rebuilt_replica_is_stale_not_a_split_brain() {
+    use ditto_format::MemberState;
+    let f = Fixture::new(3).await;
+    {
+        let v = f.open_present(&[0, 1, 2], options()).await.unwrap();
+        v.write(0, block(1), false).await.unwrap();
+        v.close().await.unwrap();
+    }
+    let set = |states: [MemberState; 3]| {
+        f.ids
+            .iter()
+            .zip(states)
+            .map(|(id, state)| ditto_format::ReplicaSetEntry {
+                replica: *id,
+                state,
+                since_generation: 1,
+            })
+            .collect::<Vec<_>>()
+    };
+    use MemberState::{InSync, Rebuilding};
+    let generation = f.superblock(0).generation;
+    // Replica 2's rebuild began while replica 1 was being rebuilt too...
+    let r2 = f.backend(2).await;
+    let mut sb = ditto_engine::ReplicaBackend::superblock(r2.as_ref());
+    sb.replica_set = set([InSync, Rebuilding, Rebuilding]);
+    sb.rebuild_cursor = Some(0);
+    sb.generation = generation + 1;
+    ditto_engine::ReplicaBackend::write_superblock(r2.as_ref(), sb).await.unwrap();
+    // ...then replica 1's finished, and the primary crashed.
+    for i in [0, 1] {
+        let r = f.backend(i).await;
+        let mut sb = ditto_engine::ReplicaBackend::superblock(r.as_ref());
+        sb.replica_set = set([InSync, InSync, Rebuilding]);
+        sb.generation = generation + 2;
+        ditto_engine::ReplicaBackend::write_superblock(r.as_ref(), sb).await.unwrap();
+    }
+    let v = f
+        .open_present(&[0, 1, 2], options())
+        .await
+        .expect("a half-rebuilt replica is no split brain");
+    assert_eq!(state(&v, 0), ReplicaState::InSync);
+    assert_eq!(state(&v, 1), ReplicaState::InSync);
+    assert_ne!(state(&v, 2), ReplicaState::InSync);
+    wait_idle(&v).await;
+    assert!(v.fully_redundant(), "{:?}", v.members());
+    v.close().await.unwrap();
+    assert_same_data(&f, 0, 2, "after the rebuild");
+}
