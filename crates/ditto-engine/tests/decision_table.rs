@@ -290,14 +290,18 @@ async fn row10_a_half_rebuilt_replica_is_stale_not_a_split_brain() {
     sb.replica_set = set([InSync, Rebuilding, Rebuilding]);
     sb.rebuild_cursor = Some(0);
     sb.generation = generation + 1;
-    ditto_engine::ReplicaBackend::write_superblock(r2.as_ref(), sb).await.unwrap();
+    ditto_engine::ReplicaBackend::write_superblock(r2.as_ref(), sb)
+        .await
+        .unwrap();
     // ...then replica 1's finished, and the primary crashed.
     for i in [0, 1] {
         let r = f.backend(i).await;
         let mut sb = ditto_engine::ReplicaBackend::superblock(r.as_ref());
         sb.replica_set = set([InSync, InSync, Rebuilding]);
         sb.generation = generation + 2;
-        ditto_engine::ReplicaBackend::write_superblock(r.as_ref(), sb).await.unwrap();
+        ditto_engine::ReplicaBackend::write_superblock(r.as_ref(), sb)
+            .await
+            .unwrap();
     }
     let v = f
         .open_present(&[0, 1, 2], options())

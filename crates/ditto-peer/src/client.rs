@@ -7,7 +7,7 @@
 //! from then on, the engine fails the replica out, and a re-add connects
 //! anew and judges the superblock it is shown.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,7 +65,9 @@ pub enum ConnectError {
     },
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+// Ordered, so a lost connection fails its waiters in one order (the
+// simulator replays a seed exactly).
+type Waiters = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Frame>>>>;
 
 /// A byte stream to a peer: plain TCP (loopback only) or TLS.
 pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -500,7 +502,7 @@ impl RemoteReplica {
         }
         let location = format!("peer://{addr}/{replica}");
         let (tx, rx) = mpsc::channel::<Frame>(1024);
-        let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+        let waiters: Waiters = Arc::new(Mutex::new(BTreeMap::new()));
         let lost = Arc::new(Mutex::new(None));
         tokio::spawn(write_frames(rx, w, lost.clone(), waiters.clone()));
         {

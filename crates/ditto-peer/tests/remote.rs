@@ -312,7 +312,11 @@ async fn a_request_issued_before_its_own_superblock_write_is_served() {
         "{}",
         String::from_utf8_lossy(&r.payload)
     );
-    assert_eq!(&t.data(1)[..4096], &pattern(5, 4096)[..], "the write did not land");
+    assert_eq!(
+        &t.data(1)[..4096],
+        &pattern(5, 4096)[..],
+        "the write did not land"
+    );
 }
 
 #[tokio::test]

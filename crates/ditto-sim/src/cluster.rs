@@ -80,8 +80,10 @@ impl Default for ClusterConfig {
     }
 }
 
-/// What the checker found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the checker found. All but [`ClusterCheck::Liveness`] are safety
+/// violations; liveness (the nodes converge on one primary once healed) is
+/// known not to hold in every seed yet (docs/simulator.md, cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ClusterCheck {
     /// An acknowledged write did not read back at the end.
     LostWrite,
@@ -100,6 +102,12 @@ pub struct ClusterViolation {
     pub check: ClusterCheck,
     pub at: Duration,
     pub message: String,
+}
+
+impl ClusterCheck {
+    pub fn is_safety(self) -> bool {
+        self != ClusterCheck::Liveness
+    }
 }
 
 impl fmt::Display for ClusterViolation {
@@ -269,16 +277,27 @@ enum Role {
 
 #[derive(Debug, Clone)]
 enum Req {
-    Write { first: u64, n: u64, id: u64, fua: bool },
+    Write {
+        first: u64,
+        n: u64,
+        id: u64,
+        fua: bool,
+    },
     Flush,
-    Read { first: u64, n: u64 },
+    Read {
+        first: u64,
+        n: u64,
+    },
     Promote,
 }
 
 #[derive(Debug)]
 enum Reply {
     /// Done by the primary at this epoch and generation.
-    Done { epoch: u64, generation: u64 },
+    Done {
+        epoch: u64,
+        generation: u64,
+    },
     Data(Bytes),
     Err(String),
 }
@@ -401,6 +420,32 @@ impl NodeShared {
     }
 }
 
+/// A superblock in one line, for the log.
+fn describe(sb: &ditto_format::Superblock) -> String {
+    let set: Vec<String> = sb
+        .replica_set
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{:?}@{}",
+                e.replica.as_u64_pair().1 & 0xf,
+                e.state,
+                e.since_generation
+            )
+        })
+        .collect();
+    format!(
+        "r{} e{} g{} [{}]{}",
+        sb.replica_uuid.as_u64_pair().1 & 0xf,
+        sb.epoch,
+        sb.generation,
+        set.join(" "),
+        sb.rebuild_cursor
+            .map(|c| format!(" cursor {c}"))
+            .unwrap_or_default()
+    )
+}
+
 struct Sink(Arc<NodeShared>);
 
 impl EventSink for Sink {
@@ -490,9 +535,23 @@ impl Boot {
             ..VolumeOptions::default()
         };
         let sink = Arc::new(Sink(s.clone()));
+        let shown: Vec<String> = if s.log.is_some() {
+            members
+                .iter()
+                .map(|m| describe(&m.backend.superblock()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        s.note(|| format!("opening at epoch {epoch}: {}", shown.join("; ")));
         match Volume::open("simvol", spec.uuid, spec.size, members, options, sink).await {
             Ok(v) => {
-                s.note(|| format!("volume open at epoch {epoch}, generation {}", v.generation()));
+                s.note(|| {
+                    format!(
+                        "volume open at epoch {epoch}, generation {}",
+                        v.generation()
+                    )
+                });
                 *lock(&s.volume) = Some(v);
                 self.announce(epoch).await;
             }
@@ -551,9 +610,15 @@ impl Boot {
         let s = &self.shared;
         let claim = s.claim(epoch);
         for i in s.others() {
-            let r = ditto_peer::client::claim_primary(&addr_of(i), &s.dial(i), &claim, PEER_TIMEOUT)
-                .await;
-            if let Err(ConnectError::Superseded { node, epoch: theirs, .. }) = r {
+            let r =
+                ditto_peer::client::claim_primary(&addr_of(i), &s.dial(i), &claim, PEER_TIMEOUT)
+                    .await;
+            if let Err(ConnectError::Superseded {
+                node,
+                epoch: theirs,
+                ..
+            }) = r
+            {
                 if fence::superseded_by_claim(epoch, theirs) {
                     Box::pin(self.settle(&node, theirs)).await;
                     return;
@@ -571,14 +636,9 @@ impl Boot {
             return Reply::Err("already the primary".into());
         };
         let dial = s.dial(primary);
-        let planned = ditto_peer::client::demote(
-            &addr_of(primary),
-            &dial,
-            s.spec.uuid,
-            false,
-            PEER_TIMEOUT,
-        )
-        .await;
+        let planned =
+            ditto_peer::client::demote(&addr_of(primary), &dial, s.spec.uuid, false, PEER_TIMEOUT)
+                .await;
         let new_epoch = match planned {
             Ok(handed) => handed.epoch.max(epoch) + 1,
             Err(e @ (ConnectError::Refused { .. } | ConnectError::Superseded { .. })) => {
@@ -656,12 +716,23 @@ impl Boot {
             })
             .map(|m| m.id)
             .collect();
-        for i in s.others() {
+        for i in 0..s.spec.replicas.len() {
             let id = s.spec.replicas[i];
             if !out.contains(&id) {
                 continue;
             }
-            let Some(backend) = self.connect(i).await else {
+            // This node's own replica, stale after a takeover: caught up
+            // from the others, as the daemon's reconnect loop does.
+            let backend = if i == s.index {
+                let file = s.disk.open() as Arc<dyn IoFile>;
+                match FileReplica::open_on(file, s.disk.name().to_string(), s.spec.uuid).await {
+                    Ok(b) => Some(b as Arc<dyn ReplicaBackend>),
+                    Err(_) => None,
+                }
+            } else {
+                self.connect(i).await
+            };
+            let Some(backend) = backend else {
                 continue;
             };
             if s.role() != (Role::Primary { epoch }) {
@@ -823,10 +894,7 @@ impl ReplicaRegistry for Registry {
                         return Err(format!("not closed cleanly: {e}"));
                     }
                     *lock(&s.volume) = None;
-                    *lock(&s.role) = Role::Follows {
-                        primary: to,
-                        epoch,
-                    };
+                    *lock(&s.role) = Role::Follows { primary: to, epoch };
                     s.note(|| format!("handed over to {from} at epoch {epoch}"));
                     boot.serve_replica().await;
                     Ok(s.claim(epoch))
@@ -951,7 +1019,8 @@ impl Cluster {
             at: Duration::ZERO,
             message: m,
         };
-        let layout = Layout::new(cfg.volume_size, cfg.region_size).map_err(|e| fail(e.to_string()))?;
+        let layout =
+            Layout::new(cfg.volume_size, cfg.region_size).map_err(|e| fail(e.to_string()))?;
         let spec = Arc::new(Spec {
             uuid: Uuid::from_u64_pair(seed, 0xc1u64),
             size: cfg.volume_size,
@@ -973,7 +1042,11 @@ impl Cluster {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut nodes = Vec::new();
         for i in 0..cfg.nodes {
-            let disk = SimDisk::new(format!("n{i}-disk"), layout.replica_len(), seed ^ (i as u64) << 32);
+            let disk = SimDisk::new(
+                format!("n{i}-disk"),
+                layout.replica_len(),
+                seed ^ (i as u64) << 32,
+            );
             let shared = Arc::new(NodeShared {
                 index: i,
                 disk,
@@ -1119,7 +1192,12 @@ impl Cluster {
                         );
                     }
                 }
-                self.note(|| format!("write #{id} blocks {first}+{n} on n{node}: {}", if ok { "ok" } else { "failed" }));
+                self.note(|| {
+                    format!(
+                        "write #{id} blocks {first}+{n} on n{node}: {}",
+                        if ok { "ok" } else { "failed" }
+                    )
+                });
                 self.model.complete(id, first, n, ok, fua);
                 for b in first..first + n {
                     self.busy[b as usize] = false;
@@ -1208,7 +1286,12 @@ impl Cluster {
 
     fn crash(&mut self, i: usize, power_loss: bool) {
         self.stats.crashes += 1;
-        self.note(|| format!("crash n{i}{}", if power_loss { " (power loss)" } else { "" }));
+        self.note(|| {
+            format!(
+                "crash n{i}{}",
+                if power_loss { " (power loss)" } else { "" }
+            )
+        });
         let n = self.nodes[i].clone();
         self.sim.crash(node_name(i));
         *lock(&n.volume) = None;
@@ -1283,14 +1366,17 @@ impl Cluster {
         match roll {
             0..=799 => self.write(),
             800..=869 => {
-                let target = self
-                    .rng
-                    .pick(&self.running())
-                    .copied()
-                    .unwrap_or(0);
+                let target = self.rng.pick(&self.running()).copied().unwrap_or(0);
                 self.stats.flushes += 1;
                 let cover = self.model.flush_cover();
-                self.send(target, Req::Flush, Pending::Flush { node: target, cover });
+                self.send(
+                    target,
+                    Req::Flush,
+                    Pending::Flush {
+                        node: target,
+                        cover,
+                    },
+                );
             }
             870..=889 => {
                 let a = self.rng.below(nodes as u64) as usize;
@@ -1306,7 +1392,11 @@ impl Cluster {
                 }
             }
             890..=929 => {
-                if let Some(&(a, b)) = self.held.iter().nth(self.rng.below(self.held.len().max(1) as u64) as usize) {
+                if let Some(&(a, b)) = self
+                    .held
+                    .iter()
+                    .nth(self.rng.below(self.held.len().max(1) as u64) as usize)
+                {
                     let reset = self.rng.chance(0.5);
                     self.heal(a, b, reset);
                 }
@@ -1460,7 +1550,10 @@ impl Cluster {
         let layout = self.nodes[0].spec.layout;
         let (offset, len) = (layout.data_offset, layout.volume_size);
         for i in 1..self.nodes.len() {
-            if !self.nodes[0].disk.same_content(&self.nodes[i].disk, offset, len) {
+            if !self.nodes[0]
+                .disk
+                .same_content(&self.nodes[i].disk, offset, len)
+            {
                 self.fail(
                     ClusterCheck::LostWrite,
                     format!("n0's and n{i}'s replicas differ, all in sync"),
