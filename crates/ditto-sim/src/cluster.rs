@@ -82,7 +82,7 @@ impl Default for ClusterConfig {
 
 /// What the checker found. All but [`ClusterCheck::Liveness`] are safety
 /// violations; liveness (the nodes converge on one primary once healed) is
-/// known not to hold in every seed yet (docs/simulator.md, cluster mode).
+/// known not to hold in every seed yet (docs/replication.md, "The cluster simulator").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ClusterCheck {
     /// An acknowledged write did not read back at the end.

@@ -6,7 +6,7 @@ use ditto_sim::cluster::{run_cluster_seed, ClusterConfig};
 /// No seed loses an acknowledged write, returns garbage, panics, or has two
 /// nodes acknowledge writes for one (epoch, generation). Seeds where the
 /// nodes do not converge on one primary after healing (a known liveness
-/// gap, docs/simulator.md) cannot be read back; enough must converge that
+/// gap, docs/replication.md) cannot be read back; enough must converge that
 /// the read-back check runs.
 #[test]
 fn three_nodes_under_partitions_crashes_and_promotes_keep_every_acknowledged_write() {
