@@ -1180,7 +1180,8 @@ impl Cluster {
                 fua,
             } => {
                 let ok = matches!(reply, Reply::Done { .. });
-                if let Reply::Done { epoch, generation } = reply {
+                if let Reply::Done { epoch, generation } = &reply {
+                    let (epoch, generation) = (*epoch, *generation);
                     self.stats.acked += 1;
                     let by = *self.acked_by.entry((epoch, generation)).or_insert(node);
                     if by != node {
@@ -1192,12 +1193,11 @@ impl Cluster {
                         );
                     }
                 }
-                self.note(|| {
-                    format!(
-                        "write #{id} blocks {first}+{n} on n{node}: {}",
-                        if ok { "ok" } else { "failed" }
-                    )
-                });
+                let outcome = match &reply {
+                    Reply::Err(why) => format!("failed: {why}"),
+                    _ => "ok".to_string(),
+                };
+                self.note(|| format!("write #{id} blocks {first}+{n} on n{node}: {outcome}"));
                 self.model.complete(id, first, n, ok, fua);
                 for b in first..first + n {
                     self.busy[b as usize] = false;
