@@ -12,7 +12,7 @@
 //! The network: turmoil delays and reorders segments (reassembled in order,
 //! as TCP does); a partition *holds* a link's segments (TCP retransmits:
 //! nothing is lost, only late), healed either by releasing them or by
-//! resetting the link's connections ([`Net::reset`], what TCP's timeout
+//! resetting the link's connections (`Net::reset`, what TCP's timeout
 //! does). Nodes crash (kill -9, or power loss: unflushed writes resolve at
 //! random) and restart; any node may be told to promote itself.
 //!
