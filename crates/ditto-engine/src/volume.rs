@@ -163,6 +163,17 @@ pub struct MemberStatus {
     pub state_since_unix: u64,
 }
 
+impl MemberStatus {
+    /// Out of the volume (failed, missing or stale) with nothing of it still
+    /// in flight: a re-add may bring it back now.
+    pub fn awaits_readd(&self) -> bool {
+        matches!(
+            self.state,
+            ReplicaState::Failed | ReplicaState::Missing | ReplicaState::Stale
+        ) && self.pending == 0
+    }
+}
+
 fn wall_clock_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

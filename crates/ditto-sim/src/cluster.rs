@@ -708,12 +708,7 @@ impl Boot {
         let out: Vec<Uuid> = volume
             .members()
             .iter()
-            .filter(|m| {
-                matches!(
-                    m.state,
-                    ReplicaState::Failed | ReplicaState::Missing | ReplicaState::Stale
-                ) && m.pending == 0
-            })
+            .filter(|m| m.awaits_readd())
             .map(|m| m.id)
             .collect();
         for i in 0..s.spec.replicas.len() {

@@ -840,12 +840,7 @@ impl Node {
             let out: Vec<Uuid> = volume
                 .members()
                 .iter()
-                .filter(|m| {
-                    matches!(
-                        m.state,
-                        ReplicaState::Failed | ReplicaState::Missing | ReplicaState::Stale
-                    ) && m.pending == 0
-                })
+                .filter(|m| m.awaits_readd())
                 .map(|m| m.id)
                 .collect();
             for r in record
