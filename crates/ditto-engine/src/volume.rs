@@ -511,6 +511,30 @@ impl Volume {
                 });
             }
         }
+        // With quorum, every start takes an epoch of its own, claimed by a
+        // majority of the nodes (so no other start can take it): then the
+        // superblocks of one epoch are one assembly's, one line of
+        // generations, and the newer generation is the newer copy. A start
+        // at an epoch some present replica was already assembled at would
+        // break that (it could be a second line at one epoch), so it is
+        // refused. Replicas never assembled (fresh) carry no history.
+        if options.quorum.is_some() {
+            let reused = present
+                .iter()
+                .map(|m| m.backend.superblock())
+                .find(|sb| !sb.replica_set.is_empty() && sb.epoch >= options.epoch);
+            if let Some(sb) = reused {
+                return Err(EngineError::Refused {
+                    volume: name,
+                    why: format!(
+                        "with quorum every start takes a new epoch, claimed by a majority of the nodes, but replica {} was already assembled at epoch {} and this start is at epoch {}; the node must claim a newer epoch before it starts the volume (a bug in the caller: report it)",
+                        short(sb.replica_uuid),
+                        sb.epoch,
+                        options.epoch
+                    ),
+                });
+            }
+        }
         let Some(layout) = present.first().map(|m| m.backend.superblock().layout) else {
             return Err(EngineError::Refused {
                 volume: name,
@@ -525,7 +549,13 @@ impl Volume {
                 // Only replicas that could each have been current (in sync
                 // by their own record, no rebuild half done) can have gone on
                 // without each other: one stopped mid-rebuild is stale.
+                // With quorum one epoch is one assembly (above): its
+                // generations form one line, so of two replicas that each
+                // exclude the other the newer generation is current and the
+                // other merely left earlier (found by the cluster simulator:
+                // such starts were refused and the nodes never converged).
                 if sa.epoch == sbb.epoch
+                    && options.quorum.is_none()
                     && could_be_current(&sa)
                     && could_be_current(&sbb)
                     && excludes(&sa, b.id)

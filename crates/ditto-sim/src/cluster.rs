@@ -485,14 +485,19 @@ impl Boot {
         self.serve_replica().await;
     }
 
-    /// Open the volume as its primary at `epoch`: this node's replica and
-    /// the others' over the network (those that do not answer are missing).
-    async fn assemble(self: &Arc<Self>, epoch: u64) {
+    /// Open the volume as its primary at a new epoch, as the daemon's start
+    /// does: the epoch is claimed first, and only the nodes that took the
+    /// claim lend their replicas (the others are missing), so no two starts
+    /// share an epoch. This node's replica and the others' over the network.
+    async fn assemble(self: &Arc<Self>) {
         let s = &self.shared;
         let _one = self.assembling.lock().await;
         if s.volume().is_some() {
             return;
         }
+        let Some((took, epoch)) = self.claim_start().await else {
+            return;
+        };
         let spec = &s.spec;
         let mut members = Vec::new();
         for (i, id) in spec.replicas.iter().enumerate() {
@@ -509,11 +514,15 @@ impl Boot {
                     )),
                 }
             } else {
-                match self.connect(i).await {
+                let connected = match took.contains(&i) {
+                    true => self.connect(i).await,
+                    false => None,
+                };
+                match connected {
                     Some(b) => b,
                     None => Arc::new(MissingReplica::new(
                         addr_of(i),
-                        "node does not answer",
+                        "node does not answer or did not take this start's claim",
                         spec.uuid,
                         *id,
                         spec.layout,
@@ -557,6 +566,52 @@ impl Boot {
             }
             Err(e) => s.note(|| format!("volume does not open: {e}")),
         }
+    }
+
+    /// Take a new epoch for a start and claim it at every other node: the
+    /// nodes that took it, and the epoch. None when a node names a primary
+    /// newer than this node's last epoch (this node steps down to it) or
+    /// the role changed meanwhile.
+    async fn claim_start(self: &Arc<Self>) -> Option<(Vec<usize>, u64)> {
+        let s = &self.shared;
+        let epoch = {
+            let _one = self.ops.lock().await;
+            let Role::Primary { epoch: last } = s.role() else {
+                return None;
+            };
+            *lock(&s.role) = Role::Primary { epoch: last + 1 };
+            last + 1
+        };
+        let claim = s.claim(epoch);
+        let mut took = Vec::new();
+        for i in s.others() {
+            let r =
+                ditto_peer::client::claim_primary(&addr_of(i), &s.dial(i), &claim, PEER_TIMEOUT)
+                    .await;
+            match r {
+                Ok(()) => took.push(i),
+                Err(ConnectError::Superseded {
+                    node,
+                    epoch: theirs,
+                    ..
+                }) if node != s.name() && theirs >= epoch => {
+                    let by = (0..s.spec.replicas.len()).find(|j| node_name(*j) == node)?;
+                    let _one = self.ops.lock().await;
+                    if s.role() == (Role::Primary { epoch }) {
+                        s.note(|| format!("start at epoch {epoch} refused: {node} is primary at epoch {theirs}"));
+                        self.step_down(by, theirs).await;
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    s.note(|| format!("claim at epoch {epoch} not taken by {}: {e}", node_name(i)))
+                }
+            }
+            if s.role() != (Role::Primary { epoch }) {
+                return None;
+            }
+        }
+        Some((took, epoch))
     }
 
     /// Connect to node `i`'s replica; a node that follows a newer primary
@@ -684,7 +739,7 @@ impl Boot {
             s.note(|| format!("promoted at epoch {new_epoch}"));
             self.retire_served().await;
         }
-        self.assemble(new_epoch).await;
+        self.assemble().await;
         match s.volume() {
             Some(_) => Reply::Done {
                 epoch: new_epoch,
@@ -702,7 +757,7 @@ impl Boot {
             return;
         };
         let Some(volume) = s.volume() else {
-            self.assemble(epoch).await;
+            self.assemble().await;
             return;
         };
         let out: Vec<Uuid> = volume

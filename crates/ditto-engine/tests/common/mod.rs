@@ -368,6 +368,32 @@ impl Fixture {
         Volume::open("v", self.vol_id, SIZE, members, options, Arc::new(LogSink)).await
     }
 
+    /// [`Self::open_present`] with each replica on a node of its own
+    /// (failure domain `n{i}`), as quorum counts them.
+    pub async fn open_on_nodes(
+        &self,
+        present: &[usize],
+        options: VolumeOptions,
+    ) -> Result<Arc<Volume>, EngineError> {
+        let mut members = Vec::new();
+        for (i, id) in self.ids.iter().enumerate() {
+            let backend: Arc<dyn ReplicaBackend> = if present.contains(&i) {
+                self.backend(i).await
+            } else {
+                Arc::new(ditto_engine::MissingReplica::new(
+                    "gone",
+                    "node unreachable",
+                    self.vol_id,
+                    *id,
+                    layout(),
+                ))
+            };
+            members
+                .push(Member::new(*id, format!("n{i}:pool"), backend).in_domain(format!("n{i}")));
+        }
+        Volume::open("v", self.vol_id, SIZE, members, options, Arc::new(LogSink)).await
+    }
+
     pub fn data_area(&self, i: usize) -> Vec<u8> {
         data_area(&self.paths[i])
     }
