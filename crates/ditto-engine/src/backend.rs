@@ -87,6 +87,12 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     fn is_present(&self) -> bool {
         self.unavailable().is_none()
     }
+    /// Why this replica can never serve again through this backend (a
+    /// remote replica whose connection is gone: it is never resumed); None
+    /// while it may. A fresh backend (a re-add, a new start) can reach it.
+    fn lost(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Stands in for a replica that could not be opened (disk gone, file

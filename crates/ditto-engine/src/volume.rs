@@ -1011,6 +1011,26 @@ impl Volume {
         self.with_state(&[ReplicaState::InSync])
     }
 
+    /// Why this instance can make no progress: every in-sync replica's
+    /// backend is lost for good (the last one is kept in service rather
+    /// than failed, and a re-add must record itself on an in-sync replica,
+    /// so nothing moves again). The node closes it and starts the volume
+    /// again, which connects afresh and decides from the superblocks.
+    /// Found by the cluster simulator (seed 92 of `--seeds 100`).
+    pub fn stranded(&self) -> Option<String> {
+        let in_sync = self.in_sync();
+        let mut why = Vec::new();
+        for m in &in_sync {
+            why.push(format!("{}: {}", m.label, m.backend.lost()?));
+        }
+        (!why.is_empty()).then(|| {
+            format!(
+                "every in-sync replica is unreachable through this instance ({})",
+                why.join("; ")
+            )
+        })
+    }
+
     /// True when every member is in sync (nothing to catch up for anyone).
     pub fn fully_redundant(&self) -> bool {
         self.member_list()

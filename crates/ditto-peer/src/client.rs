@@ -693,6 +693,10 @@ impl ReplicaBackend for RemoteReplica {
         &self.location
     }
 
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().ok()?.clone()
+    }
+
     fn superblock(&self) -> Superblock {
         match self.superblock.lock() {
             Ok(sb) => sb.clone(),

@@ -760,6 +760,18 @@ impl Boot {
             self.assemble().await;
             return;
         };
+        // Stranded (no in-sync replica reachable through this instance):
+        // closed and started again, as the daemon's reconnect loop does.
+        if let Some(why) = volume.stranded() {
+            let _one = self.ops.lock().await;
+            let same = s.volume().is_some_and(|v| Arc::ptr_eq(&v, &volume));
+            if same && s.role() == (Role::Primary { epoch }) {
+                s.note(|| format!("restarting the volume: {why}"));
+                *lock(&s.volume) = None;
+                let _ = volume.close().await;
+            }
+            return;
+        }
         let out: Vec<Uuid> = volume
             .members()
             .iter()
@@ -941,6 +953,9 @@ impl ReplicaRegistry for Registry {
                         return Err("operations in flight on a hung replica".into());
                     }
                     if let Err(e) = v.close().await {
+                        // Closed all the same: started again (at a new
+                        // epoch) by the reconnect loop, never left stopped.
+                        *lock(&s.volume) = None;
                         return Err(format!("not closed cleanly: {e}"));
                     }
                     *lock(&s.volume) = None;
