@@ -1129,6 +1129,109 @@ fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
     }
 }
 
+impl ThreeNodes {
+    /// SIGTERM node `i`'s daemon and start it again on its data and config.
+    fn restart(&mut self, i: usize) {
+        let (daemon, files) = &mut self.nodes[i];
+        daemon.stop();
+        *daemon = Daemon::start_with(&files.data, &["--config", s(&files.cfg)]);
+    }
+}
+
+/// A rolling restart of every node (secondaries first, then the primary)
+/// with majority quorum, under a writer that never stops: every write
+/// acknowledged reads back afterwards, from the volume and from every
+/// replica. With quorum every start of the volume takes an epoch of its
+/// own, claimed at the other nodes; before that was done in the daemon,
+/// the primary's restart was refused ("every start takes a new epoch")
+/// and the volume stayed down.
+#[test]
+fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut t = ThreeNodes::start();
+    let size = SIZE.to_string();
+    t.node(0).cli_ok(&[
+        "volume", "create", "vm1", "--size", &size, "--pool", "p0", "--pool", "b:p0", "--pool",
+        "c:p0",
+    ]);
+    let epoch_before = t.node(0).wait_healthy("vm1")["epoch"].as_u64();
+    let uri = Arc::new(Mutex::new(t.node(0).uri("vm1")));
+    let done = Arc::new(AtomicBool::new(false));
+    // The load: 64 KiB writes, each flushed, to slots of their own (at most
+    // 500 of the volume's 512, and for as long as the restarts take).
+    let writer = {
+        let (uri, done) = (uri.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut acked: Vec<(u64, u8)> = Vec::new();
+            let mut tried = 0u64;
+            while !done.load(Ordering::SeqCst) && tried < 500 {
+                let (offset, pattern) = (tried * 64 * KIB, (tried % 250 + 1) as u8);
+                let target = uri.lock().expect("uri").clone();
+                let out = qemu_io(
+                    &target,
+                    &[
+                        format!("write -P {pattern:#x} {offset} 65536"),
+                        "flush".into(),
+                    ],
+                );
+                if qemu_io_failed(&out) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                } else {
+                    acked.push((offset, pattern));
+                }
+                tried += 1;
+            }
+            (acked, tried)
+        })
+    };
+    let acked_so_far = |t: &ThreeNodes| {
+        // Some writes land while the node is away.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        t.node(0).wait_healthy("vm1")
+    };
+    for i in [1, 2, 0] {
+        t.restart(i);
+        if i == 0 {
+            *uri.lock().expect("uri") = t.node(0).uri("vm1");
+        }
+        acked_so_far(&t);
+    }
+    done.store(true, Ordering::SeqCst);
+    let (acked, tried) = writer.join().expect("writer thread");
+    eprintln!(
+        "rolling restart: {} of {tried} writes acknowledged",
+        acked.len()
+    );
+    let v = t.node(0).wait_healthy("vm1");
+    assert!(
+        v["epoch"].as_u64() > epoch_before,
+        "the primary's restart took no new epoch: {v:#}"
+    );
+    assert!(
+        acked.len() >= 6,
+        "only {} of {tried} writes were acknowledged during the rolling restart",
+        acked.len()
+    );
+    let data = read_all(t.node(0), t._dir.path(), "vm1");
+    for (offset, pattern) in &acked {
+        assert_pattern(
+            &data,
+            *offset,
+            64 * KIB,
+            *pattern,
+            "a write acknowledged during the rolling restart",
+        );
+    }
+    for (_, files) in &t.nodes {
+        assert!(
+            replica_data(&files.pool)[..SIZE as usize] == data[..],
+            "a replica differs from the volume after the rolling restart ({})",
+            files.pool.display()
+        );
+    }
+}
+
 /// `ditto node add`: only a node that answers at the address under the
 /// name given is recorded (kept across restarts); a duplicate name, the
 /// node's own name, a bad or silent address, or a node answering as

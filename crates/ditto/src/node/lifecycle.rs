@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// What a start of a volume with quorum got from claiming its epoch.
+pub(super) enum StartClaim {
+    /// A majority of the nodes took the claim: start at this record's new
+    /// (recorded) epoch with these members.
+    Claimed(VolumeRecord, Vec<Member>),
+    /// Another node claimed an epoch as new or newer: this node follows it (why).
+    Superseded(String),
+    /// Too few nodes took the claim (why): the start is retried.
+    NoMajority(String),
+}
+
 impl Node {
     pub(super) fn pool_kind(&self, pool: &str) -> PoolKind {
         self.store
@@ -236,6 +247,25 @@ impl Node {
             self.spawn_become_secondary(record, by, epoch);
             return false;
         }
+        let claimed;
+        let (record, members) = if self.config.quorum_for(&record.name).is_some() {
+            match self.claim_start(record, members).await {
+                StartClaim::Claimed(r, m) => {
+                    claimed = r;
+                    (&claimed, m)
+                }
+                StartClaim::Superseded(why) => {
+                    self.set_runtime(&record.name, Some(VolumeRuntime::Stopped(why)));
+                    return false;
+                }
+                StartClaim::NoMajority(why) => {
+                    self.spawn_restart(&record.name, why);
+                    return false;
+                }
+            }
+        } else {
+            (record, members)
+        };
         let opened = self
             .open_record(record, members, accept_stale, discard)
             .await;
@@ -256,6 +286,136 @@ impl Node {
                 false
             }
         }
+    }
+
+    /// With quorum, every start of a volume takes an epoch of its own,
+    /// newer than any its replicas were assembled at, and claims it at
+    /// every node holding a replica. Only a majority of the nodes taking
+    /// the claim lets it start (then no other start can take that epoch),
+    /// so the superblocks of one epoch are one assembly's: one line of
+    /// generations, in which the newer generation is the newer copy
+    /// (decision table rows 11 and 12). The new epoch is recorded before
+    /// the volume opens, so a later start takes a newer one still.
+    pub(super) async fn claim_start(
+        self: &Arc<Self>,
+        record: &VolumeRecord,
+        members: Vec<Member>,
+    ) -> StartClaim {
+        let me = self.config.node_name.clone();
+        let assembled_at = members
+            .iter()
+            .filter(|m| m.backend.is_present())
+            .map(|m| m.backend.superblock().epoch)
+            .max()
+            .unwrap_or(0);
+        let epoch = record.epoch.max(assembled_at + 1);
+        let claim = ditto_peer::wire::PrimaryClaim {
+            volume: record.uuid,
+            epoch,
+            members: self.member_refs(record),
+        };
+        let nodes: std::collections::BTreeSet<&str> = record
+            .replicas
+            .iter()
+            .filter_map(|r| r.node.as_deref())
+            .collect();
+        let mut declined = std::collections::BTreeMap::new();
+        for node in nodes {
+            match self.send_claim(node, &claim).await {
+                Some(Ok(())) => {}
+                Some(Err(ditto_peer::client::ConnectError::Superseded {
+                    node: by,
+                    epoch: theirs,
+                    ..
+                })) if by != me && theirs >= epoch => {
+                    self.note_superseded(record.uuid, by.clone(), theirs);
+                    self.spawn_become_secondary(record, by.clone(), theirs);
+                    return StartClaim::Superseded(format!(
+                        "not started: node {node} follows node {by} as the primary of {} at epoch {theirs}, not older than this start's {epoch}; this node becomes its secondary",
+                        record.name
+                    ));
+                }
+                Some(Err(e)) => {
+                    declined.insert(node.to_string(), e.to_string());
+                }
+                None => {
+                    declined.insert(node.to_string(), "not a known node".to_string());
+                }
+            }
+        }
+        // A node that did not take the claim lends no replica to this start;
+        // one that took it and refused the connection before (it followed
+        // an older primary) is connected again.
+        let layout = layout_of(record).ok();
+        let mut kept = Vec::with_capacity(members.len());
+        for m in members {
+            let Some(r) = record.replicas.iter().find(|r| r.id == m.id) else {
+                kept.push(m);
+                continue;
+            };
+            let remote = r.node.is_some();
+            let backend = match (declined.get(&m.domain), layout) {
+                (Some(why), Some(layout)) if remote => Arc::new(MissingReplica::new(
+                    r.path.display().to_string(),
+                    format!(
+                        "node {} did not take this start's epoch {epoch}: {why}",
+                        m.domain
+                    ),
+                    record.uuid,
+                    r.id,
+                    layout,
+                ))
+                    as Arc<dyn ReplicaBackend>,
+                (None, _) if remote && !m.backend.is_present() => {
+                    match self.open_replica(record, r).await {
+                        Ok(b) => b,
+                        Err(_) => {
+                            kept.push(m);
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    kept.push(m);
+                    continue;
+                }
+            };
+            kept.push(self.member(r, backend));
+        }
+        if let Err(why) = self.quorum_reachable(record, &kept) {
+            return StartClaim::NoMajority(format!(
+                "{why}; this start's epoch {epoch} was not taken by a majority, retried"
+            ));
+        }
+        let mut started = record.clone();
+        started.epoch = epoch;
+        if let Err(e) = self.store.update_volume(&started) {
+            return StartClaim::NoMajority(format!(
+                "the new epoch {epoch} could not be recorded ({e}); retried"
+            ));
+        }
+        StartClaim::Claimed(started, kept)
+    }
+
+    /// Start volume `name` again in a second (a start that found no
+    /// majority, an instance that lost every in-sync replica, a handover
+    /// whose close failed), unless the operator or another node changed
+    /// its state meanwhile.
+    pub(super) fn spawn_restart(self: &Arc<Self>, name: &str, why: String) {
+        self.set_runtime(name, Some(VolumeRuntime::Starting(why.clone())));
+        let node = Arc::downgrade(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(node) = node.upgrade() else { return };
+            let pending = matches!(
+                node.runtime(&name).as_deref(),
+                Some(VolumeRuntime::Starting(w)) if *w == why
+            );
+            if pending {
+                node.start_with_policy(name, None, None, false).await;
+            }
+        });
     }
 
     /// Start a volume under the degraded-start policy: wait up to the
@@ -344,6 +504,16 @@ impl Node {
         }
     }
 
+    /// Remember a closed instance of `name` while operations given up at a
+    /// timeout may still land on its disks (a new start waits for them).
+    pub(super) fn keep_draining(&self, name: &str, closed: &Arc<Volume>) {
+        if closed.abandoned_ops() > 0 {
+            if let Ok(mut d) = self.draining.lock() {
+                d.insert(name.to_string(), closed.clone());
+            }
+        }
+    }
+
     /// Operations still pending on the stopped instance of `name`, if any.
     pub(super) fn still_draining(&self, name: &str) -> Option<usize> {
         let mut d = self.draining.lock().ok()?;
@@ -401,11 +571,7 @@ impl Node {
             server.disconnect_export(name);
         }
         let closed = v.close().await;
-        if v.abandoned_ops() > 0 {
-            if let Ok(mut d) = self.draining.lock() {
-                d.insert(name.to_string(), v.clone());
-            }
-        }
+        self.keep_draining(name, &v);
         closed.map_err(engine_err)?;
         self.emit(
             EventKind::VolumeStopped,

@@ -12,6 +12,7 @@
 //! its start and shutdown, and the runtime table.
 
 mod lifecycle;
+use lifecycle::StartClaim;
 mod peering;
 mod pools;
 mod replicas;

@@ -30,7 +30,7 @@ impl Node {
     /// favour, and this node's writes since the split are given up.
     /// Returns the replicas now held for `to`, and every replica of the volume.
     pub async fn demote_to(
-        &self,
+        self: &Arc<Self>,
         to: &str,
         volume: Uuid,
         discard: bool,
@@ -114,9 +114,14 @@ impl Node {
             server.disconnect_export(&name);
         }
         if let Err(e) = volume_rt.close().await {
-            return Err(format!(
-                "volume {name} could not be closed cleanly: {e}; not handed over"
-            ));
+            // The instance is closed either way: start it again (it
+            // connects afresh and decides from the superblocks) rather
+            // than leave it stopped "handing over" for good. Found by the
+            // cluster simulator (seed 59 of `--seeds 100`).
+            let why = format!("volume {name} could not be closed cleanly: {e}; not handed over");
+            self.keep_draining(&name, &volume_rt);
+            self.spawn_restart(&name, format!("{why}; started again"));
+            return Err(why);
         }
         let members = self.member_refs(&record);
         let held = self.hand_over(&record, to, record.epoch, &members)?;
@@ -136,7 +141,7 @@ impl Node {
     }
 
     /// Every replica of a volume as the peer protocol names them.
-    fn member_refs(&self, record: &VolumeRecord) -> Vec<ditto_peer::wire::MemberRef> {
+    pub(super) fn member_refs(&self, record: &VolumeRecord) -> Vec<ditto_peer::wire::MemberRef> {
         let me = &self.config.node_name;
         record
             .replicas
@@ -362,7 +367,7 @@ impl Node {
     }
 
     /// Send `claim` to node `node`; None when the node is not known here.
-    async fn send_claim(
+    pub(super) async fn send_claim(
         &self,
         node: &str,
         claim: &ditto_peer::wire::PrimaryClaim,
@@ -837,6 +842,13 @@ impl Node {
             let Ok(record) = self.record(&name) else {
                 continue;
             };
+            // Every in-sync replica is gone through this instance: nothing
+            // can be re-added to it (a re-add records itself on an in-sync
+            // replica). A new instance connects afresh.
+            if let Some(why) = volume.stranded() {
+                self.restart_stranded(&name, volume, why).await;
+                continue;
+            }
             let out: Vec<Uuid> = volume
                 .members()
                 .iter()
@@ -912,6 +924,22 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Close an instance that lost every in-sync replica and start the
+    /// volume again. Found by the cluster simulator (seed 92 of `--seeds 100`).
+    async fn restart_stranded(self: &Arc<Self>, name: &str, volume: &Arc<Volume>, why: String) {
+        let _guard = self.ops.lock().await;
+        tracing::warn!(volume = %name, %why, "volume stranded; starting it again");
+        if let Some(server) = self.nbd.get() {
+            server.disconnect_export(name);
+        }
+        self.set_runtime(name, Some(VolumeRuntime::Starting(why.clone())));
+        let _ = volume.close().await;
+        self.keep_draining(name, volume);
+        let why = format!("{why}; started again to connect afresh");
+        self.emit(EventKind::VolumeStopped, name, why.clone());
+        self.spawn_restart(name, why);
     }
 
     /// A replica's node refused this node as primary: hand the volume over

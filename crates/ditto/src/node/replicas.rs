@@ -207,9 +207,20 @@ impl Node {
                 Arc::new(placeholder) as Arc<dyn ReplicaBackend>,
             ));
         }
+        // With quorum this start, too, takes an epoch of its own.
+        let (started, members) = if self.config.quorum_for(name).is_some() {
+            match self.claim_start(&record, members).await {
+                StartClaim::Claimed(r, m) => (r, m),
+                StartClaim::Superseded(why) | StartClaim::NoMajority(why) => {
+                    return Err(ControlError::Engine(format!("{name} not resolved: {why}")))
+                }
+            }
+        } else {
+            (record.clone(), members)
+        };
         // The operator chose the side to keep: that is the override.
         let volume = self
-            .open_record(&record, members, true, Vec::new())
+            .open_record(&started, members, true, Vec::new())
             .await
             .map_err(engine_err)?;
         self.set_runtime(name, Some(VolumeRuntime::Running(volume.clone())));
