@@ -1027,8 +1027,12 @@ impl ThreeNodes {
 /// Random partitions (seeded, bounded: 6 rounds) with majority quorum:
 /// each round isolates one node or none, every node that is not primary
 /// tries `volume promote`, then every node tries a write. At most one node
-/// acknowledges a write in a round, and after the last heal every
-/// acknowledged write reads back from the one primary left.
+/// acknowledges a write in a round, and after the last heal one healthy
+/// primary is left, from which every acknowledged write reads back.
+/// It did not converge in 4 of 20 runs before a quorum start that finds
+/// no current replica waited for the absent nodes (a takeover whose own
+/// replica was half rebuilt stayed stopped for good), and a stale replica
+/// on the primary's own node was caught up by itself.
 #[test]
 fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
     let t = ThreeNodes::start();
@@ -1085,10 +1089,6 @@ fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
         std::thread::sleep(std::time::Duration::from_millis(250));
     };
     let Some(primary) = primary else {
-        // Known limit (issue 10 closing note): a takeover that meets a
-        // replica half rebuilt by another epoch's primary refuses to start
-        // ("no replica is current") rather than guess. Then nothing
-        // acknowledged may be gone from the disks either.
         let all: Vec<String> = (0..3)
             .map(|i| {
                 format!(
@@ -1098,24 +1098,11 @@ fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
                 )
             })
             .collect();
-        eprintln!(
-            "NOT CONVERGED within 60 s of the last heal (primaries {:?}); checking the replica files:\n{}",
+        panic!(
+            "no single healthy primary within 60 s of the last heal (primaries {:?}):\n{}",
             t.primaries(),
             all.join("\n")
         );
-        let disks: Vec<Vec<u8>> = t.nodes.iter().map(|(_, f)| replica_data(&f.pool)).collect();
-        for (offset, pattern) in &acked {
-            let held = disks.iter().any(|d| {
-                d[*offset as usize..(*offset + 64 * KIB) as usize]
-                    .iter()
-                    .all(|x| x == pattern)
-            });
-            assert!(
-                held,
-                "acknowledged write at {offset} ({pattern:#x}) is on no replica"
-            );
-        }
-        return;
     };
     let data = read_all(t.node(primary), t._dir.path(), "vm1");
     for (offset, pattern) in &acked {
@@ -1125,6 +1112,13 @@ fn three_nodes_under_random_partitions_acknowledge_writes_on_one_side_only() {
             64 * KIB,
             *pattern,
             "an acknowledged write after the partitions",
+        );
+    }
+    for (_, files) in &t.nodes {
+        assert!(
+            replica_data(&files.pool)[..SIZE as usize] == data[..],
+            "a replica differs from the volume after the partitions healed ({})",
+            files.pool.display()
         );
     }
 }

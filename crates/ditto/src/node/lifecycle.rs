@@ -266,6 +266,11 @@ impl Node {
         } else {
             (record, members)
         };
+        let absent: Vec<String> = members
+            .iter()
+            .filter(|m| !m.backend.is_present())
+            .map(|m| m.domain.clone())
+            .collect();
         let opened = self
             .open_record(record, members, accept_stale, discard)
             .await;
@@ -274,6 +279,31 @@ impl Node {
                 tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
                 self.set_runtime(&record.name, Some(VolumeRuntime::Running(v)));
                 true
+            }
+            // With quorum, a start that finds no current replica among those
+            // present waits for the absent ones (the newest copy may be on a
+            // node cut off now) instead of stopping for good: a takeover by a
+            // majority whose own replica was half rebuilt by another node's
+            // primary would otherwise never serve, with every node
+            // following it (three_nodes_under_random_partitions: 4 of 20 runs).
+            Err(e)
+                if self.config.quorum_for(&record.name).is_some()
+                    && !absent.is_empty()
+                    && !matches!(e, ditto_engine::EngineError::SplitBrain { .. }) =>
+            {
+                let why = format!(
+                    "not started yet: {e}; the replica(s) on {} may hold newer data, so it starts when they answer",
+                    absent.join(", ")
+                );
+                let repeated = matches!(
+                    self.runtime(&record.name).as_deref(),
+                    Some(VolumeRuntime::Starting(w)) if *w == why
+                );
+                if !repeated {
+                    self.emit(EventKind::StartRefused, &record.name, why.clone());
+                }
+                self.spawn_restart(&record.name, why);
+                false
             }
             Err(e) => {
                 let why = e.to_string();
@@ -412,8 +442,12 @@ impl Node {
                 node.runtime(&name).as_deref(),
                 Some(VolumeRuntime::Starting(w)) if *w == why
             );
+            // It was serving or taken over already: the degraded-start
+            // wait is for a daemon's boot, and the engine refuses whatever
+            // is not proven current.
             if pending {
-                node.start_with_policy(name, None, None, false).await;
+                node.start_with_policy(name, Some(true), Some(0), false)
+                    .await;
             }
         });
     }

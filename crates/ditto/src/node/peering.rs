@@ -530,7 +530,27 @@ impl Node {
             .assemble_with(&record, members, false, discarded.clone())
             .await;
         self.announce_primary(&record).await;
-        if discard && opened {
+        if !opened {
+            let why = match self.runtime(name).as_deref() {
+                Some(VolumeRuntime::Starting(w) | VolumeRuntime::Stopped(w)) => w.clone(),
+                _ => "it is being started".to_string(),
+            };
+            let (kind, how) = if force && !quorum {
+                (
+                    EventKind::ForcedPromote,
+                    "by force (the operator's override)",
+                )
+            } else {
+                (EventKind::StartRefused, "as asked")
+            };
+            self.emit(
+                kind,
+                name,
+                format!("this node took {name} over {how} at epoch {epoch} from node {}, but does not serve it yet: {why}", held.primary),
+            );
+            return self.volume_info(&record);
+        }
+        if discard {
             self.rebuild_discarded(&record, &discarded).await;
             self.emit(
                 EventKind::SplitBrainResolved,
@@ -849,17 +869,24 @@ impl Node {
                 self.restart_stranded(&name, volume, why).await;
                 continue;
             }
-            let out: Vec<Uuid> = volume
-                .members()
+            let members = volume.members();
+            let out: Vec<Uuid> = members
                 .iter()
                 .filter(|m| m.awaits_readd())
                 .map(|m| m.id)
                 .collect();
-            for r in record
-                .replicas
+            // A replica on this node found stale at a start (the volume
+            // moved on at another node while this one was away) is caught
+            // up too; one that failed here (its disk) waits for the operator.
+            let replicated = record.replicas.iter().any(|r| r.node.is_some());
+            let stale: Vec<Uuid> = members
                 .iter()
-                .filter(|r| r.node.is_some() && out.contains(&r.id))
-            {
+                .filter(|m| m.state == ReplicaState::Stale)
+                .map(|m| m.id)
+                .collect();
+            for r in record.replicas.iter().filter(|r| {
+                out.contains(&r.id) && (r.node.is_some() || (replicated && stale.contains(&r.id)))
+            }) {
                 if self
                     .failed_on_purpose
                     .lock()
