@@ -1,7 +1,7 @@
 //! Control plane model: pools, volumes, placement, validation, config and the embedded store.
 //!
 //! Everything here is plain data and rules; it does no block I/O. The daemon
-//! turns these records into running volumes (see `crates/ditto/src/node/`).
+//! turns these records into running volumes (see `crates/ditto-node/src/node/`).
 
 pub mod config;
 pub mod error;

@@ -436,7 +436,7 @@ impl ReplicaRegistry for HeldReplicas {
 }
 
 /// This node's TLS identity, when `[tls]` is configured.
-pub fn peer_tls(cfg: &DaemonConfig) -> anyhow::Result<Option<PeerTls>> {
+pub fn peer_tls(cfg: &DaemonConfig) -> Result<Option<PeerTls>, ditto_peer::tls::TlsError> {
     let Some(t) = &cfg.tls else {
         return Ok(None);
     };

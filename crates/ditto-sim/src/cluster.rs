@@ -7,7 +7,7 @@
 //! nodes' replicas over turmoil TCP, [`ditto_peer::PeerServer`] serving this
 //! node's replica, and the fencing rule of [`ditto_peer::fence`]. The node's
 //! orchestration (promote, step down, re-add) follows the daemon's
-//! (`crates/ditto/src/node/peering.rs`) in a few lines per job.
+//! (`crates/ditto-node/src/node/peering.rs`) in a few lines per job.
 //!
 //! The network: turmoil delays and reorders segments (reassembled in order,
 //! as TCP does); a partition *holds* a link's segments (TCP retransmits:

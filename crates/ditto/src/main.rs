@@ -1,14 +1,11 @@
 //! `ditto`: the node daemon and the command-line interface in one binary.
 
 mod api;
-mod api_types;
 mod cli;
 mod daemon;
-mod events;
-mod export;
-mod node;
-mod peers;
 mod quickstart;
+
+use ditto_node::{api_types, events, node, peers};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -338,7 +338,11 @@ impl Node {
             .map(|m| m.backend.superblock().epoch)
             .max()
             .unwrap_or(0);
-        let epoch = record.epoch.max(assembled_at + 1);
+        // Newer than the last start recorded here too: a start whose open
+        // failed may have written superblocks at its epoch on a replica
+        // absent now. (A claim that found no majority opened nothing, and
+        // its retry takes the same epoch.)
+        let epoch = record.epoch.max(assembled_at) + 1;
         let claim = ditto_peer::wire::PrimaryClaim {
             volume: record.uuid,
             epoch,
