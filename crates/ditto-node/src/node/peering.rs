@@ -272,6 +272,10 @@ impl Node {
     /// A replica's node answered that another node is the primary: remember
     /// it, so the volume is handed over rather than started or re-added.
     pub(super) fn note_superseded(&self, volume: Uuid, by: String, epoch: u64) {
+        // A node answering with this node's own newer claim is no other primary.
+        if by == self.config.node_name {
+            return;
+        }
         if let Ok(mut s) = self.superseded_seen.lock() {
             let newer = s.get(&volume).is_none_or(|(_, e)| *e < epoch);
             if newer {
@@ -529,6 +533,12 @@ impl Node {
         let opened = self
             .assemble_with(&record, members, false, discarded.clone())
             .await;
+        // With quorum the start took an epoch of its own: announce that one.
+        let record = match self.record(name) {
+            Ok(r) if r.uuid == record.uuid => r,
+            _ => record,
+        };
+        let epoch = record.epoch;
         self.announce_primary(&record).await;
         if !opened {
             let why = match self.runtime(name).as_deref() {
