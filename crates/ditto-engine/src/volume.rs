@@ -984,15 +984,23 @@ impl Volume {
     /// (domains with an in-sync replica, domains in all, needed), when quorum is on.
     pub fn quorum_state(&self) -> Option<(usize, usize, usize)> {
         self.options.quorum?;
+        // Checked after every write: counted in place, without allocating
+        // (a volume has a handful of members).
         let members = self.member_list();
-        let all: std::collections::BTreeSet<&str> =
-            members.iter().map(|m| m.domain.as_str()).collect();
-        let live: std::collections::BTreeSet<&str> = members
-            .iter()
-            .filter(|m| m.state() == ReplicaState::InSync)
-            .map(|m| m.domain.as_str())
-            .collect();
-        Some((live.len(), all.len(), all.len() / 2 + 1))
+        let (mut live, mut voters) = (0, 0);
+        for (i, m) in members.iter().enumerate() {
+            if members[..i].iter().any(|p| p.domain == m.domain) {
+                continue; // its domain is counted already
+            }
+            voters += 1;
+            if members
+                .iter()
+                .any(|p| p.domain == m.domain && p.state() == ReplicaState::InSync)
+            {
+                live += 1;
+            }
+        }
+        Some((live, voters, voters / 2 + 1))
     }
 
     fn check_quorum(&self) -> Result<(), EngineError> {
