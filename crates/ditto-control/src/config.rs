@@ -54,6 +54,10 @@ pub struct DaemonConfig {
     /// A region's dirty bit is cleared once the region had no write for
     /// this long (milliseconds).
     pub dirty_clear_delay_ms: u64,
+    /// A catch-up or rebuild to a replica on another node first compares a
+    /// digest (SHA-256) of each run and sends only the runs that differ,
+    /// like DRBD's csums-alg. Off by default.
+    pub resync_checksums: bool,
     /// NBD connections open at once; more are refused (and logged).
     pub nbd_max_connections: usize,
     /// Seconds an NBD client may take to finish the handshake before it is closed.
@@ -175,6 +179,7 @@ impl Default for DaemonConfig {
             scrub_interval_hours: 0,
             dirty_hot_set_regions: 4096,
             dirty_clear_delay_ms: 5000,
+            resync_checksums: false,
             nbd_max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
             nbd_handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
             nbd_in_flight_bytes: DEFAULT_NBD_IN_FLIGHT_BYTES.into(),

@@ -79,6 +79,14 @@ pub trait ReplicaBackend: Send + Sync + 'static {
     fn fast_zero(&self) -> bool {
         false
     }
+    /// Whether this replica holds `data` at `offset` already, found out
+    /// without sending the data (a replica on another node compares
+    /// digests, DRBD's csums-alg); false when it cannot tell that cheaply.
+    /// A resync with `resync_checksums` skips the write then.
+    fn holds(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<bool, BackendError>> {
+        let _ = (offset, data);
+        Box::pin(async { Ok(false) })
+    }
     /// Why the replica is unavailable, for a placeholder standing in for one
     /// that could not be opened; None for a real replica.
     fn unavailable(&self) -> Option<String> {

@@ -181,6 +181,8 @@ struct Tracker {
     started_unix: u64,
     last_event: Instant,
     last_decile: u64,
+    /// The volume's skipped-bytes count when the job began (`resync_checksums`).
+    skipped_at_start: u64,
 }
 
 impl Tracker {
@@ -194,6 +196,7 @@ impl Tracker {
             started_unix: now_unix(),
             last_event: Instant::now(),
             last_decile: 0,
+            skipped_at_start: v.skipped_bytes(),
         };
         t.publish(v, false, None);
         t
@@ -310,6 +313,7 @@ impl Volume {
             .await
             .map_err(CopyError::Source)?;
         let mut copied = 0;
+        let mut skipped = 0;
         for run in runs {
             let data = if run.allocated {
                 Some(
@@ -322,10 +326,24 @@ impl Volume {
             } else {
                 None
             };
+            let (mut sent, mut held_already) = (false, false);
             for t in targets {
                 if t.state() != ReplicaState::InSync && t.state() != ReplicaState::Rebuilding {
                     continue;
                 }
+                // Under the region's lock no write lands meanwhile, so what
+                // the target holds now is what it keeps.
+                if let (true, Some(d)) = (self.options.resync_checksums, data.clone()) {
+                    let held = self
+                        .timed(t, move |b| async move { b.holds(run.offset, d).await })
+                        .await
+                        .map_err(|e| CopyError::Target(t.id, e))?;
+                    if held {
+                        held_already = true;
+                        continue;
+                    }
+                }
+                sent = true;
                 let data = data.clone();
                 let r = self
                     .timed_write(t, move |b| async move {
@@ -340,10 +358,15 @@ impl Volume {
                 }
             }
             if data.is_some() {
-                copied += run.length;
+                if held_already && !sent {
+                    skipped += run.length;
+                } else {
+                    copied += run.length;
+                }
             }
         }
         self.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+        self.skipped_bytes.fetch_add(skipped, Ordering::Relaxed);
         Ok(copied)
     }
 
@@ -1057,15 +1080,21 @@ impl Volume {
             return Ok(());
         }
         tracker.publish(self, true, None);
+        let skipped = self.skipped_bytes() - tracker.skipped_at_start;
         self.emit(
             done,
             Some(location),
             format!(
-                "{} of replica on {} finished: {} bytes in {:.1}s; {} of {} replicas in sync",
+                "{} of replica on {} finished: {} bytes in {:.1}s{}; {} of {} replicas in sync",
                 tracker.kind.as_str(),
                 target.label,
                 tracker.done,
                 tracker.started.elapsed().as_secs_f64(),
+                if skipped > 0 {
+                    format!(" ({skipped} more bytes found there already by checksum, not sent)")
+                } else {
+                    String::new()
+                },
                 self.in_sync().len(),
                 self.member_list().len()
             ),

@@ -307,6 +307,12 @@ pub struct VolumeOptions {
     /// A region's dirty bit is cleared once that region has had no write
     /// for this long (and every member is in sync).
     pub dirty_clear_delay: Duration,
+    /// A catch-up or rebuild asks each target whether it holds a run
+    /// already ([`ReplicaBackend::holds`]: a digest over the network) and
+    /// skips the write when it does (DRBD's csums-alg). Off by default: it
+    /// costs a read on the target and a round trip per run, and pays only
+    /// when the link is slower than the disks.
+    pub resync_checksums: bool,
     /// Most regions kept dirty while the volume is fully redundant (the
     /// hot set, like DRBD's activity log): beyond it the least recently
     /// written regions are flushed and cleared early. A crash resync copies
@@ -346,6 +352,7 @@ impl Default for VolumeOptions {
             resync_min_rate: 10 << 20,
             resync_max_rate: 1 << 30,
             dirty_clear_delay: Duration::from_secs(5),
+            resync_checksums: false,
             hot_set_regions: 4096,
             membership_log: None,
             accept_stale: false,
@@ -395,6 +402,8 @@ pub struct Volume {
     pub(crate) last_scrub: Mutex<Option<ScrubReport>>,
     /// Bytes copied by resync and rebuild since the volume started.
     pub(crate) copied_bytes: AtomicU64,
+    /// Bytes a resync found on its target already and did not send.
+    pub(crate) skipped_bytes: AtomicU64,
     pub(crate) closed: AtomicBool,
     /// Client requests hold it shared; `close` takes it exclusively, so it
     /// returns only once no request is running, and none starts after.
@@ -733,6 +742,7 @@ impl Volume {
             job: Mutex::new(None),
             last_scrub: Mutex::new(None),
             copied_bytes: AtomicU64::new(0),
+            skipped_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             io_gate: tokio::sync::RwLock::new(()),
             durable_generation: AtomicU64::new(0),
@@ -942,6 +952,11 @@ impl Volume {
     }
 
     /// Bytes copied by resync and rebuild since the volume started.
+    /// Bytes resyncs found on their targets already (`resync_checksums`).
+    pub fn skipped_bytes(&self) -> u64 {
+        self.skipped_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn copied_bytes(&self) -> u64 {
         self.copied_bytes.load(Ordering::Relaxed)
     }

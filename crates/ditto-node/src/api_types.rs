@@ -219,6 +219,10 @@ pub struct VolumeInfo {
     pub region_size: u64,
     /// Bytes copied by resync and rebuild since the volume started.
     pub copied_bytes: u64,
+    /// Bytes a resync found on its target already and did not send
+    /// (`resync_checksums`), since the volume started.
+    #[serde(default)]
+    pub skipped_bytes: u64,
     /// Commands that would fix what is wrong, if anything.
     pub actions: Vec<String>,
     /// Promotes so far (the primary's epoch; 0 for volumes from before epochs).

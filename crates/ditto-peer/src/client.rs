@@ -140,6 +140,8 @@ pub struct RemoteReplica {
     /// Why the connection is gone, once it is.
     lost: Arc<Mutex<Option<String>>>,
     sb_write: tokio::sync::Mutex<()>,
+    /// The features both sides speak (the hello's answer).
+    features: u64,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -177,7 +179,7 @@ async fn open_session(
     let hello = Hello {
         min_version: VERSION,
         max_version: VERSION,
-        features: 0,
+        features: crate::wire::KNOWN_FEATURES,
         required_features: 0,
         volume,
         replica,
@@ -522,6 +524,7 @@ impl RemoteReplica {
             waiters,
             lost,
             sb_write: tokio::sync::Mutex::new(()),
+            features: ok.features,
         }))
     }
 
@@ -770,6 +773,19 @@ impl ReplicaBackend for RemoteReplica {
                 self.simple("write zeroes", Kind::WriteZeroes, offset, len, Bytes::new())
                     .await,
             )
+        })
+    }
+
+    fn holds(&self, offset: u64, data: Bytes) -> BoxFuture<'_, Result<bool, BackendError>> {
+        Box::pin(async move {
+            if self.features & crate::wire::FEATURE_DIGEST == 0 {
+                return Ok(false);
+            }
+            let len = data.len() as u64;
+            let reply = self
+                .simple("digest", Kind::Digest, offset, len, Bytes::new())
+                .await?;
+            Ok(reply.payload == crate::wire::digest(&data))
         })
     }
 

@@ -633,7 +633,7 @@ fn goodbye(why: &str) -> Frame {
 /// Bytes a request holds while in flight: its payload, or what it reads.
 fn request_cost(f: &crate::wire::FrameHead) -> usize {
     match f.kind() {
-        Kind::Read => f.arg().min(u64::from(MAX_PAYLOAD)) as usize,
+        Kind::Read | Kind::Digest => f.arg().min(u64::from(MAX_PAYLOAD)) as usize,
         Kind::ReadDirtyMap => MAX_PAYLOAD as usize / 16,
         _ => f.payload_len() as usize,
     }
@@ -737,6 +737,15 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
             };
             match r {
                 Ok(()) => reply(Status::Ok, Bytes::new()),
+                Err(e) => fail(e),
+            }
+        }
+        Kind::Digest => {
+            if f.arg > u64::from(MAX_PAYLOAD) || !in_range(f.offset, f.arg) {
+                return invalid(format!("digest of {} bytes at {} outside the {size}-byte volume or over the {MAX_PAYLOAD}-byte limit", f.arg, f.offset));
+            }
+            match served.backend.read(f.offset, f.arg as usize).await {
+                Ok(data) => reply(Status::Ok, crate::wire::digest(&data)),
                 Err(e) => fail(e),
             }
         }

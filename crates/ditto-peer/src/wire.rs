@@ -16,7 +16,9 @@ pub const HEADER_LEN: usize = 56;
 /// one frame can make a peer allocate.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// Feature bits this build knows (none yet: every v1 peer is the same).
-pub const KNOWN_FEATURES: u64 = 0;
+/// Feature bit: the replica answers [`Kind::Digest`] (resync checksums).
+pub const FEATURE_DIGEST: u64 = 1 << 0;
+pub const KNOWN_FEATURES: u64 = FEATURE_DIGEST;
 /// Longest node name in a hello.
 pub const MAX_NAME: usize = 255;
 
@@ -67,6 +69,10 @@ pub enum Kind {
     /// planned promote (the receiver sends Demote back). Payload: volume
     /// uuid, nil uuid (as DeleteReplica). For `volume demote --to`.
     TakeOver = 20,
+    /// With [`FEATURE_DIGEST`]: the SHA-256 of the replica's `arg` bytes at
+    /// `offset` (a 32-byte reply), so a resync can skip a region the target
+    /// holds already without sending it (DRBD's csums-alg).
+    Digest = 21,
 }
 
 impl Kind {
@@ -93,6 +99,7 @@ impl Kind {
             18 => Primary,
             19 => ListPools,
             20 => TakeOver,
+            21 => Digest,
             _ => return None,
         })
     }
@@ -847,6 +854,13 @@ pub fn decode_runs(b: &[u8]) -> Result<Vec<ditto_engine::Allocation>, FrameError
             allocated: u64_at(c, 16) != 0,
         })
         .collect())
+}
+
+/// The digest [`Kind::Digest`] answers: SHA-256 of `data` (32 bytes). A
+/// cryptographic hash, so no client can write two blocks that a resync
+/// would take for equal.
+pub fn digest(data: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
 #[cfg(test)]

@@ -310,6 +310,9 @@ struct Spec {
     /// Replica uuid of each node.
     replicas: Vec<Uuid>,
     io_timeout: Duration,
+    /// Odd seeds resync with checksums (`resync_checksums`, DRBD's
+    /// csums-alg), so the path that skips runs meets every fault too.
+    resync_checksums: bool,
 }
 
 /// What the driver and one node share; lives outside the node's runtime,
@@ -539,6 +542,7 @@ impl Boot {
             resync_min_rate: 64 << 20,
             resync_max_rate: 256 << 20,
             dirty_clear_delay: Duration::from_millis(200),
+            resync_checksums: spec.resync_checksums,
             quorum: Some(NoQuorum::Error),
             epoch,
             ..VolumeOptions::default()
@@ -1094,6 +1098,7 @@ impl Cluster {
                 .map(|i| Uuid::from_u64_pair(seed, 0x100 + i as u64))
                 .collect(),
             io_timeout: cfg.io_timeout,
+            resync_checksums: seed % 2 == 1,
         });
         let mut sim = turmoil::Builder::new()
             .tick_duration(cfg.tick)

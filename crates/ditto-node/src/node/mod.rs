@@ -217,6 +217,7 @@ impl Node {
                 resync_max_rate,
                 hot_set_regions: config.dirty_hot_set_regions,
                 dirty_clear_delay: Duration::from_millis(config.dirty_clear_delay_ms),
+                resync_checksums: config.resync_checksums,
                 membership_log: Some(membership_log),
                 ..VolumeOptions::default()
             },

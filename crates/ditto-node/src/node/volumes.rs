@@ -432,6 +432,7 @@ impl Node {
             hot_set_regions: self.volume_options.hot_set_regions,
             region_size: u64::from(record.region_size),
             copied_bytes: 0,
+            skipped_bytes: 0,
             actions: Vec::new(),
             epoch: record.epoch,
             quorum: None,
@@ -510,6 +511,7 @@ impl Node {
                 info.dirty_regions = v.dirty_regions();
                 info.hot_set_regions = v.hot_set_limit();
                 info.copied_bytes = v.copied_bytes();
+                info.skipped_bytes = v.skipped_bytes();
                 for m in &members {
                     let id = &m.id.simple().to_string()[..8];
                     if let Some(why) = self.split_brain_of(m.id) {
