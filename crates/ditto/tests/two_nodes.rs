@@ -13,11 +13,26 @@ use common::*;
 
 const SIZE: u64 = 32 * MIB;
 
+/// A port for a daemon's peer listener (which must be known before the
+/// daemon starts, for the others' configs), below the kernel's ephemeral
+/// range (32768 and up on Linux). An ephemeral port picked here was free
+/// only until the daemon bound it: meanwhile another test's
+/// `--nbd-listen 127.0.0.1:0` or outgoing connection could take it, and
+/// the daemon failed with "Address already in use" (1 run in 5 of this
+/// file once it had 15 tests). Ports here are unique within the process
+/// (a counter) and spread across processes (the pid).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = (std::process::id() % 400) as u16 * 30;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base + n) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1");
 }
 
 /// A node's files under the test's directory: NAME.toml, NAME-data, NAME-p0.
@@ -1398,4 +1413,56 @@ fn a_catch_up_with_checksums_sends_only_what_differs() {
         replica_data(&bf.pool)[..SIZE as usize] == data[..],
         "node b's replica differs from the volume after the catch-up"
     );
+}
+
+/// A volume whose only replica is on another node: when that node is
+/// killed, the one in-sync replica's connection is gone for good (the last
+/// replica is kept in service, not failed, so the reconnect loop had
+/// nothing to re-add and the volume stayed unusable even after node b
+/// came back, while status called it "healthy"). Now status says
+/// "failed" with why, the instance is stranded, and the node starts the
+/// volume again once b answers: it serves again, with every write it
+/// acknowledged before. Without the restart the volume is not healthy
+/// after 60 s; without the status fix the wait below returns at once and
+/// the next write fails.
+#[test]
+fn a_volume_stranded_by_its_only_remote_replica_starts_again_when_the_node_returns() {
+    let dir = tempfile::Builder::new()
+        .prefix("ditto-strand-")
+        .tempdir()
+        .expect("tempdir");
+    let (pa, pb) = (free_port(), free_port());
+    let (mut b, bf) = start_node(
+        dir.path(),
+        "b",
+        &peer_config("b", pb, "a", &format!("127.0.0.1:{pa}")),
+    );
+    let (a, _af) = start_node(
+        dir.path(),
+        "a",
+        &peer_config("a", pa, "b", &format!("127.0.0.1:{pb}")),
+    );
+    let size = SIZE.to_string();
+    a.cli_ok(&["volume", "create", "vm1", "--size", &size, "--pool", "b:p0"]);
+    a.wait_healthy("vm1");
+    qemu_write(&a.uri("vm1"), 0x3c, 0, 2 * MIB);
+
+    b.stop_with(libc::SIGKILL);
+    let out = qemu_io(
+        &a.uri("vm1"),
+        &[format!("write -P 0x4d {} 65536", 4 * MIB), "flush".into()],
+    );
+    assert!(
+        qemu_io_failed(&out),
+        "a write with no replica reachable was acknowledged: {}",
+        out.describe()
+    );
+    b = Daemon::start_with(&bf.data, &["--config", s(&bf.cfg)]);
+    let _keep = &b;
+    let v = a.wait_healthy("vm1");
+    assert_eq!(v["state"], "healthy", "{v:#}");
+    qemu_write(&a.uri("vm1"), 0x5e, 8 * MIB, MIB);
+    let data = read_all(&a, dir.path(), "vm1");
+    assert_pattern(&data, 0, 2 * MIB, 0x3c, "the write before node b died");
+    assert_pattern(&data, 8 * MIB, MIB, 0x5e, "a write after it came back");
 }

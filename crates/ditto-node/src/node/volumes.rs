@@ -480,7 +480,10 @@ impl Node {
                     .iter()
                     .filter(|m| m.state == ReplicaState::InSync)
                     .count();
-                info.state = if in_sync == 0 {
+                // Every in-sync replica's connection gone for good: nothing
+                // is served, whatever the member states still say.
+                let stranded = v.stranded();
+                info.state = if in_sync == 0 || stranded.is_some() {
                     "failed"
                 } else if in_sync < record.replicas.len() {
                     "degraded"
@@ -488,6 +491,12 @@ impl Node {
                     "healthy"
                 }
                 .into();
+                if let Some(why) = stranded {
+                    info.reason = Some(why);
+                    info.actions.push(format!(
+                        "{name} is started again when its replicas' nodes answer (every `peer_reconnect_secs`); `ditto node list` shows which are down"
+                    ));
+                }
                 info.generation = v.generation();
                 info.quorum = v.quorum_state().map(|(have, voters, need)| {
                     let word = if have >= need { "majority" } else { "LOST" };
