@@ -207,6 +207,29 @@ async fn writes_reach_the_remote_replica_and_read_back() {
     assert!(a == b, "the local and the remote replica differ");
 }
 
+/// The Digest frame (feature bit 0, negotiated at hello): `holds` is true
+/// only for the bytes the remote replica has at that offset, and a digest
+/// outside the volume is refused without closing the connection.
+#[tokio::test]
+async fn a_remote_replica_tells_by_digest_whether_it_holds_a_run() {
+    let t = Two::new().await;
+    let (addr, _server) = t.serve().await;
+    let remote = t.remote(addr).await;
+    remote.write(65536, pattern(7, 65536)).await.unwrap();
+    assert!(remote.holds(65536, pattern(7, 65536)).await.unwrap());
+    assert!(!remote.holds(65536, pattern(8, 65536)).await.unwrap());
+    assert!(
+        !remote.holds(0, pattern(7, 65536)).await.unwrap(),
+        "other offset"
+    );
+    assert!(
+        remote.holds(SIZE, pattern(7, 4096)).await.is_err(),
+        "a digest past the end must be refused"
+    );
+    // The connection still serves.
+    assert_eq!(remote.read(65536, 65536).await.unwrap(), pattern(7, 65536));
+}
+
 #[tokio::test]
 async fn a_dead_peer_is_failed_out_and_a_readd_catches_it_up() {
     let t = Two::new().await;
