@@ -934,7 +934,7 @@ impl Node {
                         };
                         let msg = format!(
                             "the replica on node {} took writes on its own while cut off, without quorum, so none was acknowledged: it is rebuilt from this side ({})",
-                            r.node.as_deref().unwrap_or("?"),
+                            r.node.as_deref().unwrap_or(&self.config.node_name),
                             match &rebuilt {
                                 Ok(()) => "started".to_string(),
                                 Err(e) => format!("not started: {e}; retried"),
@@ -945,10 +945,10 @@ impl Node {
                     Err(ditto_engine::EngineError::SplitBrain { .. }) => {
                         let why = format!(
                             "split brain: the replica on node {} took writes of its own after it was cut off from this node (both sides acted as primary); it is not merged. Keep this side with `ditto volume resolve {name} --keep {}` (its writes are discarded), or the other side with `ditto volume resolve {name} --keep {}` on node {}",
-                            r.node.as_deref().unwrap_or("?"),
+                            r.node.as_deref().unwrap_or(&self.config.node_name),
                             self.config.node_name,
-                            r.node.as_deref().unwrap_or("?"),
-                            r.node.as_deref().unwrap_or("?"),
+                            r.node.as_deref().unwrap_or(&self.config.node_name),
+                            r.node.as_deref().unwrap_or(&self.config.node_name),
                         );
                         if let Ok(mut s) = self.split_brains.lock() {
                             s.insert(r.id, why.clone());
