@@ -600,6 +600,33 @@ fn peer_config(me: &str, port: u16, other: &str, addr: &str) -> String {
     )
 }
 
+/// Nodes a and b on loopback, each the other's peer (node b started
+/// first); `a_extra` goes at the top of a's config.
+fn pair(
+    prefix: &str,
+    a_extra: &str,
+) -> (tempfile::TempDir, (Daemon, NodeFiles), (Daemon, NodeFiles)) {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    let (pa, pb) = (free_port(), free_port());
+    let b = start_node(
+        dir.path(),
+        "b",
+        &peer_config("b", pb, "a", &format!("127.0.0.1:{pa}")),
+    );
+    let a = start_node(
+        dir.path(),
+        "a",
+        &format!(
+            "{a_extra}{}",
+            peer_config("a", pa, "b", &format!("127.0.0.1:{pb}"))
+        ),
+    );
+    (dir, a, b)
+}
+
 /// The volume as node `d` serves it, copied to a file and read back.
 fn read_all(d: &Daemon, dir: &Path, name: &str) -> Vec<u8> {
     let copy = dir.join(format!("{name}-{}.raw", std::process::id()));
@@ -1352,23 +1379,9 @@ fn nodes_are_added_only_when_they_answer_as_themselves() {
 /// the volume afterwards.
 #[test]
 fn a_catch_up_with_checksums_sends_only_what_differs() {
-    let dir = tempfile::Builder::new()
-        .prefix("ditto-csums-")
-        .tempdir()
-        .expect("tempdir");
-    let (pa, pb) = (free_port(), free_port());
-    let (_b, bf) = start_node(
-        dir.path(),
-        "b",
-        &peer_config("b", pb, "a", &format!("127.0.0.1:{pa}")),
-    );
-    let (a, _af) = start_node(
-        dir.path(),
-        "a",
-        &format!(
-            "resync_checksums = true\ndirty_clear_delay_ms = 300\n{}",
-            peer_config("a", pa, "b", &format!("127.0.0.1:{pb}"))
-        ),
+    let (dir, (a, _), (_b, bf)) = pair(
+        "ditto-csums-",
+        "resync_checksums = true\ndirty_clear_delay_ms = 300\n",
     );
     let size = SIZE.to_string();
     a.cli_ok(&[
@@ -1427,21 +1440,7 @@ fn a_catch_up_with_checksums_sends_only_what_differs() {
 /// the next write fails.
 #[test]
 fn a_volume_stranded_by_its_only_remote_replica_starts_again_when_the_node_returns() {
-    let dir = tempfile::Builder::new()
-        .prefix("ditto-strand-")
-        .tempdir()
-        .expect("tempdir");
-    let (pa, pb) = (free_port(), free_port());
-    let (mut b, bf) = start_node(
-        dir.path(),
-        "b",
-        &peer_config("b", pb, "a", &format!("127.0.0.1:{pa}")),
-    );
-    let (a, _af) = start_node(
-        dir.path(),
-        "a",
-        &peer_config("a", pa, "b", &format!("127.0.0.1:{pb}")),
-    );
+    let (dir, (a, _), (mut b, bf)) = pair("ditto-strand-", "");
     let size = SIZE.to_string();
     a.cli_ok(&["volume", "create", "vm1", "--size", &size, "--pool", "b:p0"]);
     a.wait_healthy("vm1");

@@ -129,26 +129,17 @@ impl Node {
     pub(super) async fn open_members(&self, record: &VolumeRecord) -> (Vec<Member>, Vec<String>) {
         let mut members = Vec::new();
         let mut missing = Vec::new();
-        let layout = layout_of(record).ok();
         for r in &record.replicas {
-            let backend: Arc<dyn ReplicaBackend> =
-                match (self.open_replica(record, r).await, layout) {
-                    (Ok(b), _) => b,
-                    (Err(e), Some(layout)) => {
-                        missing.push(format!("{} ({e})", r.pool));
-                        Arc::new(MissingReplica::new(
-                            r.path.display().to_string(),
-                            e.to_string(),
-                            record.uuid,
-                            r.id,
-                            layout,
-                        ))
+            let backend = match self.open_replica(record, r).await {
+                Ok(b) => b,
+                Err(e) => {
+                    missing.push(format!("{} ({e})", r.pool));
+                    match placeholder(record, r, e.to_string()) {
+                        Some(p) => p,
+                        None => continue,
                     }
-                    (Err(e), None) => {
-                        missing.push(format!("{} ({e})", r.pool));
-                        continue;
-                    }
-                };
+                }
+            };
             members.push(self.member(r, backend));
         }
         (members, missing)
@@ -247,8 +238,9 @@ impl Node {
             self.spawn_become_secondary(record, by, epoch);
             return false;
         }
+        let quorum = self.config.quorum_for(&record.name).is_some();
         let claimed;
-        let (record, members) = if self.config.quorum_for(&record.name).is_some() {
+        let (record, members) = if quorum {
             match self.claim_start(record, members).await {
                 StartClaim::Claimed(r, m) => {
                     claimed = r;
@@ -287,7 +279,7 @@ impl Node {
             // primary would otherwise never serve, with every node
             // following it (three_nodes_under_random_partitions: 4 of 20 runs).
             Err(e)
-                if self.config.quorum_for(&record.name).is_some()
+                if quorum
                     && !absent.is_empty()
                     && !matches!(e, ditto_engine::EngineError::SplitBrain { .. }) =>
             {
@@ -343,18 +335,9 @@ impl Node {
         // absent now. (A claim that found no majority opened nothing, and
         // its retry takes the same epoch.)
         let epoch = record.epoch.max(assembled_at) + 1;
-        let claim = ditto_peer::wire::PrimaryClaim {
-            volume: record.uuid,
-            epoch,
-            members: self.member_refs(record),
-        };
-        let nodes: std::collections::BTreeSet<&str> = record
-            .replicas
-            .iter()
-            .filter_map(|r| r.node.as_deref())
-            .collect();
+        let claim = self.claim_of(record, epoch);
         let mut declined = std::collections::BTreeMap::new();
-        for node in nodes {
+        for node in super::peering::replica_nodes(record) {
             match self.send_claim(node, &claim).await {
                 Some(Ok(())) => {}
                 Some(Err(ditto_peer::client::ConnectError::Superseded {
@@ -380,41 +363,30 @@ impl Node {
         // A node that did not take the claim lends no replica to this start;
         // one that took it and refused the connection before (it followed
         // an older primary) is connected again.
-        let layout = layout_of(record).ok();
         let mut kept = Vec::with_capacity(members.len());
         for m in members {
-            let Some(r) = record.replicas.iter().find(|r| r.id == m.id) else {
-                kept.push(m);
-                continue;
-            };
-            let remote = r.node.is_some();
-            let backend = match (declined.get(&m.domain), layout) {
-                (Some(why), Some(layout)) if remote => Arc::new(MissingReplica::new(
-                    r.path.display().to_string(),
+            let remote = record
+                .replicas
+                .iter()
+                .find(|r| r.id == m.id && r.node.is_some());
+            let replaced = match (remote, declined.get(&m.domain)) {
+                (Some(r), Some(why)) => placeholder(
+                    record,
+                    r,
                     format!(
                         "node {} did not take this start's epoch {epoch}: {why}",
                         m.domain
                     ),
-                    record.uuid,
-                    r.id,
-                    layout,
-                ))
-                    as Arc<dyn ReplicaBackend>,
-                (None, _) if remote && !m.backend.is_present() => {
-                    match self.open_replica(record, r).await {
-                        Ok(b) => b,
-                        Err(_) => {
-                            kept.push(m);
-                            continue;
-                        }
-                    }
+                ),
+                (Some(r), None) if !m.backend.is_present() => {
+                    self.open_replica(record, r).await.ok()
                 }
-                _ => {
-                    kept.push(m);
-                    continue;
-                }
+                _ => None,
             };
-            kept.push(self.member(r, backend));
+            kept.push(match (remote, replaced) {
+                (Some(r), Some(backend)) => self.member(r, backend),
+                _ => m,
+            });
         }
         if let Err(why) = self.quorum_reachable(record, &kept) {
             return StartClaim::NoMajority(format!(
@@ -618,4 +590,21 @@ impl Node {
         );
         Ok(())
     }
+}
+
+/// A stand-in for replica `r` of `record` that cannot lend its data (why);
+/// None when the record's layout is invalid.
+fn placeholder(
+    record: &VolumeRecord,
+    r: &ReplicaRecord,
+    why: String,
+) -> Option<Arc<dyn ReplicaBackend>> {
+    let layout = layout_of(record).ok()?;
+    Some(Arc::new(MissingReplica::new(
+        r.path.display().to_string(),
+        why,
+        record.uuid,
+        r.id,
+        layout,
+    )))
 }

@@ -345,17 +345,8 @@ impl Node {
     /// effort: a node that misses it learns at the next claim; one that
     /// follows a newer primary is noted (`note_superseded`).
     pub(super) async fn announce_primary(&self, record: &VolumeRecord) {
-        let claim = ditto_peer::wire::PrimaryClaim {
-            volume: record.uuid,
-            epoch: record.epoch,
-            members: self.member_refs(record),
-        };
-        let nodes: std::collections::BTreeSet<&str> = record
-            .replicas
-            .iter()
-            .filter_map(|r| r.node.as_deref())
-            .collect();
-        for node in nodes {
+        let claim = self.claim_of(record, record.epoch);
+        for node in replica_nodes(record) {
             match self.send_claim(node, &claim).await {
                 Some(Err(ditto_peer::client::ConnectError::Superseded {
                     node: by, epoch, ..
@@ -367,6 +358,19 @@ impl Node {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// This node's claim to be the primary of `record` at `epoch`.
+    pub(super) fn claim_of(
+        &self,
+        record: &VolumeRecord,
+        epoch: u64,
+    ) -> ditto_peer::wire::PrimaryClaim {
+        ditto_peer::wire::PrimaryClaim {
+            volume: record.uuid,
+            epoch,
+            members: self.member_refs(record),
         }
     }
 
@@ -879,23 +883,22 @@ impl Node {
                 self.restart_stranded(&name, volume, why).await;
                 continue;
             }
-            let members = volume.members();
-            let out: Vec<Uuid> = members
+            // Replicas on other nodes that are out, and a replica on this
+            // node found stale at a start (the volume moved on at another
+            // node while this one was away); one that failed here (its
+            // disk) waits for the operator.
+            let replicated = record.replicas.iter().any(|r| r.node.is_some());
+            let out: Vec<(Uuid, ReplicaState)> = volume
+                .members()
                 .iter()
                 .filter(|m| m.awaits_readd())
-                .map(|m| m.id)
-                .collect();
-            // A replica on this node found stale at a start (the volume
-            // moved on at another node while this one was away) is caught
-            // up too; one that failed here (its disk) waits for the operator.
-            let replicated = record.replicas.iter().any(|r| r.node.is_some());
-            let stale: Vec<Uuid> = members
-                .iter()
-                .filter(|m| m.state == ReplicaState::Stale)
-                .map(|m| m.id)
+                .map(|m| (m.id, m.state))
                 .collect();
             for r in record.replicas.iter().filter(|r| {
-                out.contains(&r.id) && (r.node.is_some() || (replicated && stale.contains(&r.id)))
+                out.iter().any(|(id, state)| {
+                    *id == r.id
+                        && (r.node.is_some() || (replicated && *state == ReplicaState::Stale))
+                })
             }) {
                 if self
                     .failed_on_purpose
@@ -1126,4 +1129,13 @@ impl Node {
         tracing::info!(node = %name, "node removed");
         Ok(())
     }
+}
+
+/// The other nodes holding replicas of `record`, each once.
+pub(super) fn replica_nodes(record: &VolumeRecord) -> std::collections::BTreeSet<&str> {
+    record
+        .replicas
+        .iter()
+        .filter_map(|r| r.node.as_deref())
+        .collect()
 }
