@@ -41,6 +41,9 @@ pub enum EventKind {
     /// at a newer epoch: it stopped serving and holds its replicas for the
     /// new primary, which catches them up (or reports a split brain).
     Superseded,
+    /// The volume's diskless tiebreaker stopped voting (it did not record
+    /// a membership change) or votes again.
+    TiebreakerVote,
 }
 
 impl EventKind {
@@ -72,6 +75,7 @@ impl EventKind {
             EventKind::PeerRefused => "peer_refused",
             EventKind::ForcedPromote => "forced_promote",
             EventKind::Superseded => "superseded",
+            EventKind::TiebreakerVote => "tiebreaker_vote",
         }
     }
 

@@ -17,6 +17,7 @@ pub mod nbd_file;
 pub mod read_policy;
 pub mod uring;
 pub mod volume;
+pub mod voter;
 
 pub use backend::{BackendError, FileReplica, MissingReplica, ReplicaBackend};
 pub use events::{Event, EventKind, EventSink, LogSink, SharedSink};
@@ -26,5 +27,7 @@ pub use membership::{KnownMembership, MembershipLog, MembershipLogRef};
 pub use volume::{
     EngineError, Member, MemberStatus, NoQuorum, ReplicaState, Volume, VolumeOptions,
 };
+
+pub use voter::{Tiebreaker, VoteRecord, Voter};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -28,6 +28,7 @@ use crate::io::Allocation;
 use crate::jobs::{JobProgress, ResyncRedirect, ScrubReport};
 use crate::membership::{KnownMembership, MembershipLogRef};
 use crate::read_policy;
+use crate::voter::{Tiebreaker, VoteRecord};
 
 /// Why a volume operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -333,6 +334,8 @@ pub struct VolumeOptions {
     pub quorum: Option<NoQuorum>,
     /// The primary's promote epoch, written into every superblock.
     pub epoch: u64,
+    /// A diskless voter in the quorum (`volume create --tiebreaker`).
+    pub tiebreaker: Option<Tiebreaker>,
 }
 
 /// What a volume does without quorum.
@@ -359,6 +362,7 @@ impl Default for VolumeOptions {
             discard: Vec::new(),
             quorum: None,
             epoch: 0,
+            tiebreaker: None,
         }
     }
 }
@@ -416,6 +420,9 @@ pub struct Volume {
     last_record_retry_ms: AtomicU64,
     /// Wakes the dirty-map sweeper early when the hot set overflows.
     pub(crate) sweep: tokio::sync::Notify,
+    /// The generation the tiebreaker last recorded (0: none, or its vote
+    /// was lost since): it votes while this is the current generation.
+    tiebreaker_generation: AtomicU64,
 }
 
 fn self_in_sync(sb: &Superblock) -> bool {
@@ -503,13 +510,20 @@ impl Volume {
         // may lack writes a majority acknowledged, and its own start would
         // record the others as failed.
         if options.quorum.is_some() {
-            let all: std::collections::BTreeSet<&str> =
+            let mut all: std::collections::BTreeSet<&str> =
                 members.iter().map(|m| m.domain.as_str()).collect();
-            let here: std::collections::BTreeSet<&str> = members
+            let mut here: std::collections::BTreeSet<&str> = members
                 .iter()
                 .filter(|m| m.backend.is_present())
                 .map(|m| m.domain.as_str())
                 .collect();
+            // The tiebreaker votes for the start when it took its claim.
+            if let Some(t) = &options.tiebreaker {
+                all.insert(t.voter.domain());
+                if t.claimed.is_some() {
+                    here.insert(t.voter.domain());
+                }
+            }
             let need = all.len() / 2 + 1;
             if here.len() < need {
                 return Err(EngineError::NoQuorum {
@@ -602,6 +616,54 @@ impl Volume {
             })
             .cloned()
             .collect();
+        // The tiebreaker's record judges them too: its vote may have
+        // carried acknowledgements that a replica present here missed (the
+        // replica was failed out on a primary absent now).
+        let witnessed = options
+            .tiebreaker
+            .as_ref()
+            .and_then(|t| Some((t.voter.domain().to_string(), t.claimed.clone()?)));
+        let current = match &witnessed {
+            Some((node, record)) if !current.is_empty() => {
+                let vouched: Vec<Superblock> = current
+                    .iter()
+                    .filter(|sb| record.vouches_for(sb))
+                    .cloned()
+                    .collect();
+                if vouched.is_empty() && !options.accept_stale {
+                    return Err(EngineError::Refused {
+                        volume: name,
+                        why: format!(
+                            "no replica present is proven current: tiebreaker {node} recorded epoch {} generation {} with only replica(s) {} in sync, and the replicas present ({}) are older and not among them; it starts when a replica in that set answers",
+                            record.epoch,
+                            record.generation,
+                            record
+                                .in_sync
+                                .iter()
+                                .map(|id| short(*id))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            current
+                                .iter()
+                                .map(|sb| format!(
+                                    "{} at epoch {} generation {}",
+                                    short(sb.replica_uuid),
+                                    sb.epoch,
+                                    sb.generation
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+                if vouched.is_empty() {
+                    current
+                } else {
+                    vouched
+                }
+            }
+            _ => current,
+        };
         // The node's record judges replicas whose own superblocks cannot
         // know they were failed out (they were gone when it happened).
         let known = options.membership_log.as_ref().and_then(|l| l.0.last(uuid));
@@ -749,6 +811,7 @@ impl Volume {
             durable_changed: tokio::sync::Notify::new(),
             last_record_retry_ms: AtomicU64::new(0),
             sweep: tokio::sync::Notify::new(),
+            tiebreaker_generation: AtomicU64::new(0),
         });
         for (replica, message) in stale_events {
             volume.emit(EventKind::StaleReplicaRefused, Some(replica), message);
@@ -1012,6 +1075,12 @@ impl Volume {
                 .iter()
                 .any(|p| p.domain == m.domain && p.state() == ReplicaState::InSync)
             {
+                live += 1;
+            }
+        }
+        if self.options.tiebreaker.is_some() {
+            voters += 1;
+            if self.tiebreaker_votes() {
                 live += 1;
             }
         }
@@ -1424,6 +1493,7 @@ impl Volume {
             }
             if failed.is_empty() {
                 self.record_membership(generation, &members).await;
+                self.record_at_tiebreaker(generation, &members).await;
                 self.durable_generation
                     .fetch_max(generation, Ordering::AcqRel);
                 self.durable_changed.notify_waiters();
@@ -1456,6 +1526,80 @@ impl Volume {
                 return Err(EngineError::Backend(e));
             }
         }
+    }
+
+    /// Record the membership at the tiebreaker (if any), before the
+    /// generation counts as durable: its vote then counts for requests at
+    /// this generation. A voter that does not take it loses its vote.
+    async fn record_at_tiebreaker(&self, generation: u64, in_sync: &[Arc<Member>]) {
+        let Some(t) = &self.options.tiebreaker else {
+            return;
+        };
+        let record = VoteRecord {
+            epoch: self.options.epoch,
+            generation,
+            in_sync: in_sync.iter().map(|m| m.id).collect(),
+        };
+        match tokio::time::timeout(self.options.io_timeout, t.voter.record(record)).await {
+            Ok(Ok(())) => {
+                let before = self
+                    .tiebreaker_generation
+                    .swap(generation, Ordering::AcqRel);
+                if before == 0 {
+                    self.emit(
+                        EventKind::TiebreakerVote,
+                        None,
+                        format!(
+                            "tiebreaker {} recorded generation {generation} and votes",
+                            t.voter.domain()
+                        ),
+                    );
+                }
+            }
+            Ok(Err(why)) => self.lose_tiebreaker_vote(t.voter.domain(), &why),
+            Err(_) => self.lose_tiebreaker_vote(
+                t.voter.domain(),
+                &format!("no answer within {:?}", self.options.io_timeout),
+            ),
+        }
+    }
+
+    fn lose_tiebreaker_vote(&self, node: &str, why: &str) {
+        if self.tiebreaker_generation.swap(0, Ordering::AcqRel) != 0 {
+            self.emit(
+                EventKind::TiebreakerVote,
+                None,
+                format!("tiebreaker {node} did not record the membership ({why}); it does not vote until it does"),
+            );
+        }
+    }
+
+    /// Whether the tiebreaker's vote counts now: it holds the current generation.
+    pub fn tiebreaker_votes(&self) -> bool {
+        let recorded = self.tiebreaker_generation.load(Ordering::Acquire);
+        recorded != 0 && recorded == self.generation()
+    }
+
+    /// The tiebreaker's node, when the volume has one.
+    pub fn tiebreaker(&self) -> Option<&str> {
+        self.options.tiebreaker.as_ref().map(|t| t.voter.domain())
+    }
+
+    /// Record the current membership at the tiebreaker again: the node's
+    /// heartbeat (every second or so). It wins a lost vote back once the
+    /// tiebreaker answers, and loses it when the tiebreaker follows another
+    /// primary now. Serialised with membership changes.
+    pub async fn refresh_tiebreaker(&self) {
+        if self.options.tiebreaker.is_none() || self.is_closed() {
+            return;
+        }
+        let _guard = self.membership.lock().await;
+        let generation = self.generation();
+        if self.durable_generation.load(Ordering::Acquire) != generation {
+            return; // a change is being recorded; it records there itself
+        }
+        let in_sync = self.in_sync();
+        self.record_at_tiebreaker(generation, &in_sync).await;
     }
 
     /// Tell the node's log (if any) which replicas are in sync at `generation`.
