@@ -309,15 +309,17 @@ pub async fn demote(
     })
 }
 
-/// Tell the node at `addr`, which holds replicas of `claim.volume`, that
-/// this node is its primary at `claim.epoch` with `claim.members`.
+/// Tell the node at `addr`, which holds replicas of `claim.volume` (or is
+/// its tiebreaker), that this node is its primary at `claim.epoch` with
+/// `claim.members`. A tiebreaker answers with the membership record it
+/// held before the claim.
 pub async fn claim_primary(
     addr: &str,
     dial: &Dial,
     claim: &crate::wire::PrimaryClaim,
     timeout: Duration,
-) -> Result<(), ConnectError> {
-    control(
+) -> Result<Option<ditto_engine::VoteRecord>, ConnectError> {
+    let answer = control(
         addr,
         dial,
         (Kind::Primary, 0),
@@ -326,7 +328,75 @@ pub async fn claim_primary(
         timeout,
     )
     .await?;
+    if answer.reply.is_empty() {
+        return Ok(None);
+    }
+    crate::wire::decode_vote_record(&answer.reply)
+        .map(Some)
+        .map_err(|source| ConnectError::Protocol {
+            addr: addr.into(),
+            source,
+        })
+}
+
+/// Ask the node at `addr`, the volume's diskless tiebreaker, to create,
+/// update or delete its witness record.
+pub async fn witness(
+    addr: &str,
+    dial: &Dial,
+    op: crate::wire::WitnessOp,
+    req: &crate::wire::WitnessRequest,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    control(
+        addr,
+        dial,
+        (Kind::Witness, op as u64),
+        req.encode(),
+        Uuid::nil(),
+        timeout,
+    )
+    .await?;
     Ok(())
+}
+
+/// The volume's diskless tiebreaker on another node, as the engine's
+/// [`ditto_engine::Voter`]: each record is one control request.
+pub struct RemoteVoter {
+    pub node: String,
+    pub addr: String,
+    pub dial: Dial,
+    pub volume: Uuid,
+    pub volume_name: String,
+    pub timeout: Duration,
+}
+
+impl ditto_engine::Voter for RemoteVoter {
+    fn domain(&self) -> &str {
+        &self.node
+    }
+
+    fn record(
+        &self,
+        record: ditto_engine::VoteRecord,
+    ) -> ditto_engine::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let req = crate::wire::WitnessRequest {
+                volume: self.volume,
+                volume_name: self.volume_name.clone(),
+                record,
+            };
+            witness(
+                &self.addr,
+                &self.dial,
+                crate::wire::WitnessOp::Record,
+                &req,
+                self.timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// Ask the node at `addr` to take `volume` over from this node now.

@@ -18,6 +18,7 @@ pub mod fence;
 pub mod server;
 pub mod tls;
 pub mod wire;
+pub mod witness;
 
 pub use client::RemoteReplica;
 pub use server::{PeerServer, ReplicaRegistry};

@@ -109,13 +109,30 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
     /// Node `from` says it is the primary of a volume ([`Kind::Primary`]).
     /// Refused with the primary this node follows when the claim's epoch is
     /// older than that one's. The default registry accepts and keeps nothing.
+    /// A tiebreaker of the volume answers with the membership record it
+    /// held before the claim ([`crate::witness::Witness::claim`]).
     fn claim(
         &self,
         from: &str,
         claim: crate::wire::PrimaryClaim,
-    ) -> BoxFuture<'_, Result<(), crate::wire::Superseded>> {
+    ) -> BoxFuture<'_, Result<Option<ditto_engine::VoteRecord>, crate::wire::Superseded>> {
         let _ = (from, claim);
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(None) })
+    }
+    /// Node `from` asks this node, the volume's diskless tiebreaker, to
+    /// create, update or delete its witness record ([`Kind::Witness`]).
+    fn witness(
+        &self,
+        from: &str,
+        op: crate::wire::WitnessOp,
+        req: crate::wire::WitnessRequest,
+    ) -> BoxFuture<'_, Result<(), Refusal>> {
+        let _ = (from, op, req);
+        Box::pin(async {
+            Err(Refusal::Invalid(
+                "this node is no tiebreaker for volumes".to_string(),
+            ))
+        })
     }
     /// Node `from`, the primary of `volume`, asks this node to take it over
     /// (a planned promote here).
@@ -132,6 +149,15 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
         let _ = (from, volume, replica);
         Box::pin(async { Err("this node does not delete replicas for peers".to_string()) })
     }
+}
+
+/// Why a control request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another node is the volume's primary here.
+    Superseded(crate::wire::Superseded),
+    /// The request cannot be done; the text says why.
+    Invalid(String),
 }
 
 /// A fixed set of replicas, keyed by (volume, replica) uuid.
@@ -587,10 +613,37 @@ impl PeerServer {
                 Kind::Primary => match crate::wire::PrimaryClaim::decode(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
                     Ok(claim) => match self.registry.claim(peer, claim).await {
-                        Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                        Ok(None) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                        Ok(Some(record)) => Frame::reply(
+                            f.id,
+                            0,
+                            Status::Ok,
+                            crate::wire::encode_vote_record(&record),
+                        ),
                         Err(s) => Frame::reply(f.id, 0, Status::Superseded, s.encode()),
                     },
                 },
+                Kind::Witness => {
+                    let parsed = crate::wire::WitnessOp::from_u64(f.arg)
+                        .ok_or_else(|| format!("unknown witness operation {}", f.arg))
+                        .and_then(|op| {
+                            crate::wire::WitnessRequest::decode(&f.payload)
+                                .map(|req| (op, req))
+                                .map_err(|e| e.to_string())
+                        });
+                    match parsed {
+                        Err(why) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why)),
+                        Ok((op, req)) => match self.registry.witness(peer, op, req).await {
+                            Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                            Err(Refusal::Superseded(s)) => {
+                                Frame::reply(f.id, 0, Status::Superseded, s.encode())
+                            }
+                            Err(Refusal::Invalid(why)) => {
+                                Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why))
+                            }
+                        },
+                    }
+                }
                 Kind::Demote => match crate::wire::decode_replica_ref(&f.payload) {
                     Err(e) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(e.to_string())),
                     Ok((volume, _)) => match self
@@ -806,6 +859,7 @@ async fn handle(served: &ServedReplica, session: u64, f: Frame) -> Frame {
         | Kind::Demote
         | Kind::Primary
         | Kind::ListPools
+        | Kind::Witness
         | Kind::TakeOver => invalid(format!("{:?} is not a request", f.kind)),
     }
 }

@@ -18,7 +18,11 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// Feature bits this build knows (none yet: every v1 peer is the same).
 /// Feature bit: the replica answers [`Kind::Digest`] (resync checksums).
 pub const FEATURE_DIGEST: u64 = 1 << 0;
-pub const KNOWN_FEATURES: u64 = FEATURE_DIGEST;
+/// Feature bit: the node can be a volume's diskless tiebreaker
+/// ([`Kind::Witness`], the tiebreaker in [`PrimaryClaim`], a
+/// [`encode_vote_record`] in a claim's Ok reply).
+pub const FEATURE_WITNESS: u64 = 1 << 1;
+pub const KNOWN_FEATURES: u64 = FEATURE_DIGEST | FEATURE_WITNESS;
 /// Longest node name in a hello.
 pub const MAX_NAME: usize = 255;
 
@@ -73,6 +77,11 @@ pub enum Kind {
     /// `offset` (a 32-byte reply), so a resync can skip a region the target
     /// holds already without sending it (DRBD's csums-alg).
     Digest = 21,
+    /// With [`FEATURE_WITNESS`], on a control session: the receiver is the
+    /// volume's diskless tiebreaker. `arg` is a [`WitnessOp`]; payload a
+    /// [`WitnessRequest`]. Reply Ok, [`Status::Superseded`] (the witness
+    /// follows another primary), or Invalid.
+    Witness = 22,
 }
 
 impl Kind {
@@ -100,6 +109,7 @@ impl Kind {
             19 => ListPools,
             20 => TakeOver,
             21 => Digest,
+            22 => Witness,
             _ => return None,
         })
     }
@@ -636,6 +646,18 @@ pub fn encode_members(members: &[MemberRef]) -> Bytes {
 }
 
 pub fn decode_members(b: &[u8]) -> Result<Vec<MemberRef>, FrameError> {
+    let (members, used) = decode_members_prefix(b)?;
+    if used != b.len() {
+        return Err(FrameError::Malformed {
+            what: "member list",
+            why: "trailing bytes".into(),
+        });
+    }
+    Ok(members)
+}
+
+/// A member list at the start of `b`, and the bytes it took.
+fn decode_members_prefix(b: &[u8]) -> Result<(Vec<MemberRef>, usize), FrameError> {
     let bad = |why: &str| FrameError::Malformed {
         what: "member list",
         why: why.into(),
@@ -676,10 +698,7 @@ pub fn decode_members(b: &[u8]) -> Result<Vec<MemberRef>, FrameError> {
             pool: texts.remove(0),
         });
     }
-    if at != b.len() {
-        return Err(bad("trailing bytes"));
-    }
-    Ok(out)
+    Ok((out, at))
 }
 
 /// Flag in a [`Kind::Demote`] request's `arg`: the sender keeps its own
@@ -688,8 +707,10 @@ pub fn decode_members(b: &[u8]) -> Result<Vec<MemberRef>, FrameError> {
 /// replicas are rebuilt from the sender's.
 pub const DEMOTE_DISCARD: u64 = 1;
 
-/// Payload of [`Kind::Primary`]: volume uuid (16), epoch u64, then the
-/// member list as [`encode_members`] writes it.
+/// Payload of [`Kind::Primary`]: volume uuid (16), epoch u64, the member
+/// list as [`encode_members`] writes it, then (with [`FEATURE_WITNESS`],
+/// only when the volume has one) the tiebreaker's node name: length u16,
+/// name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrimaryClaim {
     pub volume: Uuid,
@@ -697,6 +718,8 @@ pub struct PrimaryClaim {
     /// a replica serves.
     pub epoch: u64,
     pub members: Vec<MemberRef>,
+    /// The node that votes in the volume's quorum without data.
+    pub tiebreaker: Option<String>,
 }
 
 impl PrimaryClaim {
@@ -705,6 +728,9 @@ impl PrimaryClaim {
         b.extend_from_slice(self.volume.as_bytes());
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&encode_members(&self.members));
+        if let Some(t) = &self.tiebreaker {
+            put_name(&mut b, t);
+        }
         Bytes::from(b)
     }
 
@@ -717,10 +743,190 @@ impl PrimaryClaim {
         }
         let mut v = [0u8; 16];
         v.copy_from_slice(&b[..16]);
+        let (members, used) = decode_members_prefix(&b[24..])?;
+        let rest = &b[24 + used..];
+        let tiebreaker = if rest.is_empty() {
+            None
+        } else {
+            let (name, used) = take_name(rest, "primary claim's tiebreaker")?;
+            if used != rest.len() {
+                return Err(FrameError::Malformed {
+                    what: "primary claim",
+                    why: "trailing bytes after the tiebreaker".into(),
+                });
+            }
+            Some(name)
+        };
         Ok(PrimaryClaim {
             volume: Uuid::from_bytes(v),
             epoch: u64_at(b, 16),
-            members: decode_members(&b[24..])?,
+            members,
+            tiebreaker,
+        })
+    }
+}
+
+/// A name as the witness and claim payloads carry it: length u16, UTF-8
+/// (at most [`MAX_NAME`] bytes; longer ones are cut at a char boundary).
+fn put_name(b: &mut Vec<u8>, name: &str) {
+    let mut end = name.len().min(MAX_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    b.extend_from_slice(&(end as u16).to_le_bytes());
+    b.extend_from_slice(&name.as_bytes()[..end]);
+}
+
+/// A name [`put_name`] wrote at the start of `b`, and the bytes it took.
+fn take_name(b: &[u8], what: &'static str) -> Result<(String, usize), FrameError> {
+    let bad = |why: &str| FrameError::Malformed {
+        what,
+        why: why.into(),
+    };
+    if b.len() < 2 {
+        return Err(bad("shorter than a name's length"));
+    }
+    let len = u16_at(b, 0) as usize;
+    if len > MAX_NAME || b.len() < 2 + len {
+        return Err(bad("a name runs past the end"));
+    }
+    let name = std::str::from_utf8(&b[2..2 + len]).map_err(|_| bad("a name is not UTF-8"))?;
+    Ok((name.to_string(), 2 + len))
+}
+
+/// Most replicas a vote record lists (a volume has a handful).
+pub const MAX_VOTE_MEMBERS: usize = 64;
+
+/// A vote record ([`ditto_engine::VoteRecord`]): epoch u64, generation
+/// u64, count u16, then that many replica uuids (16 each). The Ok reply of
+/// a [`Kind::Primary`] claim from the volume's tiebreaker carries the one
+/// it held before the claim; other nodes reply with no payload.
+pub fn encode_vote_record(r: &ditto_engine::VoteRecord) -> Bytes {
+    let mut b = Vec::with_capacity(18 + 16 * r.in_sync.len());
+    put_vote_record(&mut b, r);
+    Bytes::from(b)
+}
+
+fn put_vote_record(b: &mut Vec<u8>, r: &ditto_engine::VoteRecord) {
+    let n = r.in_sync.len().min(MAX_VOTE_MEMBERS);
+    b.extend_from_slice(&r.epoch.to_le_bytes());
+    b.extend_from_slice(&r.generation.to_le_bytes());
+    b.extend_from_slice(&(n as u16).to_le_bytes());
+    for id in &r.in_sync[..n] {
+        b.extend_from_slice(id.as_bytes());
+    }
+}
+
+/// A vote record at the start of `b`, and the bytes it took.
+fn take_vote_record(b: &[u8]) -> Result<(ditto_engine::VoteRecord, usize), FrameError> {
+    let bad = |why: String| FrameError::Malformed {
+        what: "vote record",
+        why,
+    };
+    if b.len() < 18 {
+        return Err(bad(format!("{} bytes, at least 18 expected", b.len())));
+    }
+    let n = u16_at(b, 16) as usize;
+    if n > MAX_VOTE_MEMBERS {
+        return Err(bad(format!(
+            "{n} replicas, at most {MAX_VOTE_MEMBERS} allowed"
+        )));
+    }
+    let end = 18 + 16 * n;
+    if b.len() < end {
+        return Err(bad("the replica list runs past the end".into()));
+    }
+    let in_sync = b[18..end]
+        .chunks_exact(16)
+        .map(|c| {
+            let mut u = [0u8; 16];
+            u.copy_from_slice(c);
+            Uuid::from_bytes(u)
+        })
+        .collect();
+    Ok((
+        ditto_engine::VoteRecord {
+            epoch: u64_at(b, 0),
+            generation: u64_at(b, 8),
+            in_sync,
+        },
+        end,
+    ))
+}
+
+pub fn decode_vote_record(b: &[u8]) -> Result<ditto_engine::VoteRecord, FrameError> {
+    let (r, used) = take_vote_record(b)?;
+    if used != b.len() {
+        return Err(FrameError::Malformed {
+            what: "vote record",
+            why: "trailing bytes".into(),
+        });
+    }
+    Ok(r)
+}
+
+/// What a [`Kind::Witness`] request asks (its `arg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum WitnessOp {
+    /// Become the volume's tiebreaker, following the sender at the epoch.
+    Create = 1,
+    /// Record the membership (the sender's heartbeat and every change).
+    Record = 2,
+    /// Stop being the volume's tiebreaker (the volume was deleted).
+    Delete = 3,
+}
+
+impl WitnessOp {
+    pub fn from_u64(v: u64) -> Option<WitnessOp> {
+        Some(match v {
+            1 => WitnessOp::Create,
+            2 => WitnessOp::Record,
+            3 => WitnessOp::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// Payload of [`Kind::Witness`]: volume uuid (16), the vote record
+/// ([`encode_vote_record`]), then the volume's name (length u16, name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessRequest {
+    pub volume: Uuid,
+    pub volume_name: String,
+    pub record: ditto_engine::VoteRecord,
+}
+
+impl WitnessRequest {
+    pub fn encode(&self) -> Bytes {
+        let mut b = Vec::new();
+        b.extend_from_slice(self.volume.as_bytes());
+        put_vote_record(&mut b, &self.record);
+        put_name(&mut b, &self.volume_name);
+        Bytes::from(b)
+    }
+
+    pub fn decode(b: &[u8]) -> Result<WitnessRequest, FrameError> {
+        if b.len() < 16 {
+            return Err(FrameError::Malformed {
+                what: "witness request",
+                why: format!("{} bytes, at least 16 expected", b.len()),
+            });
+        }
+        let mut v = [0u8; 16];
+        v.copy_from_slice(&b[..16]);
+        let (record, used) = take_vote_record(&b[16..])?;
+        let (volume_name, named) = take_name(&b[16 + used..], "witness request")?;
+        if 16 + used + named != b.len() {
+            return Err(FrameError::Malformed {
+                what: "witness request",
+                why: "trailing bytes".into(),
+            });
+        }
+        Ok(WitnessRequest {
+            volume: Uuid::from_bytes(v),
+            volume_name,
+            record,
         })
     }
 }
@@ -868,6 +1074,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn witness_requests_and_vote_records_round_trip_and_refuse_damage() {
+        let req = WitnessRequest {
+            volume: Uuid::from_u128(5),
+            volume_name: "vm1".into(),
+            record: ditto_engine::VoteRecord {
+                epoch: 4,
+                generation: 17,
+                in_sync: vec![Uuid::from_u128(1), Uuid::from_u128(2)],
+            },
+        };
+        let enc = req.encode();
+        assert_eq!(WitnessRequest::decode(&enc).unwrap(), req);
+        for cut in 0..enc.len() {
+            assert!(WitnessRequest::decode(&enc[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = enc.to_vec();
+        longer.push(0);
+        assert!(WitnessRequest::decode(&longer).is_err());
+        let vote = encode_vote_record(&req.record);
+        assert_eq!(decode_vote_record(&vote).unwrap(), req.record);
+        // A count past the bound is refused before anything is allocated.
+        let mut many = vote.to_vec();
+        many[16..18].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(decode_vote_record(&many).is_err());
+        assert_eq!(WitnessOp::from_u64(2), Some(WitnessOp::Record));
+        assert_eq!(WitnessOp::from_u64(9), None);
+        assert_eq!(Kind::from_u16(22), Some(Kind::Witness));
+    }
+
+    #[test]
     fn primary_claims_and_superseded_replies_round_trip() {
         let claim = PrimaryClaim {
             volume: Uuid::from_u128(7),
@@ -877,8 +1113,20 @@ mod tests {
                 node: "a".into(),
                 pool: "p0".into(),
             }],
+            tiebreaker: None,
         };
         assert_eq!(PrimaryClaim::decode(&claim.encode()).unwrap(), claim);
+        let with_tiebreaker = PrimaryClaim {
+            tiebreaker: Some("c".into()),
+            ..claim.clone()
+        };
+        let enc = with_tiebreaker.encode();
+        assert_eq!(PrimaryClaim::decode(&enc).unwrap(), with_tiebreaker);
+        for cut in 24..enc.len() {
+            if cut != claim.encode().len() {
+                assert!(PrimaryClaim::decode(&enc[..cut]).is_err(), "cut at {cut}");
+            }
+        }
         let s = Superseded {
             node: "b".into(),
             epoch: 9,

@@ -65,6 +65,9 @@ pub struct ClusterConfig {
     pub tick: Duration,
     /// Record a readable log (for a failing seed).
     pub verbose: bool,
+    /// The last node holds no replica: it is the volume's diskless
+    /// tiebreaker (two data nodes and a voter).
+    pub tiebreaker: bool,
 }
 
 impl Default for ClusterConfig {
@@ -76,6 +79,7 @@ impl Default for ClusterConfig {
             io_timeout: Duration::from_secs(2),
             tick: Duration::from_millis(1),
             verbose: false,
+            tiebreaker: false,
         }
     }
 }
@@ -307,8 +311,10 @@ struct Spec {
     uuid: Uuid,
     size: u64,
     layout: Layout,
-    /// Replica uuid of each node.
+    /// Replica uuid of each data node (nodes 0..replicas.len()).
     replicas: Vec<Uuid>,
+    /// Nodes in all: with a tiebreaker, one more than `replicas`.
+    nodes: usize,
     io_timeout: Duration,
     /// Odd seeds resync with checksums (`resync_checksums`, DRBD's
     /// csums-alg), so the path that skips runs meets every fault too.
@@ -331,6 +337,8 @@ struct NodeShared {
     log: Option<Arc<Mutex<Vec<String>>>>,
     /// Its replica was formatted (the first boot did it).
     formatted: AtomicBool,
+    /// On the tiebreaker node, its witness record (durable, like `role`).
+    witness: Mutex<Option<ditto_peer::witness::Witness>>,
 }
 
 /// One run (boot) of a node's software; dies with a crash.
@@ -387,10 +395,18 @@ impl NodeShared {
         }
     }
 
+    /// Every other node (the tiebreaker too): claims go to all of them.
     fn others(&self) -> Vec<usize> {
-        (0..self.spec.replicas.len())
-            .filter(|i| *i != self.index)
-            .collect()
+        (0..self.spec.nodes).filter(|i| *i != self.index).collect()
+    }
+
+    fn is_witness(&self) -> bool {
+        self.index >= self.spec.replicas.len()
+    }
+
+    /// The tiebreaker's node, when the volume has one.
+    fn tiebreaker(&self) -> Option<usize> {
+        (self.spec.nodes > self.spec.replicas.len()).then_some(self.spec.replicas.len())
     }
 
     fn members(&self) -> Vec<MemberRef> {
@@ -411,10 +427,18 @@ impl NodeShared {
             volume: self.spec.uuid,
             epoch,
             members: self.members(),
+            tiebreaker: self.tiebreaker().map(node_name),
         }
     }
 
     fn superseded(&self, why: String) -> Superseded {
+        if let Some(w) = lock(&self.witness).as_ref() {
+            return Superseded {
+                node: w.primary.clone(),
+                epoch: w.epoch,
+                why,
+            };
+        }
         let (node, epoch) = match self.role() {
             Role::Primary { epoch } => (self.name(), epoch),
             Role::Follows { primary, epoch } => (node_name(primary), epoch),
@@ -462,6 +486,9 @@ impl Boot {
     /// Serve this node's replica to the primary it follows.
     async fn serve_replica(&self) {
         let s = &self.shared;
+        if s.is_witness() {
+            return;
+        }
         let file = s.disk.open() as Arc<dyn IoFile>;
         match FileReplica::open_on(file, s.disk.name().to_string(), s.spec.uuid).await {
             Ok(b) => *lock(&s.served) = Some(ServedReplica::new(b)),
@@ -485,7 +512,13 @@ impl Boot {
         }
         *lock(&s.role) = Role::Follows { primary, epoch };
         s.note(|| format!("follows {} at epoch {epoch}", node_name(primary)));
-        self.serve_replica().await;
+        // An assembly in progress writes this node's replica through its
+        // own handle: it is served to the new primary only once that
+        // assembly has stopped (`assemble` serves it then), or two writers
+        // would share the file (found with the tiebreaker, seed 649).
+        if self.assembling.try_lock().is_ok() {
+            self.serve_replica().await;
+        }
     }
 
     /// Open the volume as its primary at a new epoch, as the daemon's start
@@ -498,7 +531,18 @@ impl Boot {
         if s.volume().is_some() {
             return;
         }
-        let Some((took, epoch)) = self.claim_start().await else {
+        self.assemble_once().await;
+        // Superseded while it ran: the replica is served to the new primary
+        // now that this assembly no longer writes it (`step_down` left it).
+        let _ops = self.ops.lock().await;
+        if matches!(s.role(), Role::Follows { .. }) && lock(&s.served).is_none() {
+            self.serve_replica().await;
+        }
+    }
+
+    async fn assemble_once(self: &Arc<Self>) {
+        let s = &self.shared;
+        let Some((took, epoch, witnessed)) = self.claim_start().await else {
             return;
         };
         let spec = &s.spec;
@@ -545,6 +589,17 @@ impl Boot {
             resync_checksums: spec.resync_checksums,
             quorum: Some(NoQuorum::Error),
             epoch,
+            tiebreaker: s.tiebreaker().map(|t| ditto_engine::Tiebreaker {
+                voter: Arc::new(ditto_peer::client::RemoteVoter {
+                    node: node_name(t),
+                    addr: addr_of(t),
+                    dial: s.dial(t),
+                    volume: spec.uuid,
+                    volume_name: "simvol".into(),
+                    timeout: PEER_TIMEOUT,
+                }),
+                claimed: witnessed,
+            }),
             ..VolumeOptions::default()
         };
         let sink = Arc::new(Sink(s.clone()));
@@ -559,6 +614,15 @@ impl Boot {
         s.note(|| format!("opening at epoch {epoch}: {}", shown.join("; ")));
         match Volume::open("simvol", spec.uuid, spec.size, members, options, sink).await {
             Ok(v) => {
+                // Superseded while it opened: this instance must not serve
+                // (the daemon's `assemble_once` checks the same).
+                let ops = self.ops.lock().await;
+                if s.role() != (Role::Primary { epoch }) {
+                    drop(ops);
+                    s.note(|| format!("opened at epoch {epoch} but superseded meanwhile: closed"));
+                    let _ = v.close().await;
+                    return;
+                }
                 s.note(|| {
                     format!(
                         "volume open at epoch {epoch}, generation {}",
@@ -566,6 +630,7 @@ impl Boot {
                     )
                 });
                 *lock(&s.volume) = Some(v);
+                drop(ops);
                 self.announce(epoch).await;
             }
             Err(e) => s.note(|| format!("volume does not open: {e}")),
@@ -575,8 +640,11 @@ impl Boot {
     /// Take a new epoch for a start and claim it at every other node: the
     /// nodes that took it, and the epoch. None when a node names a primary
     /// newer than this node's last epoch (this node steps down to it) or
-    /// the role changed meanwhile.
-    async fn claim_start(self: &Arc<Self>) -> Option<(Vec<usize>, u64)> {
+    /// the role changed meanwhile. With a tiebreaker that took the claim,
+    /// also the membership record it held.
+    async fn claim_start(
+        self: &Arc<Self>,
+    ) -> Option<(Vec<usize>, u64, Option<ditto_engine::VoteRecord>)> {
         let s = &self.shared;
         let epoch = {
             let _one = self.ops.lock().await;
@@ -588,18 +656,24 @@ impl Boot {
         };
         let claim = s.claim(epoch);
         let mut took = Vec::new();
+        let mut witnessed = None;
         for i in s.others() {
             let r =
                 ditto_peer::client::claim_primary(&addr_of(i), &s.dial(i), &claim, PEER_TIMEOUT)
                     .await;
             match r {
-                Ok(()) => took.push(i),
+                Ok(record) => {
+                    took.push(i);
+                    if Some(i) == s.tiebreaker() {
+                        witnessed = Some(record.unwrap_or_default());
+                    }
+                }
                 Err(ConnectError::Superseded {
                     node,
                     epoch: theirs,
                     ..
                 }) if node != s.name() && theirs >= epoch => {
-                    let by = (0..s.spec.replicas.len()).find(|j| node_name(*j) == node)?;
+                    let by = (0..s.spec.nodes).find(|j| node_name(*j) == node)?;
                     let _one = self.ops.lock().await;
                     if s.role() == (Role::Primary { epoch }) {
                         s.note(|| format!("start at epoch {epoch} refused: {node} is primary at epoch {theirs}"));
@@ -615,7 +689,7 @@ impl Boot {
                 return None;
             }
         }
-        Some((took, epoch))
+        Some((took, epoch, witnessed))
     }
 
     /// Connect to node `i`'s replica; a node that follows a newer primary
@@ -691,6 +765,9 @@ impl Boot {
     /// `take_over` does.
     async fn promote(self: &Arc<Self>) -> Reply {
         let s = &self.shared;
+        if s.is_witness() {
+            return Reply::Err("the tiebreaker holds no data and is never promoted".into());
+        }
         let Role::Follows { primary, epoch } = s.role() else {
             return Reply::Err("already the primary".into());
         };
@@ -705,7 +782,7 @@ impl Boot {
             }
             Err(_) => {
                 let mut reached = 1;
-                let voters = s.spec.replicas.len();
+                let voters = s.spec.nodes;
                 let others: Vec<usize> = s.others().into_iter().filter(|i| *i != primary).collect();
                 for i in &others {
                     if ditto_peer::client::ping(&addr_of(*i), &s.dial(*i), PEER_TIMEOUT)
@@ -859,7 +936,7 @@ struct Registry(Arc<Boot>);
 impl ReplicaRegistry for Registry {
     fn lookup(&self, volume: Uuid, replica: Uuid) -> Option<Arc<ServedReplica>> {
         let s = &self.0.shared;
-        (volume == s.spec.uuid && replica == s.spec.replicas[s.index])
+        (volume == s.spec.uuid && s.spec.replicas.get(s.index) == Some(&replica))
             .then(|| lock(&s.served).clone())
             .flatten()
     }
@@ -877,7 +954,11 @@ impl ReplicaRegistry for Registry {
         }
     }
 
-    fn claim(&self, from: &str, claim: PrimaryClaim) -> BoxFuture<'_, Result<(), Superseded>> {
+    fn claim(
+        &self,
+        from: &str,
+        claim: PrimaryClaim,
+    ) -> BoxFuture<'_, Result<Option<ditto_engine::VoteRecord>, Superseded>> {
         let from = from.to_string();
         Box::pin(async move {
             let boot = &self.0;
@@ -886,6 +967,11 @@ impl ReplicaRegistry for Registry {
                 return Err(s.superseded(format!("unknown node {from}")));
             };
             let _one = boot.ops.lock().await;
+            if let Some(w) = lock(&s.witness).as_mut() {
+                let took = w.claim(&s.name(), &from, claim.epoch)?;
+                s.note(|| format!("witness follows {from} at epoch {}", claim.epoch));
+                return Ok(Some(took));
+            }
             match s.role() {
                 Role::Primary { epoch } => {
                     if !fence::superseded_by_claim(epoch, claim.epoch) {
@@ -893,7 +979,7 @@ impl ReplicaRegistry for Registry {
                     }
                     s.note(|| format!("superseded by {from}'s claim at epoch {}", claim.epoch));
                     boot.step_down(by, claim.epoch).await;
-                    Ok(())
+                    Ok(None)
                 }
                 Role::Follows { primary, epoch } => {
                     match fence::judge_claim(&node_name(primary), epoch, &from, claim.epoch) {
@@ -906,7 +992,7 @@ impl ReplicaRegistry for Registry {
                                 primary: by,
                                 epoch: claim.epoch,
                             };
-                            Ok(())
+                            Ok(None)
                         }
                         ClaimVerdict::TakeOver => {
                             *lock(&s.role) = Role::Follows {
@@ -919,11 +1005,38 @@ impl ReplicaRegistry for Registry {
                             if let Some(served) = served {
                                 served.retire().await;
                             }
-                            Ok(())
+                            Ok(None)
                         }
                     }
                 }
             }
+        })
+    }
+
+    fn witness(
+        &self,
+        from: &str,
+        op: ditto_peer::wire::WitnessOp,
+        req: ditto_peer::wire::WitnessRequest,
+    ) -> BoxFuture<'_, Result<(), ditto_peer::server::Refusal>> {
+        let from = from.to_string();
+        Box::pin(async move {
+            let s = &self.0.shared;
+            let mut witness = lock(&s.witness);
+            let Some(w) = witness.as_mut() else {
+                return Err(ditto_peer::server::Refusal::Invalid(
+                    "not the tiebreaker".into(),
+                ));
+            };
+            if op != ditto_peer::wire::WitnessOp::Record || req.volume != s.spec.uuid {
+                return Err(ditto_peer::server::Refusal::Invalid(format!(
+                    "{op:?} of volume {} is not simulated",
+                    req.volume
+                )));
+            }
+            w.record(&s.name(), &from, req.record)
+                .map(|_| ())
+                .map_err(ditto_peer::server::Refusal::Superseded)
         })
     }
 
@@ -980,14 +1093,14 @@ async fn node_main(shared: Arc<NodeShared>) -> turmoil::Result {
         ops: tokio::sync::Mutex::new(()),
         assembling: tokio::sync::Mutex::new(()),
     });
-    if !shared.formatted.load(Ordering::Acquire) {
+    if !shared.formatted.load(Ordering::Acquire) && !shared.is_witness() {
         let spec = &shared.spec;
         let file = shared.disk.open() as Arc<dyn IoFile>;
         let name = shared.disk.name().to_string();
         let id = spec.replicas[shared.index];
         FileReplica::format_on(file, name, spec.uuid, id, spec.layout).await?;
-        shared.formatted.store(true, Ordering::Release);
     }
+    shared.formatted.store(true, Ordering::Release);
     if let Role::Follows { .. } = shared.role() {
         boot.serve_replica().await;
     }
@@ -1094,9 +1207,10 @@ impl Cluster {
             uuid: Uuid::from_u64_pair(seed, 0xc1u64),
             size: cfg.volume_size,
             layout,
-            replicas: (0..cfg.nodes)
+            replicas: (0..cfg.nodes - usize::from(cfg.tiebreaker))
                 .map(|i| Uuid::from_u64_pair(seed, 0x100 + i as u64))
                 .collect(),
+            nodes: cfg.nodes,
             io_timeout: cfg.io_timeout,
             resync_checksums: seed % 2 == 1,
         });
@@ -1137,6 +1251,15 @@ impl Cluster {
                 net: net.clone(),
                 log: cfg.verbose.then(|| log.clone()),
                 formatted: AtomicBool::new(false),
+                witness: Mutex::new((cfg.tiebreaker && i == cfg.nodes - 1).then(|| {
+                    ditto_peer::witness::Witness {
+                        volume: spec.uuid,
+                        volume_name: "simvol".into(),
+                        primary: node_name(0),
+                        epoch: 1,
+                        record: ditto_engine::VoteRecord::default(),
+                    }
+                })),
             });
             nodes.push(shared);
         }
@@ -1555,7 +1678,8 @@ impl Cluster {
                 // Nobody runs it (every primary superseded or short of a
                 // majority when it tried): the operator promotes one.
                 if running.is_empty() {
-                    let i = self.rng.below(self.nodes.len() as u64) as usize;
+                    let data_nodes = self.nodes[0].spec.replicas.len();
+                    let i = self.rng.below(data_nodes as u64) as usize;
                     self.note(|| format!("final: promote n{i}"));
                     self.send(i, Req::Promote, Pending::Promote { node: i });
                 }
@@ -1619,7 +1743,7 @@ impl Cluster {
         // Every replica holds the same data.
         let layout = self.nodes[0].spec.layout;
         let (offset, len) = (layout.data_offset, layout.volume_size);
-        for i in 1..self.nodes.len() {
+        for i in 1..self.nodes[0].spec.replicas.len() {
             if !self.nodes[0]
                 .disk
                 .same_content(&self.nodes[i].disk, offset, len)

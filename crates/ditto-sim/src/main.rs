@@ -72,6 +72,10 @@ struct Args {
     /// node's writes only per epoch and generation. --ops counts steps.
     #[arg(long)]
     cluster: bool,
+    /// With --cluster: two data nodes and a diskless tiebreaker (the third
+    /// node holds no replica, only votes).
+    #[arg(long)]
+    tiebreaker: bool,
     /// Simulated seconds a settle may take before it is a liveness
     /// violation (default 600; 30 when liveness is skipped, so stuck seeds
     /// move on).
@@ -374,6 +378,7 @@ fn cluster_campaign(args: &Args) -> bool {
     if let Some(seed) = args.seed {
         let cfg = ClusterConfig {
             verbose: args.replay,
+            tiebreaker: args.tiebreaker,
             ..ClusterConfig::default()
         };
         let t = Instant::now();
@@ -392,7 +397,8 @@ fn cluster_campaign(args: &Args) -> bool {
             }
             Err(v) => {
                 println!(
-                    "FAILED: {v}\nreplay: scripts/sim --cluster --seed {seed} --ops {} --replay",
+                    "FAILED: {v}\nreplay: scripts/sim --cluster{} --seed {seed} --ops {} --replay",
+                    if args.tiebreaker { " --tiebreaker" } else { "" },
                     args.ops
                 );
                 false
@@ -414,7 +420,11 @@ fn cluster_campaign(args: &Args) -> bool {
                 if seed >= end {
                     return;
                 }
-                let (r, stats, _) = run_cluster_seed(seed, args.ops, ClusterConfig::default());
+                let cfg = ClusterConfig {
+                    tiebreaker: args.tiebreaker,
+                    ..ClusterConfig::default()
+                };
+                let (r, stats, _) = run_cluster_seed(seed, args.ops, cfg);
                 let mut g = totals.lock().unwrap_or_else(|p| p.into_inner());
                 g.0.add(&stats);
                 g.2 += 1;
@@ -460,7 +470,11 @@ fn cluster_campaign(args: &Args) -> bool {
         .find(|(_, v)| !v.starts_with("Liveness"))
         .or(failures.first());
     if let Some((seed, v)) = first {
-        println!("first: seed {seed}: {v}\nreplay: scripts/sim --cluster --seed {seed} --ops {} --replay", args.ops);
+        println!(
+            "first: seed {seed}: {v}\nreplay: scripts/sim --cluster{} --seed {seed} --ops {} --replay",
+            if args.tiebreaker { " --tiebreaker" } else { "" },
+            args.ops
+        );
     }
     failures.len() == stuck
 }
