@@ -83,6 +83,28 @@ pub struct HeldReplicaRecord {
     /// where a promote finds them when that primary is gone.
     #[serde(default)]
     pub members: Vec<HeldMember>,
+    /// The volume's diskless tiebreaker, as its primary last announced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiebreaker: Option<String>,
+}
+
+/// This node is a volume's diskless tiebreaker (store table `witnesses`,
+/// keyed by volume uuid): the primary it follows and the membership that
+/// primary last recorded here. No data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessRecord {
+    pub version: u32,
+    pub volume: Uuid,
+    pub volume_name: String,
+    pub primary: String,
+    pub epoch: u64,
+    /// The recorded membership: its epoch, generation and in-sync replicas.
+    pub record_epoch: u64,
+    pub generation: u64,
+    pub in_sync: Vec<Uuid>,
+    pub created_unix: u64,
+    pub updated_unix: u64,
 }
 
 /// A node added with `ditto node add` (store table `nodes`, keyed by name).
@@ -120,6 +142,10 @@ pub struct VolumeRecord {
     /// the others; a primary told of a newer epoch stops serving.
     #[serde(default)]
     pub epoch: u64,
+    /// A node that holds no data and only votes in the volume's quorum
+    /// (`volume create --tiebreaker NODE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiebreaker: Option<String>,
 }
 
 /// The membership a volume last recorded (generation and in-sync replicas),

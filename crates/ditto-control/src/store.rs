@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::error::ControlError;
 use crate::model::{
-    HeldReplicaRecord, MembershipRecord, NodeRecord, PoolRecord, VolumeRecord, RECORD_VERSION,
+    HeldReplicaRecord, MembershipRecord, NodeRecord, PoolRecord, VolumeRecord, WitnessRecord,
+    RECORD_VERSION,
 };
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -25,6 +26,9 @@ const MEMBERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("membershi
 const HELD: TableDefinition<&str, &[u8]> = TableDefinition::new("held_replicas");
 /// Nodes added with `ditto node add` (beside the config's `[nodes]`).
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+/// Volumes this node is the diskless tiebreaker of, keyed by volume uuid.
+/// Added without a schema bump, as `held_replicas`.
+const WITNESSES: TableDefinition<&str, &[u8]> = TableDefinition::new("witnesses");
 const SCHEMA_KEY: &str = "schema_version";
 /// Version of the store's table layout.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -246,6 +250,40 @@ impl Store {
                 .map_err(store_err)?;
         }
         tx.commit().map_err(store_err)
+    }
+
+    /// Volumes this node is the tiebreaker of.
+    pub fn witnesses(&self) -> Result<Vec<WitnessRecord>, ControlError> {
+        let w: Vec<WitnessRecord> = self.list(WITNESSES)?;
+        check_versions(w.iter().map(|w| (w.volume_name.as_str(), w.version)))?;
+        Ok(w)
+    }
+
+    /// Record a new witness; fails if this node is the volume's already.
+    pub fn insert_witness(&self, w: &WitnessRecord) -> Result<(), ControlError> {
+        self.insert_new(WITNESSES, &w.volume.to_string(), encode(w)?, || {
+            ControlError::InvalidRequest(format!(
+                "this node is the tiebreaker of volume {} already",
+                w.volume_name
+            ))
+        })
+    }
+
+    /// Replace a witness record (durable on return).
+    pub fn update_witness(&self, w: &WitnessRecord) -> Result<(), ControlError> {
+        let (key, value) = (w.volume.to_string(), encode(w)?);
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = tx.open_table(WITNESSES).map_err(store_err)?;
+            table
+                .insert(key.as_str(), value.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    pub fn delete_witness(&self, volume: Uuid) -> Result<bool, ControlError> {
+        self.delete(WITNESSES, &volume.to_string())
     }
 
     pub fn delete_pool(&self, name: &str) -> Result<bool, ControlError> {

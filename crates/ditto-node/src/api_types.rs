@@ -142,6 +142,10 @@ pub struct CreateVolume {
     /// Dirty-map region size, e.g. "1M" (power of two, 4 KiB to 1 GiB; default 1 MiB).
     #[serde(default)]
     pub region_size: Option<String>,
+    /// A node without a replica that votes in the volume's majority quorum
+    /// (DRBD's diskless tiebreaker). Left out when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiebreaker: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +235,17 @@ pub struct VolumeInfo {
     /// With quorum on: "majority: 2 of 3 nodes in sync (2 needed)", or "lost: …".
     #[serde(default)]
     pub quorum: Option<String>,
+    /// The volume's diskless tiebreaker and whether it votes now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiebreaker: Option<TiebreakerInfo>,
+}
+
+/// A volume's diskless tiebreaker, as its primary sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TiebreakerInfo {
+    pub node: String,
+    /// It holds the current generation, so its vote counts.
+    pub votes: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +256,22 @@ pub struct StatusInfo {
     /// Replicas this node holds for volumes whose primary is another node.
     #[serde(default)]
     pub held: Vec<HeldInfo>,
+    /// Volumes this node is the diskless tiebreaker of (no data here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiebreaker_of: Vec<WitnessInfo>,
+}
+
+/// A volume this node votes for without holding data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WitnessInfo {
+    pub volume: String,
+    /// The primary it follows, and that primary's epoch.
+    pub primary: String,
+    pub epoch: u64,
+    /// The membership that primary last recorded here.
+    pub generation: u64,
+    pub in_sync: Vec<Uuid>,
+    pub updated_unix: u64,
 }
 
 /// A replica held here for another node (this node is its secondary).
@@ -306,4 +337,14 @@ pub struct PeerNodeInfo {
 pub struct AddNode {
     pub name: String,
     pub address: String,
+}
+
+/// "12 s ago", "5 min ago", "3 h ago" for a unix time.
+pub fn ago(unix: u64) -> String {
+    let secs = ditto_control::model::now_unix().saturating_sub(unix);
+    match secs {
+        0..=119 => format!("{secs} s ago"),
+        120..=7199 => format!("{} min ago", secs / 60),
+        _ => format!("{} h ago", secs / 3600),
+    }
 }

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ditto_control::model::{now_unix, HeldMember, HeldReplicaRecord, PoolKind, RECORD_VERSION};
+use ditto_control::model::{
+    now_unix, HeldMember, HeldReplicaRecord, PoolKind, WitnessRecord, RECORD_VERSION,
+};
 use ditto_control::{DaemonConfig, Store};
 use ditto_engine::{BoxFuture, FileReplica, IoEngine, ReplicaBackend};
 use ditto_format::Layout;
@@ -183,6 +185,7 @@ impl HeldReplicas {
             created_unix: now_unix(),
             epoch: 0,
             members: Vec::new(),
+            tiebreaker: None,
         };
         if let Err(e) = self.store.insert_held_replica(&record) {
             let _ = std::fs::remove_file(&path);
@@ -252,8 +255,28 @@ impl HeldReplicas {
     /// the primary they follow (its new member list); a primary here is
     /// superseded by a newer epoch. Anything else is refused, naming the
     /// primary this node follows.
-    async fn claim_for(&self, me: &str, from: &str, claim: PrimaryClaim) -> Result<(), Superseded> {
+    async fn claim_for(
+        &self,
+        me: &str,
+        from: &str,
+        claim: PrimaryClaim,
+    ) -> Result<Option<ditto_engine::VoteRecord>, Superseded> {
         let _one = self.creating.lock().await;
+        // This node is the volume's tiebreaker: judged as a held replica
+        // would be, and answered with the membership it holds.
+        if let Some(w) = self.witness_of(claim.volume) {
+            let mut witness = witness_logic(&w);
+            let held = witness.claim(me, from, claim.epoch)?;
+            self.store_witness(&w, &witness).map_err(|why| Superseded {
+                node: me.to_string(),
+                epoch: 0,
+                why,
+            })?;
+            if w.primary != witness.primary {
+                tracing::warn!(volume = %w.volume_name, primary = from, epoch = claim.epoch, "another node took over a volume this node is the tiebreaker of; it follows that node now");
+            }
+            return Ok(Some(held));
+        }
         let members = held_members(&claim.members);
         if let Some(mine) = self.node.primary_epoch(claim.volume) {
             if !ditto_peer::fence::superseded_by_claim(mine, claim.epoch) {
@@ -276,7 +299,7 @@ impl HeldReplicas {
                     why,
                 })?;
             self.serve_handed_over(held).await;
-            return Ok(());
+            return Ok(None);
         }
         let records = self.store.held_replicas().map_err(|e| Superseded {
             node: me.to_string(),
@@ -299,6 +322,9 @@ impl HeldReplicas {
             h.primary = from.to_string();
             h.epoch = claim.epoch;
             h.members = members.clone();
+            if claim.tiebreaker.is_some() {
+                h.tiebreaker = claim.tiebreaker.clone();
+            }
             self.store.update_held_replica(&h).map_err(|e| Superseded {
                 node: me.to_string(),
                 epoch: 0,
@@ -312,7 +338,120 @@ impl HeldReplicas {
                 tracing::warn!(volume = %h.volume_name, replica = %h.replica, primary = from, epoch = claim.epoch, "another node took the volume over; this replica follows it now");
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    fn witness_of(&self, volume: Uuid) -> Option<WitnessRecord> {
+        self.store
+            .witnesses()
+            .ok()?
+            .into_iter()
+            .find(|w| w.volume == volume)
+    }
+
+    /// Store `after`, the witness `before` changed by a claim or a record.
+    fn store_witness(
+        &self,
+        before: &WitnessRecord,
+        after: &ditto_peer::witness::Witness,
+    ) -> Result<(), String> {
+        let updated = WitnessRecord {
+            primary: after.primary.clone(),
+            epoch: after.epoch,
+            record_epoch: after.record.epoch,
+            generation: after.record.generation,
+            in_sync: after.record.in_sync.clone(),
+            updated_unix: now_unix(),
+            ..before.clone()
+        };
+        if updated == *before {
+            return Ok(());
+        }
+        self.store
+            .update_witness(&updated)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The volumes this node is the diskless tiebreaker of.
+    pub fn witnesses(&self) -> Vec<WitnessRecord> {
+        self.store.witnesses().unwrap_or_default()
+    }
+
+    async fn witness_for(
+        &self,
+        from: &str,
+        op: ditto_peer::wire::WitnessOp,
+        req: ditto_peer::wire::WitnessRequest,
+    ) -> Result<(), ditto_peer::server::Refusal> {
+        use ditto_peer::server::Refusal;
+        use ditto_peer::wire::WitnessOp;
+        let _one = self.creating.lock().await;
+        let existing = self.witness_of(req.volume);
+        match (op, existing) {
+            (WitnessOp::Create, Some(w)) if w.primary == from => Ok(()), // a retried create
+            (WitnessOp::Create, Some(w)) => Err(Refusal::Invalid(format!(
+                "node {} is the tiebreaker of volume {} for node {} already",
+                self.me, w.volume_name, w.primary
+            ))),
+            (WitnessOp::Create, None) => {
+                ditto_control::validate::name("volume", &req.volume_name)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                if self
+                    .store
+                    .held_replicas()
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?
+                    .iter()
+                    .any(|h| h.volume == req.volume)
+                {
+                    return Err(Refusal::Invalid(format!(
+                        "node {} holds a replica of volume {}; a tiebreaker must be a node without one",
+                        self.me, req.volume_name
+                    )));
+                }
+                let now = now_unix();
+                let w = WitnessRecord {
+                    version: RECORD_VERSION,
+                    volume: req.volume,
+                    volume_name: req.volume_name.clone(),
+                    primary: from.to_string(),
+                    epoch: req.record.epoch,
+                    record_epoch: req.record.epoch,
+                    generation: req.record.generation,
+                    in_sync: req.record.in_sync.clone(),
+                    created_unix: now,
+                    updated_unix: now,
+                };
+                self.store
+                    .insert_witness(&w)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                tracing::info!(volume = %req.volume_name, primary = from, "this node is the volume's tiebreaker now");
+                Ok(())
+            }
+            (_, None) => Err(Refusal::Invalid(format!(
+                "node {} is not the tiebreaker of volume {} ({}); create the volume with `--tiebreaker {}` to make it one",
+                self.me, req.volume_name, req.volume, self.me
+            ))),
+            (WitnessOp::Record, Some(w)) => {
+                let mut witness = witness_logic(&w);
+                witness
+                    .record(&self.me, from, req.record)
+                    .map_err(Refusal::Superseded)?;
+                self.store_witness(&w, &witness).map_err(Refusal::Invalid)
+            }
+            (WitnessOp::Delete, Some(w)) => {
+                if w.primary != from {
+                    return Err(Refusal::Invalid(format!(
+                        "node {from} is not the primary of {} here (node {} is); only its primary deletes the tiebreaker's record",
+                        w.volume_name, w.primary
+                    )));
+                }
+                self.store
+                    .delete_witness(w.volume)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                tracing::info!(volume = %w.volume_name, primary = from, "tiebreaker record deleted");
+                Ok(())
+            }
+        }
     }
 
     async fn delete_held(&self, from: &str, volume: Uuid, replica: Uuid) -> Result<(), String> {
@@ -429,9 +568,38 @@ impl ReplicaRegistry for HeldReplicas {
         }
     }
 
-    fn claim(&self, from: &str, claim: PrimaryClaim) -> BoxFuture<'_, Result<(), Superseded>> {
+    fn claim(
+        &self,
+        from: &str,
+        claim: PrimaryClaim,
+    ) -> BoxFuture<'_, Result<Option<ditto_engine::VoteRecord>, Superseded>> {
         let from = from.to_string();
         Box::pin(async move { self.claim_for(&self.me, &from, claim).await })
+    }
+
+    fn witness(
+        &self,
+        from: &str,
+        op: ditto_peer::wire::WitnessOp,
+        req: ditto_peer::wire::WitnessRequest,
+    ) -> BoxFuture<'_, Result<(), ditto_peer::server::Refusal>> {
+        let from = from.to_string();
+        Box::pin(async move { self.witness_for(&from, op, req).await })
+    }
+}
+
+/// A stored witness record as the shared tiebreaker rule handles it.
+fn witness_logic(w: &WitnessRecord) -> ditto_peer::witness::Witness {
+    ditto_peer::witness::Witness {
+        volume: w.volume,
+        volume_name: w.volume_name.clone(),
+        primary: w.primary.clone(),
+        epoch: w.epoch,
+        record: ditto_engine::VoteRecord {
+            epoch: w.record_epoch,
+            generation: w.generation,
+            in_sync: w.in_sync.clone(),
+        },
     }
 }
 

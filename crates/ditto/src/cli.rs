@@ -335,7 +335,7 @@ fn since(unix: u64) -> String {
 /// The at-a-glance view, as `zpool status` gives it.
 pub fn render_status(s: &StatusInfo) -> String {
     let mut out = String::new();
-    if s.volumes.is_empty() && s.held.is_empty() {
+    if s.volumes.is_empty() && s.held.is_empty() && s.tiebreaker_of.is_empty() {
         out.push_str("no volumes; create one with `ditto volume create NAME --size SIZE`\n");
     }
     for h in &s.held {
@@ -345,6 +345,17 @@ pub fn render_status(s: &StatusInfo) -> String {
             &h.replica.simple().to_string()[..8],
             h.pool,
             h.primary
+        ));
+    }
+    for w in &s.tiebreaker_of {
+        out.push_str(&format!(
+            "volume: {} (tiebreaker: this node holds no data and votes; primary: node {} at epoch {}; last membership recorded: generation {}, {} replica(s) in sync, {})\n",
+            w.volume,
+            w.primary,
+            w.epoch,
+            w.generation,
+            w.in_sync.len(),
+            crate::api_types::ago(w.updated_unix)
         ));
     }
     for v in &s.volumes {

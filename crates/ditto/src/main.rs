@@ -172,6 +172,11 @@ enum VolumeCommand {
         /// Dirty-map region size (power of two, 4K..1G) [default: 1M].
         #[arg(long)]
         region_size: Option<String>,
+        /// A third node without a replica that only votes in the volume's
+        /// majority quorum (DRBD's diskless tiebreaker): two data nodes
+        /// and a tiebreaker survive the loss of any one of them.
+        #[arg(long)]
+        tiebreaker: Option<String>,
     },
     /// List volumes.
     List,
@@ -327,6 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             pool,
             nodes,
             region_size,
+            tiebreaker,
         }) => cli::volume_create(
             &client(),
             api_types::CreateVolume {
@@ -336,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
                 pools: pool,
                 nodes,
                 region_size,
+                tiebreaker,
             },
             cli.json,
         ),

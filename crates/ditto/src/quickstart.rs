@@ -63,6 +63,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         pools: vec!["pool-a".into(), "pool-b".into()],
         nodes: Vec::new(),
         region_size: None,
+        tiebreaker: None,
     };
     match node.create_volume(create).await {
         Ok(_) => println!("created volume {VOLUME} (1 GiB, mirrored on pool-a and pool-b)"),

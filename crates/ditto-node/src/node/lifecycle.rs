@@ -6,14 +6,77 @@ use super::*;
 pub(super) enum StartClaim {
     /// A majority of the nodes took the claim: start at this record's new
     /// (recorded) epoch with these members.
-    Claimed(VolumeRecord, Vec<Member>),
+    Claimed(VolumeRecord, Vec<Member>, Option<ditto_engine::Tiebreaker>),
     /// Another node claimed an epoch as new or newer: this node follows it (why).
     Superseded(String),
     /// Too few nodes took the claim (why): the start is retried.
     NoMajority(String),
 }
 
+/// A volume's slot in `Node::assembling`: while held, no start of it runs
+/// (a start holds it from its state check to publishing the instance; a
+/// hand-over holds it so none starts meanwhile).
+pub(super) struct AssemblySlot<'a> {
+    node: &'a Node,
+    name: String,
+}
+
+impl Drop for AssemblySlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.node.assembling.lock() {
+            busy.remove(&self.name);
+        }
+    }
+}
+
 impl Node {
+    /// Take volume `name`'s slot now, or None when a start holds it.
+    fn try_assembly_slot(&self, name: &str) -> Option<AssemblySlot<'_>> {
+        let mut busy = self.assembling.lock().ok()?;
+        busy.insert(name.to_string()).then(|| AssemblySlot {
+            node: self,
+            name: name.to_string(),
+        })
+    }
+
+    /// Take volume `name`'s slot, waiting for a start in progress to end.
+    pub(super) async fn assembly_slot(&self, name: &str) -> AssemblySlot<'_> {
+        loop {
+            if let Some(slot) = self.try_assembly_slot(name) {
+                return slot;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The engine's view of `record`'s tiebreaker: how to reach it, and
+    /// what it held when it took this start's claim (None: it did not).
+    pub(super) fn tiebreaker_for(
+        &self,
+        record: &VolumeRecord,
+        claimed: Option<ditto_engine::VoteRecord>,
+    ) -> Option<ditto_engine::Tiebreaker> {
+        let node = record.tiebreaker.as_ref()?;
+        let (addr, dial) = match self.dialer.dial(node) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(volume = %record.name, tiebreaker = %node, error = %e, "the tiebreaker is not a known node; it does not vote");
+                (String::new(), self.dialer.dial_as(node))
+            }
+        };
+        Some(ditto_engine::Tiebreaker {
+            voter: Arc::new(ditto_peer::client::RemoteVoter {
+                node: node.clone(),
+                addr,
+                dial,
+                volume: record.uuid,
+                volume_name: record.name.clone(),
+                timeout: Duration::from_secs(3),
+            }),
+            claimed,
+        })
+    }
+
     pub(super) fn pool_kind(&self, pool: &str) -> PoolKind {
         self.store
             .pools()
@@ -98,21 +161,30 @@ impl Node {
     /// With quorum on, whether the replicas opened span a majority of the
     /// volume's nodes; a minority must not start (its own start would
     /// record the others as failed, and it may not write anyway).
+    /// `tiebreaker_votes`: whether the volume's tiebreaker (if it has one)
+    /// counts as reached (it took the claim, or is judged at the claim).
     pub(super) fn quorum_reachable(
         &self,
         record: &VolumeRecord,
         members: &[Member],
+        tiebreaker_votes: bool,
     ) -> Result<(), String> {
         if self.config.quorum_for(&record.name).is_none() {
             return Ok(());
         }
-        let all: std::collections::BTreeSet<&str> =
+        let mut all: std::collections::BTreeSet<&str> =
             members.iter().map(|m| m.domain.as_str()).collect();
-        let present: std::collections::BTreeSet<&str> = members
+        let mut present: std::collections::BTreeSet<&str> = members
             .iter()
             .filter(|m| m.backend.is_present())
             .map(|m| m.domain.as_str())
             .collect();
+        if let Some(t) = record.tiebreaker.as_deref() {
+            all.insert(t);
+            if tiebreaker_votes {
+                present.insert(t);
+            }
+        }
         let need = all.len() / 2 + 1;
         if present.len() >= need {
             return Ok(());
@@ -154,6 +226,7 @@ impl Node {
         members: Vec<Member>,
         accept_stale: bool,
         discard: Vec<Uuid>,
+        tiebreaker: Option<ditto_engine::Tiebreaker>,
     ) -> Result<Arc<Volume>, ditto_engine::EngineError> {
         Volume::open(
             &record.name,
@@ -164,6 +237,7 @@ impl Node {
                 accept_stale,
                 discard,
                 epoch: record.epoch,
+                tiebreaker,
                 ..self.options_for(&record.name)
             },
             self.events.clone(),
@@ -191,27 +265,20 @@ impl Node {
         discard: Vec<Uuid>,
     ) -> bool {
         // One instance per volume: a background start (waiting for missing
-        // replicas) may meet an operator's start or a promote.
-        {
-            let Ok(mut busy) = self.assembling.lock() else {
-                return false;
-            };
-            let running = matches!(
-                self.runtime(&record.name).as_deref(),
-                Some(VolumeRuntime::Running(_))
-            );
-            if running || !busy.insert(record.name.clone()) {
-                tracing::debug!(volume = %record.name, "already running or being started; this start is dropped");
-                return false;
-            }
-        }
-        let started = self
-            .assemble_once(record, members, accept_stale, discard)
-            .await;
-        if let Ok(mut busy) = self.assembling.lock() {
-            busy.remove(&record.name);
-        }
-        started
+        // replicas) may meet an operator's start, a promote or a hand-over.
+        let running = matches!(
+            self.runtime(&record.name).as_deref(),
+            Some(VolumeRuntime::Running(_))
+        );
+        let slot = (!running)
+            .then(|| self.try_assembly_slot(&record.name))
+            .flatten();
+        let Some(_slot) = slot else {
+            tracing::debug!(volume = %record.name, "already running, being started or handed over; this start is dropped");
+            return false;
+        };
+        self.assemble_once(record, members, accept_stale, discard)
+            .await
     }
 
     async fn assemble_once(
@@ -240,11 +307,11 @@ impl Node {
         }
         let quorum = self.config.quorum_for(&record.name).is_some();
         let claimed;
-        let (record, members) = if quorum {
+        let (record, members, tiebreaker) = if quorum {
             match self.claim_start(record, members).await {
-                StartClaim::Claimed(r, m) => {
+                StartClaim::Claimed(r, m, t) => {
                     claimed = r;
-                    (&claimed, m)
+                    (&claimed, m, t)
                 }
                 StartClaim::Superseded(why) => {
                     self.set_runtime(&record.name, Some(VolumeRuntime::Stopped(why)));
@@ -256,7 +323,7 @@ impl Node {
                 }
             }
         } else {
-            (record, members)
+            (record, members, self.tiebreaker_for(record, None))
         };
         let absent: Vec<String> = members
             .iter()
@@ -264,9 +331,17 @@ impl Node {
             .map(|m| m.domain.clone())
             .collect();
         let opened = self
-            .open_record(record, members, accept_stale, discard)
+            .open_record(record, members, accept_stale, discard, tiebreaker)
             .await;
         match opened {
+            // Handed over while it opened (a claim at a newer epoch came
+            // in): this instance must not serve.
+            Ok(v) if !matches!(self.record(&record.name), Ok(r) if r.uuid == record.uuid) => {
+                tracing::warn!(volume = %record.name, "superseded while it started; this instance is closed");
+                let _ = v.close().await;
+                self.keep_draining(&record.name, &v);
+                false
+            }
             Ok(v) => {
                 tracing::info!(volume = %record.name, generation = v.generation(), "volume started");
                 self.set_runtime(&record.name, Some(VolumeRuntime::Running(v)));
@@ -337,9 +412,14 @@ impl Node {
         let epoch = record.epoch.max(assembled_at) + 1;
         let claim = self.claim_of(record, epoch);
         let mut declined = std::collections::BTreeMap::new();
-        for node in super::peering::replica_nodes(record) {
+        let mut witnessed = None;
+        for node in super::peering::claim_nodes(record) {
             match self.send_claim(node, &claim).await {
-                Some(Ok(())) => {}
+                Some(Ok(held)) => {
+                    if record.tiebreaker.as_deref() == Some(node) {
+                        witnessed = Some(held.unwrap_or_default());
+                    }
+                }
                 Some(Err(ditto_peer::client::ConnectError::Superseded {
                     node: by,
                     epoch: theirs,
@@ -388,7 +468,7 @@ impl Node {
                 _ => m,
             });
         }
-        if let Err(why) = self.quorum_reachable(record, &kept) {
+        if let Err(why) = self.quorum_reachable(record, &kept, witnessed.is_some()) {
             return StartClaim::NoMajority(format!(
                 "{why}; this start's epoch {epoch} was not taken by a majority, retried"
             ));
@@ -400,7 +480,8 @@ impl Node {
                 "the new epoch {epoch} could not be recorded ({e}); retried"
             ));
         }
-        StartClaim::Claimed(started, kept)
+        let tiebreaker = self.tiebreaker_for(&started, witnessed);
+        StartClaim::Claimed(started, kept, tiebreaker)
     }
 
     /// Start volume `name` again in a second (a start that found no
@@ -473,7 +554,7 @@ impl Node {
             }
             // Without quorum it waits for the other nodes whatever the
             // degraded policy (or hands over once they say it was superseded).
-            if let Err(why) = self.quorum_reachable(&record, &members) {
+            if let Err(why) = self.quorum_reachable(&record, &members, true) {
                 if let Some((by, epoch)) = self.superseded_by(&record) {
                     self.spawn_become_secondary(&record, by, epoch);
                     return false;

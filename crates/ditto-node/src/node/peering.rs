@@ -62,6 +62,7 @@ impl Node {
                 volume,
                 epoch: first.epoch,
                 members: crate::peers::member_refs(&first.members),
+                tiebreaker: first.tiebreaker.clone(),
             };
             return Ok((Vec::new(), claim));
         };
@@ -136,6 +137,7 @@ impl Node {
             volume,
             epoch: record.epoch,
             members,
+            tiebreaker: record.tiebreaker.clone(),
         };
         Ok((held, claim))
     }
@@ -188,6 +190,7 @@ impl Node {
                 created_unix: now_unix(),
                 epoch,
                 members: crate::peers::held_members(members),
+                tiebreaker: record.tiebreaker.clone(),
             };
             self.store.insert_held_replica(&h).map_err(err)?;
             held.push(h);
@@ -237,6 +240,12 @@ impl Node {
         else {
             return Ok(Vec::new()); // handed over already
         };
+        // A start of this volume in progress opens this node's replicas
+        // through handles of its own: it ends (and is closed below) before
+        // they are served to the new primary, and none starts meanwhile.
+        // (The cluster simulator's seed 649 with a tiebreaker lost a write
+        // to such an instance, published after the step-down.)
+        let _slot = self.assembly_slot(&record.name).await;
         if epoch <= record.epoch {
             return Err(format!(
                 "node {by}'s epoch {epoch} is not newer than this node's {}",
@@ -245,12 +254,20 @@ impl Node {
         }
         let name = record.name.clone();
         let why = format!("superseded: node {by} took {name} over at epoch {epoch}");
+        // Taken before the runtime is replaced: the instance is closed (its
+        // requests finished) before its replicas serve another primary. It
+        // was read after the replacement, so it was never closed.
+        let running = match self.runtime(&name).as_deref() {
+            Some(VolumeRuntime::Running(v)) => Some(v.clone()),
+            _ => None,
+        };
         self.set_runtime(&name, Some(VolumeRuntime::Stopped(why.clone())));
         if let Some(server) = self.nbd.get() {
             server.disconnect_export(&name);
         }
-        if let Some(VolumeRuntime::Running(v)) = self.runtime(&name).as_deref() {
+        if let Some(v) = running {
             let _ = v.close().await;
+            self.keep_draining(&name, &v);
         }
         let members = if members.is_empty() {
             self.member_refs(&record)
@@ -346,7 +363,7 @@ impl Node {
     /// follows a newer primary is noted (`note_superseded`).
     pub(super) async fn announce_primary(&self, record: &VolumeRecord) {
         let claim = self.claim_of(record, record.epoch);
-        for node in replica_nodes(record) {
+        for node in claim_nodes(record) {
             match self.send_claim(node, &claim).await {
                 Some(Err(ditto_peer::client::ConnectError::Superseded {
                     node: by, epoch, ..
@@ -371,6 +388,7 @@ impl Node {
             volume: record.uuid,
             epoch,
             members: self.member_refs(record),
+            tiebreaker: record.tiebreaker.clone(),
         }
     }
 
@@ -379,7 +397,7 @@ impl Node {
         &self,
         node: &str,
         claim: &ditto_peer::wire::PrimaryClaim,
-    ) -> Option<Result<(), ditto_peer::client::ConnectError>> {
+    ) -> Option<Result<Option<ditto_engine::VoteRecord>, ditto_peer::client::ConnectError>> {
         let (addr, dial) = self.dialer.dial(node).ok()?;
         Some(ditto_peer::client::claim_primary(&addr, &dial, claim, Duration::from_secs(3)).await)
     }
@@ -431,6 +449,7 @@ impl Node {
         let mut force = how == Takeover::Force;
         let discard = how == Takeover::KeepThisSide;
         let quorum = self.config.quorum_for(name).is_some();
+        let mut tiebreaker = held.tiebreaker.clone();
         let (members, old_epoch) = if force {
             (
                 self.force_takeover(name, &held, &held_all).await?,
@@ -442,7 +461,10 @@ impl Node {
                 .dial(&held.primary)
                 .map_err(ControlError::InvalidRequest)?;
             match ditto_peer::client::demote(&addr, &dial, held.volume, discard, crate::peers::PEER_TIMEOUT).await {
-                Ok(handed) => (handed.members, handed.epoch.max(held.epoch)),
+                Ok(handed) => {
+                    tiebreaker = handed.tiebreaker.or(tiebreaker);
+                    (handed.members, handed.epoch.max(held.epoch))
+                }
                 // With quorum, a majority of the nodes proves what is
                 // current: the primary's consent is not needed.
                 // (Any failure to talk to it counts; an explicit refusal, such
@@ -513,6 +535,7 @@ impl Node {
             replicas,
             created_unix: now_unix(),
             epoch,
+            tiebreaker,
         };
         // Nobody else may write these replicas now: they are this node's volume.
         for h in &held_all {
@@ -749,9 +772,14 @@ impl Node {
             volume: held.volume,
             epoch: held.epoch + 1,
             members: members.clone(),
+            tiebreaker: held.tiebreaker.clone(),
         };
-        let voters: std::collections::BTreeSet<&str> =
-            members.iter().map(|m| m.node.as_str()).collect();
+        // The tiebreaker votes, and must follow this node from now on.
+        let voters: std::collections::BTreeSet<&str> = members
+            .iter()
+            .map(|m| m.node.as_str())
+            .chain(held.tiebreaker.as_deref())
+            .collect();
         let nodes: Vec<&str> = voters
             .iter()
             .copied()
@@ -784,7 +812,7 @@ impl Node {
         }
         for node in nodes {
             match self.send_claim(node, &claim).await {
-                None | Some(Ok(())) => {}
+                None | Some(Ok(_)) => {}
                 Some(Err(ditto_peer::client::ConnectError::Superseded { why, .. })) => {
                     return Err(ControlError::InvalidRequest(format!(
                         "node {node} refused this node's takeover of {name}: {why}; not promoted"
@@ -876,6 +904,9 @@ impl Node {
             let Ok(record) = self.record(&name) else {
                 continue;
             };
+            // The tiebreaker's heartbeat: wins a lost vote back, or loses it
+            // when the tiebreaker follows another primary now.
+            volume.refresh_tiebreaker().await;
             // Every in-sync replica is gone through this instance: nothing
             // can be re-added to it (a re-add records itself on an in-sync
             // replica). A new instance connects afresh.
@@ -1111,6 +1142,19 @@ impl Node {
                 using.join(", ")
             )));
         }
+        let judged: Vec<String> = self
+            .store
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.tiebreaker.as_deref() == Some(name))
+            .map(|v| v.name)
+            .collect();
+        if !judged.is_empty() {
+            return Err(ControlError::InvalidRequest(format!(
+                "node {name:?} is the tiebreaker of {}; a volume keeps its tiebreaker until it is deleted",
+                judged.join(", ")
+            )));
+        }
         let following: Vec<String> = self
             .store
             .held_replicas()?
@@ -1129,6 +1173,14 @@ impl Node {
         tracing::info!(node = %name, "node removed");
         Ok(())
     }
+}
+
+/// The nodes a primary claim of `record` goes to: those holding its
+/// replicas, and its tiebreaker.
+pub(super) fn claim_nodes(record: &VolumeRecord) -> std::collections::BTreeSet<&str> {
+    let mut nodes = replica_nodes(record);
+    nodes.extend(record.tiebreaker.as_deref());
+    nodes
 }
 
 /// The other nodes holding replicas of `record`, each once.

@@ -27,6 +27,7 @@ impl Node {
                 }],
                 created_unix: h.created_unix,
                 epoch: h.epoch,
+                tiebreaker: None,
             });
         }
         let volumes = volumes.as_slice();

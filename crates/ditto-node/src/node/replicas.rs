@@ -200,19 +200,20 @@ impl Node {
             ));
         }
         // With quorum this start, too, takes an epoch of its own.
-        let (started, members) = if self.config.quorum_for(name).is_some() {
+        let (started, members, tiebreaker) = if self.config.quorum_for(name).is_some() {
             match self.claim_start(&record, members).await {
-                StartClaim::Claimed(r, m) => (r, m),
+                StartClaim::Claimed(r, m, t) => (r, m, t),
                 StartClaim::Superseded(why) | StartClaim::NoMajority(why) => {
                     return Err(ControlError::Engine(format!("{name} not resolved: {why}")))
                 }
             }
         } else {
-            (record.clone(), members)
+            let t = self.tiebreaker_for(&record, None);
+            (record.clone(), members, t)
         };
         // The operator chose the side to keep: that is the override.
         let volume = self
-            .open_record(&started, members, true, Vec::new())
+            .open_record(&started, members, true, Vec::new(), tiebreaker)
             .await
             .map_err(engine_err)?;
         self.set_runtime(name, Some(VolumeRuntime::Running(volume.clone())));

@@ -147,6 +147,9 @@ impl Node {
                 .place_on_nodes(&req.nodes, layout.replica_len())
                 .await?;
         }
+        if let Some(t) = &req.tiebreaker {
+            self.check_tiebreaker(&req.name, t, &req.pools)?;
+        }
         let _guard = self.ops.lock().await;
         let volumes = self.store.volumes()?;
         if volumes.iter().any(|v| v.name == req.name) {
@@ -223,6 +226,29 @@ impl Node {
             replicas: created.iter().map(|(r, _)| r.clone()).collect(),
             created_unix: now_unix(),
             epoch: 1,
+            tiebreaker: req.tiebreaker.clone(),
+        };
+        // The tiebreaker follows this node at epoch 1 from the start.
+        let mut tiebreaker = None;
+        if let Some(t) = &record.tiebreaker {
+            if let Err(e) = self
+                .tell_witness(&record, t, ditto_peer::wire::WitnessOp::Create)
+                .await
+            {
+                cleanup(&created);
+                return Err(ControlError::InvalidRequest(format!(
+                    "node {t} did not become the tiebreaker of {}: {e}; nothing was created",
+                    record.name
+                )));
+            }
+            tiebreaker = self.tiebreaker_for(&record, Some(ditto_engine::VoteRecord::default()));
+        }
+        let drop_witness = || async {
+            if let Some(t) = &record.tiebreaker {
+                let _ = self
+                    .tell_witness(&record, t, ditto_peer::wire::WitnessOp::Delete)
+                    .await;
+            }
         };
         let members = created
             .iter()
@@ -235,6 +261,7 @@ impl Node {
             members,
             VolumeOptions {
                 epoch: 1,
+                tiebreaker,
                 ..self.options_for(&req.name)
             },
             self.events.clone(),
@@ -244,12 +271,14 @@ impl Node {
             Ok(v) => v,
             Err(e) => {
                 cleanup(&created);
+                drop_witness().await;
                 return Err(engine_err(e));
             }
         };
         if let Err(e) = self.store.insert_volume(&record) {
             let _ = volume.close().await;
             cleanup(&created);
+            drop_witness().await;
             return Err(e);
         }
         tracing::info!(volume = %record.name, size, pools = ?chosen, "volume created");
@@ -340,8 +369,70 @@ impl Node {
         for r in &record.replicas {
             self.discard_replica(r, record.uuid);
         }
+        if let Some(t) = &record.tiebreaker {
+            if let Err(e) = self
+                .tell_witness(&record, t, ditto_peer::wire::WitnessOp::Delete)
+                .await
+            {
+                tracing::warn!(volume = %name, tiebreaker = %t, error = %e, "the tiebreaker did not hear of the delete; it keeps a record of the volume (no data)");
+            }
+        }
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
+    }
+
+    /// A tiebreaker must be another known node that holds none of the
+    /// volume's replicas, and it votes only with majority quorum.
+    fn check_tiebreaker(
+        &self,
+        name: &str,
+        node: &str,
+        pools: &[String],
+    ) -> Result<(), ControlError> {
+        validate::node_name(node).map_err(ControlError::InvalidRequest)?;
+        if node == self.config.node_name {
+            return Err(ControlError::InvalidRequest(format!(
+                "--tiebreaker {node}: this node is {name}'s primary; the tiebreaker must be a third node without a replica"
+            )));
+        }
+        if pools
+            .iter()
+            .any(|p| p.split_once(':').is_some_and(|(n, _)| n == node))
+        {
+            return Err(ControlError::InvalidRequest(format!(
+                "--tiebreaker {node}: node {node} holds a replica of {name}; the tiebreaker must be a node without one"
+            )));
+        }
+        if self.config.quorum_for(name).is_none() {
+            return Err(ControlError::InvalidRequest(format!(
+                "--tiebreaker {node}: a tiebreaker votes only with quorum; set `quorum = \"majority\"` in the config (or under [volumes.{name}]) and restart the daemon"
+            )));
+        }
+        self.dialer
+            .dial(node)
+            .map(|_| ())
+            .map_err(ControlError::InvalidRequest)
+    }
+
+    /// Create or delete `record`'s witness on node `node`.
+    pub(super) async fn tell_witness(
+        &self,
+        record: &VolumeRecord,
+        node: &str,
+        op: ditto_peer::wire::WitnessOp,
+    ) -> Result<(), String> {
+        let (addr, dial) = self.dialer.dial(node)?;
+        let req = ditto_peer::wire::WitnessRequest {
+            volume: record.uuid,
+            volume_name: record.name.clone(),
+            record: ditto_engine::VoteRecord {
+                epoch: record.epoch,
+                ..Default::default()
+            },
+        };
+        ditto_peer::client::witness(&addr, &dial, op, &req, crate::peers::PEER_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// `ditto volume scrub VOLUME [--repair] [--source REPLICA]`.
@@ -436,6 +527,7 @@ impl Node {
             actions: Vec::new(),
             epoch: record.epoch,
             quorum: None,
+            tiebreaker: None,
         };
         match runtime.as_deref() {
             Some(VolumeRuntime::Running(v)) => {
@@ -500,8 +592,23 @@ impl Node {
                 info.generation = v.generation();
                 info.quorum = v.quorum_state().map(|(have, voters, need)| {
                     let word = if have >= need { "majority" } else { "LOST" };
-                    format!("{word}: {have} of {voters} nodes in sync ({need} needed)")
+                    let with = match v.tiebreaker() {
+                        Some(t) if v.tiebreaker_votes() => format!(", tiebreaker {t} voting"),
+                        Some(t) => format!(", tiebreaker {t} not voting"),
+                        None => String::new(),
+                    };
+                    format!("{word}: {have} of {voters} nodes in sync{with} ({need} needed)")
                 });
+                info.tiebreaker = v.tiebreaker().map(|t| crate::api_types::TiebreakerInfo {
+                    node: t.to_string(),
+                    votes: v.tiebreaker_votes(),
+                });
+                if let Some(t) = info.tiebreaker.as_ref().filter(|t| !t.votes) {
+                    info.actions.push(format!(
+                        "tiebreaker {} holds no record of the current membership, so it does not vote; check it is up and reachable (`ditto node list`); it votes again at its next heartbeat",
+                        t.node
+                    ));
+                }
                 if info
                     .quorum
                     .as_deref()
@@ -584,7 +691,13 @@ impl Node {
     }
 
     pub fn status(&self, volume: Option<&str>) -> Result<StatusInfo, ControlError> {
+        let witnessing = |name: &str| {
+            self.store
+                .witnesses()
+                .is_ok_and(|w| w.iter().any(|w| w.volume_name == name))
+        };
         let volumes = match volume {
+            Some(name) if self.record(name).is_err() && witnessing(name) => Vec::new(),
             Some(name) => vec![self.volume(name)?],
             None => self.volumes()?,
         };
@@ -611,16 +724,22 @@ impl Node {
                     primary: h.primary,
                 })
                 .collect(),
+            tiebreaker_of: self
+                .store
+                .witnesses()?
+                .into_iter()
+                .filter(|w| volume.is_none_or(|v| v == w.volume_name))
+                .map(|w| crate::api_types::WitnessInfo {
+                    volume: w.volume_name,
+                    primary: w.primary,
+                    epoch: w.epoch,
+                    generation: w.generation,
+                    in_sync: w.in_sync,
+                    updated_unix: w.updated_unix,
+                })
+                .collect(),
         })
     }
 }
 
-/// "12 s ago", "5 min ago", "3 h ago".
-fn ago(unix: u64) -> String {
-    let secs = now_unix().saturating_sub(unix);
-    match secs {
-        0..=119 => format!("{secs} s ago"),
-        120..=7199 => format!("{} min ago", secs / 60),
-        _ => format!("{} h ago", secs / 3600),
-    }
-}
+use crate::api_types::ago;
