@@ -76,6 +76,7 @@ impl Store {
             tx.open_table(MEMBERSHIP).map_err(store_err)?;
             tx.open_table(HELD).map_err(store_err)?;
             tx.open_table(NODES).map_err(store_err)?;
+            tx.open_table(WITNESSES).map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
         Ok(Store { db })

@@ -1465,3 +1465,142 @@ fn a_volume_stranded_by_its_only_remote_replica_starts_again_when_the_node_retur
     assert_pattern(&data, 0, 2 * MIB, 0x3c, "the write before node b died");
     assert_pattern(&data, 8 * MIB, MIB, 0x5e, "a write after it came back");
 }
+
+/// Two data nodes and a diskless tiebreaker (DRBD's layout for two
+/// machines with quorum). Node b is cut off: a goes on taking writes with
+/// c's vote (two data nodes alone would have no majority), and c records
+/// that only a's replica is in sync. Then a is cut off and b, with c, is
+/// promoted: b and c are a majority, but c's record proves b's replica
+/// missed acknowledged writes, so b does not serve from it, and a loses
+/// c's vote and stops too. When the links heal, b starts from a's replica:
+/// the write acknowledged with the tiebreaker's vote is there.
+#[test]
+fn a_diskless_tiebreaker_keeps_two_nodes_writing_and_never_starts_the_stale_one() {
+    let t = ThreeNodes::start();
+    let (a, b, c) = (t.node(0), t.node(1), t.node(2));
+    let size = SIZE.to_string();
+    // A tiebreaker holding a replica, or an unknown one, is refused.
+    for (bad, why) in [("b", "holds a replica"), ("zz", "not known")] {
+        let out = a
+            .cli(&[
+                "volume",
+                "create",
+                "vm1",
+                "--size",
+                &size,
+                "--pool",
+                "p0",
+                "--pool",
+                "b:p0",
+                "--tiebreaker",
+                bad,
+            ])
+            .assert_failure();
+        assert!(out.stderr.contains(why), "{}", out.describe());
+    }
+    assert!(a.status()["volumes"]
+        .as_array()
+        .is_some_and(|v| v.is_empty()));
+    a.cli_ok(&[
+        "volume",
+        "create",
+        "vm1",
+        "--size",
+        &size,
+        "--pool",
+        "p0",
+        "--pool",
+        "b:p0",
+        "--tiebreaker",
+        "c",
+    ]);
+    let v = a.wait_healthy("vm1");
+    assert!(
+        v["quorum"]
+            .as_str()
+            .is_some_and(|q| q.contains("3 of 3") && q.contains("tiebreaker c voting")),
+        "{v:#}"
+    );
+    let witness = &c.status()["tiebreaker_of"][0];
+    assert_eq!(witness["volume"], "vm1", "{witness:#}");
+    assert_eq!(witness["primary"], "a", "{witness:#}");
+    assert!(
+        c.status()["held"].as_array().is_some_and(|h| h.is_empty()),
+        "the tiebreaker holds data"
+    );
+    assert!(
+        t.write_acked(0, 0x11, 0),
+        "a healthy primary refused a write"
+    );
+
+    // b is cut off: a fails it out and goes on with c's vote.
+    t.isolate(1);
+    assert!(
+        t.write_acked(0, 0x22, 64 * KIB),
+        "a refused a write with the tiebreaker's vote"
+    );
+    let v = a.volume("vm1");
+    assert!(
+        v["quorum"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("majority: 2 of 3")),
+        "{v:#}"
+    );
+    let witness = &c.status()["tiebreaker_of"][0];
+    assert_eq!(
+        witness["in_sync"].as_array().map(Vec::len),
+        Some(1),
+        "the tiebreaker did not record that only a is in sync: {witness:#}"
+    );
+
+    // Now a is cut off and b comes back to c: b and c are a majority, but
+    // b's replica lacks the write a acknowledged with c's vote.
+    t.heal();
+    t.isolate(0);
+    let _ = b.cli(&["volume", "promote", "vm1"]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        !serves(b, "vm1"),
+        "node b serves vm1 from a replica that missed an acknowledged write"
+    );
+    let v = b.volume("vm1");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("tiebreaker c recorded")),
+        "{v:#}"
+    );
+    // a lost c's vote (c follows b's newer epoch now): it takes no more writes.
+    wait_until(
+        "node a to refuse writes without the tiebreaker",
+        std::time::Duration::from_secs(20),
+        || (!t.write_acked(0, 0x33, 128 * KIB)).then_some(()),
+    );
+
+    // The links heal: a steps down, b starts from a's replica and catches
+    // its own up.
+    t.heal();
+    let v = b.wait_healthy("vm1");
+    assert!(
+        v["quorum"].as_str().is_some_and(|q| q.contains("3 of 3")),
+        "{v:#}"
+    );
+    assert!(!serves(a, "vm1"), "two nodes serve vm1");
+    let data = read_all(b, t._dir.path(), "vm1");
+    assert_pattern(&data, 0, 64 * KIB, 0x11, "the write before the partitions");
+    assert_pattern(
+        &data,
+        64 * KIB,
+        64 * KIB,
+        0x22,
+        "the write acknowledged with the tiebreaker's vote",
+    );
+    for (_, files) in &t.nodes[..2] {
+        assert!(
+            replica_data(&files.pool)[..SIZE as usize] == data[..],
+            "a replica differs after the heal ({})",
+            files.pool.display()
+        );
+    }
+    assert_eq!(c.status()["tiebreaker_of"][0]["primary"], "b");
+}
