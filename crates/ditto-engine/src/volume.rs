@@ -1574,10 +1574,17 @@ impl Volume {
         }
     }
 
-    /// Whether the tiebreaker's vote counts now: it holds the current generation.
+    /// Whether the tiebreaker's vote counts now: it holds the newest
+    /// durable generation. (Not the newest in memory: while a change is
+    /// being recorded, requests that depend on it wait for it to be
+    /// durable, and its recording at the tiebreaker comes first, so the
+    /// vote they see is for that change or lost; the others ran on the
+    /// members of the older generation, which the tiebreaker holds. With
+    /// the newest in memory, every change on one data node refused I/O
+    /// for its recording's round trip.)
     pub fn tiebreaker_votes(&self) -> bool {
         let recorded = self.tiebreaker_generation.load(Ordering::Acquire);
-        recorded != 0 && recorded == self.generation()
+        recorded != 0 && recorded >= self.durable_generation.load(Ordering::Acquire)
     }
 
     /// The tiebreaker's node, when the volume has one.
