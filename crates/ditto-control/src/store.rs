@@ -362,6 +362,7 @@ mod tests {
             }],
             created_unix: now_unix(),
             epoch: 1,
+            tiebreaker: Some("c".into()),
         };
         {
             let s = Store::open(&path).unwrap();
@@ -391,5 +392,39 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.membership(vol.uuid).unwrap(), Some(m));
         assert!(s.delete_membership(vol.uuid).unwrap());
+    }
+
+    #[test]
+    fn witness_records_are_kept_replaced_and_deleted() {
+        use crate::model::WitnessRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let mut w = WitnessRecord {
+            version: RECORD_VERSION,
+            volume: Uuid::new_v4(),
+            volume_name: "vm1".into(),
+            primary: "a".into(),
+            epoch: 1,
+            record_epoch: 1,
+            generation: 0,
+            in_sync: Vec::new(),
+            created_unix: now_unix(),
+            updated_unix: now_unix(),
+        };
+        store.insert_witness(&w).unwrap();
+        let again = store.insert_witness(&w).unwrap_err().to_string();
+        assert!(
+            again.contains("tiebreaker of volume vm1 already"),
+            "{again}"
+        );
+        w.primary = "b".into();
+        w.generation = 7;
+        w.in_sync = vec![Uuid::new_v4()];
+        store.update_witness(&w).unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        assert_eq!(store.witnesses().unwrap(), vec![w.clone()]);
+        assert!(store.delete_witness(w.volume).unwrap());
+        assert!(store.witnesses().unwrap().is_empty());
     }
 }

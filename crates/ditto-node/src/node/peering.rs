@@ -67,6 +67,8 @@ impl Node {
             return Ok((Vec::new(), claim));
         };
         let name = record.name.clone();
+        // No start of it begins while its replicas are handed over.
+        let _slot = self.assembly_slot(&name).await;
         let volume_rt = self.running(&name).map_err(err)?;
         let Some(target) = record
             .replicas
