@@ -1540,12 +1540,25 @@ impl Volume {
             generation,
             in_sync: in_sync.iter().map(|m| m.id).collect(),
         };
-        match tokio::time::timeout(self.options.io_timeout, t.voter.record(record)).await {
+        let result = tokio::time::timeout(self.options.io_timeout, t.voter.record(record)).await;
+        self.take_vote_result(t, generation, result);
+    }
+
+    /// What a record at the tiebreaker of `generation` answered: it votes
+    /// from now on, or it lost its vote.
+    fn take_vote_result(
+        &self,
+        t: &Tiebreaker,
+        generation: u64,
+        result: Result<Result<(), String>, tokio::time::error::Elapsed>,
+    ) {
+        match result {
             Ok(Ok(())) => {
-                let before = self
+                if self
                     .tiebreaker_generation
-                    .swap(generation, Ordering::AcqRel);
-                if before == 0 {
+                    .swap(generation, Ordering::AcqRel)
+                    == 0
+                {
                     self.emit(
                         EventKind::TiebreakerVote,
                         None,
@@ -1597,16 +1610,33 @@ impl Volume {
     /// tiebreaker answers, and loses it when the tiebreaker follows another
     /// primary now. Serialised with membership changes.
     pub async fn refresh_tiebreaker(&self) {
-        if self.options.tiebreaker.is_none() || self.is_closed() {
+        let Some(t) = &self.options.tiebreaker else {
+            return;
+        };
+        if self.is_closed() {
             return;
         }
+        // The round trip runs outside the membership lock: a tiebreaker cut
+        // off would otherwise hold every failure handling up for its timeout.
+        let record = {
+            let _guard = self.membership.lock().await;
+            let generation = self.generation();
+            if self.durable_generation.load(Ordering::Acquire) != generation {
+                return; // a change is being recorded; it records there itself
+            }
+            VoteRecord {
+                epoch: self.options.epoch,
+                generation,
+                in_sync: self.in_sync().iter().map(|m| m.id).collect(),
+            }
+        };
+        let generation = record.generation;
+        let result = tokio::time::timeout(self.options.io_timeout, t.voter.record(record)).await;
         let _guard = self.membership.lock().await;
-        let generation = self.generation();
-        if self.durable_generation.load(Ordering::Acquire) != generation {
-            return; // a change is being recorded; it records there itself
+        if self.generation() != generation {
+            return; // a newer change recorded itself meanwhile (or lost the vote)
         }
-        let in_sync = self.in_sync();
-        self.record_at_tiebreaker(generation, &in_sync).await;
+        self.take_vote_result(t, generation, result);
     }
 
     /// Tell the node's log (if any) which replicas are in sync at `generation`.

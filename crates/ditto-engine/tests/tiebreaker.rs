@@ -239,3 +239,85 @@ async fn a_membership_change_being_recorded_does_not_refuse_io() {
     assert!(v.tiebreaker_votes());
     assert_eq!(v.read(4096, 4096).await.unwrap(), block(2));
 }
+
+/// A voter whose first record hangs until released (a tiebreaker cut off
+/// mid-heartbeat); later records are taken at once.
+#[derive(Default)]
+struct HangingVoter {
+    calls: std::sync::atomic::AtomicUsize,
+    release: tokio::sync::Notify,
+}
+
+impl Voter for HangingVoter {
+    fn domain(&self) -> &str {
+        "t"
+    }
+    fn record(&self, _record: VoteRecord) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                self.release.notified().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The heartbeat's round trip to the tiebreaker does not hold the
+/// membership lock: a replica failure meanwhile is handled at once. (It
+/// waited for the heartbeat's timeout, `io_timeout`, every second while
+/// the tiebreaker was cut off.)
+#[tokio::test]
+async fn a_hanging_heartbeat_does_not_hold_up_failure_handling() {
+    let f = Fixture::new(2).await;
+    let t = Arc::new(HangingVoter::default());
+    let mut members = Vec::new();
+    for (i, node) in ["a", "b"].iter().enumerate() {
+        members.push(
+            Member::new(
+                f.ids[i],
+                format!("{node}:p0"),
+                f.backend(i).await as Arc<dyn ReplicaBackend>,
+            )
+            .in_domain(*node),
+        );
+    }
+    let v = Volume::open(
+        "v",
+        f.vol_id,
+        SIZE,
+        members,
+        VolumeOptions {
+            quorum: Some(NoQuorum::Error),
+            epoch: 1,
+            io_timeout: std::time::Duration::from_secs(60),
+            tiebreaker: Some(Tiebreaker {
+                voter: t.clone(),
+                claimed: Some(VoteRecord::default()),
+            }),
+            ..options()
+        },
+        Arc::new(ditto_engine::LogSink),
+    )
+    .await
+    .unwrap();
+    // The open recorded once; the heartbeat's record (the second) hangs.
+    let heartbeat = {
+        let v = v.clone();
+        tokio::spawn(async move { v.refresh_tiebreaker().await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        v.fail_replica(f.ids[1], "node b cut off"),
+    )
+    .await
+    .expect("the failure waited for the hanging heartbeat")
+    .unwrap();
+    v.write(0, block(1), false).await.unwrap();
+    t.release.notify_one();
+    heartbeat.await.unwrap();
+    assert!(
+        v.tiebreaker_votes(),
+        "a late heartbeat took the newer vote away"
+    );
+}

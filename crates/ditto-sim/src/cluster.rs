@@ -841,6 +841,8 @@ impl Boot {
             self.assemble().await;
             return;
         };
+        // The tiebreaker's heartbeat, as the daemon's reconnect loop sends it.
+        volume.refresh_tiebreaker().await;
         // Stranded (no in-sync replica reachable through this instance):
         // closed and started again, as the daemon's reconnect loop does.
         if let Some(why) = volume.stranded() {
