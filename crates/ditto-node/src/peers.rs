@@ -382,13 +382,13 @@ impl HeldReplicas {
         from: &str,
         op: ditto_peer::wire::WitnessOp,
         req: ditto_peer::wire::WitnessRequest,
-    ) -> Result<(), ditto_peer::server::Refusal> {
+    ) -> Result<Option<ditto_engine::VoteRecord>, ditto_peer::server::Refusal> {
         use ditto_peer::server::Refusal;
         use ditto_peer::wire::WitnessOp;
         let _one = self.creating.lock().await;
         let existing = self.witness_of(req.volume);
         match (op, existing) {
-            (WitnessOp::Create, Some(w)) if w.primary == from => Ok(()), // a retried create
+            (WitnessOp::Create, Some(w)) if w.primary == from => Ok(None), // a retried create
             (WitnessOp::Create, Some(w)) => Err(Refusal::Invalid(format!(
                 "node {} is the tiebreaker of volume {} for node {} already",
                 self.me, w.volume_name, w.primary
@@ -425,7 +425,7 @@ impl HeldReplicas {
                     .insert_witness(&w)
                     .map_err(|e| Refusal::Invalid(e.to_string()))?;
                 tracing::info!(volume = %req.volume_name, primary = from, "this node is the volume's tiebreaker now");
-                Ok(())
+                Ok(None)
             }
             (_, None) => Err(Refusal::Invalid(format!(
                 "node {} is not the tiebreaker of volume {} ({}); create the volume with `--tiebreaker {}` to make it one",
@@ -436,8 +436,10 @@ impl HeldReplicas {
                 witness
                     .record(&self.me, from, req.record)
                     .map_err(Refusal::Superseded)?;
-                self.store_witness(&w, &witness).map_err(Refusal::Invalid)
+                self.store_witness(&w, &witness).map_err(Refusal::Invalid)?;
+                Ok(None)
             }
+            (WitnessOp::Query, Some(w)) => Ok(Some(witness_logic(&w).record)),
             (WitnessOp::Delete, Some(w)) => {
                 if w.primary != from {
                     return Err(Refusal::Invalid(format!(
@@ -449,7 +451,7 @@ impl HeldReplicas {
                     .delete_witness(w.volume)
                     .map_err(|e| Refusal::Invalid(e.to_string()))?;
                 tracing::info!(volume = %w.volume_name, primary = from, "tiebreaker record deleted");
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -582,7 +584,7 @@ impl ReplicaRegistry for HeldReplicas {
         from: &str,
         op: ditto_peer::wire::WitnessOp,
         req: ditto_peer::wire::WitnessRequest,
-    ) -> BoxFuture<'_, Result<(), ditto_peer::server::Refusal>> {
+    ) -> BoxFuture<'_, Result<Option<ditto_engine::VoteRecord>, ditto_peer::server::Refusal>> {
         let from = from.to_string();
         Box::pin(async move { self.witness_for(&from, op, req).await })
     }

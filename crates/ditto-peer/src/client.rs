@@ -340,15 +340,16 @@ pub async fn claim_primary(
 }
 
 /// Ask the node at `addr`, the volume's diskless tiebreaker, to create,
-/// update or delete its witness record.
+/// update, delete or show its witness record; a query answers with the
+/// vote record it holds.
 pub async fn witness(
     addr: &str,
     dial: &Dial,
     op: crate::wire::WitnessOp,
     req: &crate::wire::WitnessRequest,
     timeout: Duration,
-) -> Result<(), ConnectError> {
-    control(
+) -> Result<Option<ditto_engine::VoteRecord>, ConnectError> {
+    let answer = control(
         addr,
         dial,
         (Kind::Witness, op as u64),
@@ -357,7 +358,15 @@ pub async fn witness(
         timeout,
     )
     .await?;
-    Ok(())
+    if answer.reply.is_empty() {
+        return Ok(None);
+    }
+    crate::wire::decode_vote_record(&answer.reply)
+        .map(Some)
+        .map_err(|source| ConnectError::Protocol {
+            addr: addr.into(),
+            source,
+        })
 }
 
 /// The volume's diskless tiebreaker on another node, as the engine's
@@ -394,6 +403,7 @@ impl ditto_engine::Voter for RemoteVoter {
                 self.timeout,
             )
             .await
+            .map(|_| ())
             .map_err(|e| e.to_string())
         })
     }

@@ -126,7 +126,7 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
         from: &str,
         op: crate::wire::WitnessOp,
         req: crate::wire::WitnessRequest,
-    ) -> BoxFuture<'_, Result<(), Refusal>> {
+    ) -> BoxFuture<'_, Result<Option<ditto_engine::VoteRecord>, Refusal>> {
         let _ = (from, op, req);
         Box::pin(async {
             Err(Refusal::Invalid(
@@ -634,7 +634,13 @@ impl PeerServer {
                     match parsed {
                         Err(why) => Frame::reply(f.id, 0, Status::Invalid, Bytes::from(why)),
                         Ok((op, req)) => match self.registry.witness(peer, op, req).await {
-                            Ok(()) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                            Ok(None) => Frame::reply(f.id, 0, Status::Ok, Bytes::new()),
+                            Ok(Some(record)) => Frame::reply(
+                                f.id,
+                                0,
+                                Status::Ok,
+                                crate::wire::encode_vote_record(&record),
+                            ),
                             Err(Refusal::Superseded(s)) => {
                                 Frame::reply(f.id, 0, Status::Superseded, s.encode())
                             }

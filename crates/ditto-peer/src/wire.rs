@@ -875,6 +875,9 @@ pub enum WitnessOp {
     Record = 2,
     /// Stop being the volume's tiebreaker (the volume was deleted).
     Delete = 3,
+    /// Answer with the vote record held (nothing changes): a promote asks
+    /// before it claims, to refuse a takeover from a replica proven stale.
+    Query = 4,
 }
 
 impl WitnessOp {
@@ -883,6 +886,7 @@ impl WitnessOp {
             1 => WitnessOp::Create,
             2 => WitnessOp::Record,
             3 => WitnessOp::Delete,
+            4 => WitnessOp::Query,
             _ => return None,
         })
     }
@@ -1099,6 +1103,7 @@ mod tests {
         many[16..18].copy_from_slice(&u16::MAX.to_le_bytes());
         assert!(decode_vote_record(&many).is_err());
         assert_eq!(WitnessOp::from_u64(2), Some(WitnessOp::Record));
+        assert_eq!(WitnessOp::from_u64(4), Some(WitnessOp::Query));
         assert_eq!(WitnessOp::from_u64(9), None);
         assert_eq!(Kind::from_u16(22), Some(Kind::Witness));
     }

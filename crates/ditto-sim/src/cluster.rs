@@ -1020,7 +1020,7 @@ impl ReplicaRegistry for Registry {
         from: &str,
         op: ditto_peer::wire::WitnessOp,
         req: ditto_peer::wire::WitnessRequest,
-    ) -> BoxFuture<'_, Result<(), ditto_peer::server::Refusal>> {
+    ) -> BoxFuture<'_, Result<Option<ditto_engine::VoteRecord>, ditto_peer::server::Refusal>> {
         let from = from.to_string();
         Box::pin(async move {
             let s = &self.0.shared;
@@ -1037,7 +1037,7 @@ impl ReplicaRegistry for Registry {
                 )));
             }
             w.record(&s.name(), &from, req.record)
-                .map(|_| ())
+                .map(|_| None)
                 .map_err(ditto_peer::server::Refusal::Superseded)
         })
     }

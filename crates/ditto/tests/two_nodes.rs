@@ -1471,9 +1471,10 @@ fn a_volume_stranded_by_its_only_remote_replica_starts_again_when_the_node_retur
 /// c's vote (two data nodes alone would have no majority), and c records
 /// that only a's replica is in sync. Then a is cut off and b, with c, is
 /// promoted: b and c are a majority, but c's record proves b's replica
-/// missed acknowledged writes, so b does not serve from it, and a loses
-/// c's vote and stops too. When the links heal, b starts from a's replica:
-/// the write acknowledged with the tiebreaker's vote is there.
+/// missed acknowledged writes, so the promote is refused up front (the
+/// engine would refuse to start from it too), and a, alone, loses c's vote
+/// and stops. When the links heal, a serves again with every write, b is
+/// caught up, and a planned switch-over to b works.
 #[test]
 fn a_diskless_tiebreaker_keeps_two_nodes_writing_and_never_starts_the_stale_one() {
     let t = ThreeNodes::start();
@@ -1554,39 +1555,48 @@ fn a_diskless_tiebreaker_keeps_two_nodes_writing_and_never_starts_the_stale_one(
     );
 
     // Now a is cut off and b comes back to c: b and c are a majority, but
-    // b's replica lacks the write a acknowledged with c's vote.
+    // c's record proves b's replica lacks the write a acknowledged with
+    // c's vote: the promote is refused before it claims anything.
     t.heal();
     t.isolate(0);
-    let _ = b.cli(&["volume", "promote", "vm1"]);
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = b.cli(&["volume", "promote", "vm1"]).assert_failure();
+    assert!(
+        out.stderr.contains("tiebreaker c recorded")
+            && out
+                .stderr
+                .contains("node a acknowledged writes this node lacks"),
+        "{}",
+        out.describe()
+    );
     assert!(
         !serves(b, "vm1"),
         "node b serves vm1 from a replica that missed an acknowledged write"
     );
-    let v = b.volume("vm1");
-    assert!(
-        v["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("tiebreaker c recorded")),
-        "{v:#}"
+    assert_eq!(
+        c.status()["tiebreaker_of"][0]["primary"],
+        "a",
+        "the refused promote moved the tiebreaker"
     );
-    // a lost c's vote (c follows b's newer epoch now): it takes no more writes.
+    // a alone (its heartbeat to c is cut too) loses c's vote and stops.
+    // (Until its next heartbeat it still holds the vote, rightly: c follows
+    // it and records only a in sync, so no other start can serve.)
     wait_until(
         "node a to refuse writes without the tiebreaker",
         std::time::Duration::from_secs(20),
         || (!t.write_acked(0, 0x33, 128 * KIB)).then_some(()),
     );
 
-    // The links heal: a steps down, b starts from a's replica and catches
-    // its own up.
+    // The links heal: a gets c's vote back and catches b up.
     t.heal();
-    let v = b.wait_healthy("vm1");
+    let v = a.wait_healthy("vm1");
     assert!(
-        v["quorum"].as_str().is_some_and(|q| q.contains("3 of 3")),
+        v["quorum"]
+            .as_str()
+            .is_some_and(|q| q.contains("3 of 3") && q.contains("tiebreaker c voting")),
         "{v:#}"
     );
-    assert!(!serves(a, "vm1"), "two nodes serve vm1");
-    let data = read_all(b, t._dir.path(), "vm1");
+    assert!(!serves(b, "vm1"), "two nodes serve vm1");
+    let data = read_all(a, t._dir.path(), "vm1");
     assert_pattern(&data, 0, 64 * KIB, 0x11, "the write before the partitions");
     assert_pattern(
         &data,
@@ -1602,5 +1612,12 @@ fn a_diskless_tiebreaker_keeps_two_nodes_writing_and_never_starts_the_stale_one(
             files.pool.display()
         );
     }
+    // With both data nodes in sync, a planned switch-over to b works.
+    b.cli_ok(&["volume", "promote", "vm1"]);
+    b.wait_healthy("vm1");
+    assert!(
+        read_all(b, t._dir.path(), "vm1") == data,
+        "data changed switching over"
+    );
     assert_eq!(c.status()["tiebreaker_of"][0]["primary"], "b");
 }

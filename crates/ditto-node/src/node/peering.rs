@@ -812,6 +812,9 @@ impl Node {
                 )));
             }
         }
+        if let Some(why) = self.proven_stale_here(name, held, held_all).await {
+            return Err(ControlError::InvalidRequest(why));
+        }
         for node in nodes {
             match self.send_claim(node, &claim).await {
                 None | Some(Ok(_)) => {}
@@ -827,6 +830,66 @@ impl Node {
         }
         tracing::warn!(volume = %name, old_primary = %held.primary, epoch = held.epoch + 1, "promoted by force (operator's override)");
         Ok(members)
+    }
+
+    /// Why a takeover here would start from replicas the volume's
+    /// tiebreaker proves stale (the old primary acknowledged writes they
+    /// lack, with the tiebreaker's vote), or None. Asked before the claim:
+    /// a claim makes the tiebreaker follow this node, and the old primary
+    /// would lose its vote for a start that cannot serve. (The engine
+    /// refuses such a start anyway; this says so up front.)
+    async fn proven_stale_here(
+        &self,
+        name: &str,
+        held: &HeldReplicaRecord,
+        held_all: &[HeldReplicaRecord],
+    ) -> Option<String> {
+        let tiebreaker = held.tiebreaker.as_deref()?;
+        let (addr, dial) = self.dialer.dial(tiebreaker).ok()?;
+        let req = ditto_peer::wire::WitnessRequest {
+            volume: held.volume,
+            volume_name: name.to_string(),
+            record: ditto_engine::VoteRecord::default(),
+        };
+        let record = ditto_peer::client::witness(
+            &addr,
+            &dial,
+            ditto_peer::wire::WitnessOp::Query,
+            &req,
+            Duration::from_secs(3),
+        )
+        .await
+        .ok()??;
+        let mut here = Vec::new();
+        for h in held_all {
+            let sb = FileReplica::open(self.engine.as_ref(), &h.path, h.volume)
+                .await
+                .ok()?
+                .superblock();
+            if record.vouches_for(&sb) {
+                return None;
+            }
+            here.push(format!(
+                "{} at epoch {} generation {}",
+                &h.replica.simple().to_string()[..8],
+                sb.epoch,
+                sb.generation
+            ));
+        }
+        let listed: Vec<String> = record
+            .in_sync
+            .iter()
+            .map(|id| id.simple().to_string()[..8].to_string())
+            .collect();
+        Some(format!(
+            "not promoted: tiebreaker {tiebreaker} recorded epoch {} generation {} with only replica(s) {} in sync, and this node's ({}) are older and not among them: node {} acknowledged writes this node lacks. Bring node {} back (it catches this node up), then promote if you still want to switch",
+            record.epoch,
+            record.generation,
+            listed.join(", "),
+            here.join(", "),
+            held.primary,
+            held.primary
+        ))
     }
 
     /// Create one replica of `volume` in pool `pool` of node `node`, and

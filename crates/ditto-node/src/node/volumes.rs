@@ -432,6 +432,7 @@ impl Node {
         };
         ditto_peer::client::witness(&addr, &dial, op, &req, crate::peers::PEER_TIMEOUT)
             .await
+            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
