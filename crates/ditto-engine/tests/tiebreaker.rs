@@ -55,6 +55,18 @@ async fn open(
     claimed: Option<VoteRecord>,
     epoch: u64,
 ) -> Result<Arc<Volume>, EngineError> {
+    let options = VolumeOptions { epoch, ..options() };
+    open_with(f, present, voter.clone(), claimed, options).await
+}
+
+/// [`open`] with any voter and options (quorum on, erroring without it).
+async fn open_with(
+    f: &Fixture,
+    present: &[usize],
+    voter: Arc<dyn Voter>,
+    claimed: Option<VoteRecord>,
+    options: VolumeOptions,
+) -> Result<Arc<Volume>, EngineError> {
     let mut members = Vec::new();
     for (i, node) in ["a", "b"].iter().enumerate() {
         let backend: Arc<dyn ReplicaBackend> = if present.contains(&i) {
@@ -77,12 +89,8 @@ async fn open(
         members,
         VolumeOptions {
             quorum: Some(NoQuorum::Error),
-            epoch,
-            tiebreaker: Some(Tiebreaker {
-                voter: voter.clone(),
-                claimed,
-            }),
-            ..options()
+            tiebreaker: Some(Tiebreaker { voter, claimed }),
+            ..options
         },
         Arc::new(ditto_engine::LogSink),
     )
@@ -270,36 +278,14 @@ impl Voter for HangingVoter {
 async fn a_hanging_heartbeat_does_not_hold_up_failure_handling() {
     let f = Fixture::new(2).await;
     let t = Arc::new(HangingVoter::default());
-    let mut members = Vec::new();
-    for (i, node) in ["a", "b"].iter().enumerate() {
-        members.push(
-            Member::new(
-                f.ids[i],
-                format!("{node}:p0"),
-                f.backend(i).await as Arc<dyn ReplicaBackend>,
-            )
-            .in_domain(*node),
-        );
-    }
-    let v = Volume::open(
-        "v",
-        f.vol_id,
-        SIZE,
-        members,
-        VolumeOptions {
-            quorum: Some(NoQuorum::Error),
-            epoch: 1,
-            io_timeout: std::time::Duration::from_secs(60),
-            tiebreaker: Some(Tiebreaker {
-                voter: t.clone(),
-                claimed: Some(VoteRecord::default()),
-            }),
-            ..options()
-        },
-        Arc::new(ditto_engine::LogSink),
-    )
-    .await
-    .unwrap();
+    let options = VolumeOptions {
+        epoch: 1,
+        io_timeout: std::time::Duration::from_secs(60),
+        ..options()
+    };
+    let v = open_with(&f, &[0, 1], t.clone(), Some(VoteRecord::default()), options)
+        .await
+        .unwrap();
     // The open recorded once; the heartbeat's record (the second) hangs.
     let heartbeat = {
         let v = v.clone();

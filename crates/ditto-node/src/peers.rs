@@ -355,18 +355,21 @@ impl HeldReplicas {
         before: &WitnessRecord,
         after: &ditto_peer::witness::Witness,
     ) -> Result<(), String> {
-        let updated = WitnessRecord {
+        let mut updated = WitnessRecord {
             primary: after.primary.clone(),
             epoch: after.epoch,
             record_epoch: after.record.epoch,
             generation: after.record.generation,
             in_sync: after.record.in_sync.clone(),
-            updated_unix: now_unix(),
             ..before.clone()
         };
+        // A heartbeat that changes nothing commits nothing: `updated_unix`
+        // is when the record last changed. (Stamped before the comparison,
+        // every heartbeat was a store commit with its fsync.)
         if updated == *before {
             return Ok(());
         }
+        updated.updated_unix = now_unix();
         self.store
             .update_witness(&updated)
             .map_err(|e| e.to_string())

@@ -328,10 +328,18 @@ pub async fn claim_primary(
         timeout,
     )
     .await?;
-    if answer.reply.is_empty() {
+    vote_record_reply(addr, &answer.reply)
+}
+
+/// A reply that carries a tiebreaker's vote record, or nothing.
+fn vote_record_reply(
+    addr: &str,
+    reply: &[u8],
+) -> Result<Option<ditto_engine::VoteRecord>, ConnectError> {
+    if reply.is_empty() {
         return Ok(None);
     }
-    crate::wire::decode_vote_record(&answer.reply)
+    crate::wire::decode_vote_record(reply)
         .map(Some)
         .map_err(|source| ConnectError::Protocol {
             addr: addr.into(),
@@ -358,15 +366,7 @@ pub async fn witness(
         timeout,
     )
     .await?;
-    if answer.reply.is_empty() {
-        return Ok(None);
-    }
-    crate::wire::decode_vote_record(&answer.reply)
-        .map(Some)
-        .map_err(|source| ConnectError::Protocol {
-            addr: addr.into(),
-            source,
-        })
+    vote_record_reply(addr, &answer.reply)
 }
 
 /// The volume's diskless tiebreaker on another node, as the engine's

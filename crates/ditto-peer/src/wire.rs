@@ -636,11 +636,8 @@ pub fn encode_members(members: &[MemberRef]) -> Bytes {
     b.extend_from_slice(&(members.len().min(u16::MAX as usize) as u16).to_le_bytes());
     for m in members.iter().take(u16::MAX as usize) {
         b.extend_from_slice(m.replica.as_bytes());
-        for text in [&m.node, &m.pool] {
-            let t = &text.as_bytes()[..text.len().min(MAX_NAME)];
-            b.extend_from_slice(&(t.len() as u16).to_le_bytes());
-            b.extend_from_slice(t);
-        }
+        put_name(&mut b, &m.node);
+        put_name(&mut b, &m.pool);
     }
     Bytes::from(b)
 }
@@ -675,27 +672,14 @@ fn decode_members_prefix(b: &[u8]) -> Result<(Vec<MemberRef>, usize), FrameError
         let mut u = [0u8; 16];
         u.copy_from_slice(&b[at..at + 16]);
         at += 16;
-        let mut texts = Vec::new();
-        for _ in 0..2 {
-            if b.len() < at + 2 {
-                return Err(bad("truncated"));
-            }
-            let len = u16_at(b, at) as usize;
-            at += 2;
-            if len > MAX_NAME || b.len() < at + len {
-                return Err(bad("a name runs past the end"));
-            }
-            texts.push(
-                std::str::from_utf8(&b[at..at + len])
-                    .map_err(|_| bad("a name is not UTF-8"))?
-                    .to_string(),
-            );
-            at += len;
-        }
+        let (node, used) = take_name(&b[at..], "member list")?;
+        at += used;
+        let (pool, used) = take_name(&b[at..], "member list")?;
+        at += used;
         out.push(MemberRef {
             replica: Uuid::from_bytes(u),
-            node: texts.remove(0),
-            pool: texts.remove(0),
+            node,
+            pool,
         });
     }
     Ok((out, at))

@@ -845,21 +845,11 @@ impl Node {
         held_all: &[HeldReplicaRecord],
     ) -> Option<String> {
         let tiebreaker = held.tiebreaker.as_deref()?;
-        let (addr, dial) = self.dialer.dial(tiebreaker).ok()?;
-        let req = ditto_peer::wire::WitnessRequest {
-            volume: held.volume,
-            volume_name: name.to_string(),
-            record: ditto_engine::VoteRecord::default(),
-        };
-        let record = ditto_peer::client::witness(
-            &addr,
-            &dial,
-            ditto_peer::wire::WitnessOp::Query,
-            &req,
-            Duration::from_secs(3),
-        )
-        .await
-        .ok()??;
+        let query = ditto_peer::wire::WitnessOp::Query;
+        let record = self
+            .ask_witness(tiebreaker, held.volume, name, held.epoch, query)
+            .await
+            .ok()??;
         let mut here = Vec::new();
         for h in held_all {
             let sb = FileReplica::open(self.engine.as_ref(), &h.path, h.volume)

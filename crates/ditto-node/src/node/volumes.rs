@@ -421,18 +421,32 @@ impl Node {
         node: &str,
         op: ditto_peer::wire::WitnessOp,
     ) -> Result<(), String> {
+        self.ask_witness(node, record.uuid, &record.name, record.epoch, op)
+            .await
+            .map(|_| ())
+    }
+
+    /// One witness request to node `node` (the tiebreaker of volume
+    /// `volume`, at the primary's `epoch`): the vote record it answers with.
+    pub(super) async fn ask_witness(
+        &self,
+        node: &str,
+        volume: Uuid,
+        volume_name: &str,
+        epoch: u64,
+        op: ditto_peer::wire::WitnessOp,
+    ) -> Result<Option<ditto_engine::VoteRecord>, String> {
         let (addr, dial) = self.dialer.dial(node)?;
         let req = ditto_peer::wire::WitnessRequest {
-            volume: record.uuid,
-            volume_name: record.name.clone(),
+            volume,
+            volume_name: volume_name.to_string(),
             record: ditto_engine::VoteRecord {
-                epoch: record.epoch,
+                epoch,
                 ..Default::default()
             },
         };
         ditto_peer::client::witness(&addr, &dial, op, &req, crate::peers::PEER_TIMEOUT)
             .await
-            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
