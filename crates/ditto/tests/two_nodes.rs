@@ -1529,6 +1529,16 @@ fn a_diskless_tiebreaker_keeps_two_nodes_writing_and_never_starts_the_stale_one(
         c.status()["held"].as_array().is_some_and(|h| h.is_empty()),
         "the tiebreaker holds data"
     );
+    // Heartbeats that change nothing do not rewrite the tiebreaker's store
+    // (each was a commit with an fsync, every second per volume): the
+    // record's time is that of its last change.
+    let changed = c.status()["tiebreaker_of"][0]["updated_unix"].clone();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(
+        c.status()["tiebreaker_of"][0]["updated_unix"],
+        changed,
+        "an idle volume's heartbeats rewrote the tiebreaker's record"
+    );
     assert!(
         t.write_acked(0, 0x11, 0),
         "a healthy primary refused a write"
